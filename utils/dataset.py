@@ -1,0 +1,323 @@
+"""Pascal-VOC annotations -> Records (image path, xyxy pixel boxes, labels)."""
+from __future__ import annotations
+
+import os
+import sys
+import xml.etree.ElementTree as ET
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+# What PIL may raise on a truncated, corrupt or hostile header.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class DatasetError(ValueError):
+    """A mistake in the user's data or flags; the message is one line saying what to fix."""
+
+
+class ImageReadError(DatasetError):
+    """An image file that cannot be decoded."""
+
+
+@dataclass
+class Record:
+    """One annotated image; boxes are xyxy pixels in the decoded image."""
+
+    image_path: str
+    boxes: np.ndarray  # float32 [N,4] x1,y1,x2,y2
+    labels: np.ndarray  # int64 [N]
+    difficult: np.ndarray  # bool [N]
+    height: int
+    width: int
+    image_id: str
+
+
+@dataclass
+class LoadReport:
+    """What load_voc skipped or dropped, for callers and tests."""
+
+    split: str = ""
+    split_file: Path | None = None
+    num_ids: int = 0
+    num_records: int = 0
+    unknown: Counter = field(default_factory=Counter)  # class name -> skipped objects
+    missing_images: list[str] = field(default_factory=list)  # image ids
+    corrupt_images: list[str] = field(default_factory=list)  # image paths
+    degenerate_boxes: int = 0
+    duplicate_ids: int = 0
+
+    def warnings(self, root: Path) -> list[str]:
+        """One line per category of skipped data."""
+        lines = []
+        if self.duplicate_ids:
+            lines.append(f"warning: ignored {self.duplicate_ids} repeated ids in {self.split_file}")
+        if self.unknown:
+            n = sum(self.unknown.values())
+            per = ", ".join(f"{k}: {v}" for k, v in sorted(self.unknown.items(), key=lambda kv: (-kv[1], kv[0])))
+            lines.append(f"warning: skipped {n} objects of {len(self.unknown)} unknown classes in {root} "
+                         f"({per}); pass --classes to include them")
+        if self.degenerate_boxes:
+            lines.append(f"warning: dropped {self.degenerate_boxes} boxes under 1 px (after clipping to the "
+                         f"image) in {root}")
+        if self.missing_images:
+            first = self.missing_images[0]
+            lines.append(f"warning: skipped {len(self.missing_images)} ids with no image in "
+                         f"{root / 'JPEGImages'} (first: {first}, looked for {first}.jpg/.jpeg/.png/.bmp)")
+        if self.corrupt_images:
+            lines.append(f"warning: skipped {len(self.corrupt_images)} unreadable or corrupt images "
+                         f"(first: {self.corrupt_images[0]})")
+        return lines
+
+
+@dataclass
+class _Parsed:
+    """One annotation before class mapping and clipping."""
+
+    image_id: str
+    image_path: str | None  # None: no matching file in JPEGImages
+    size: tuple[int, int] | None  # (width, height); None: PIL could not read the header
+    names: list[str]
+    boxes: np.ndarray  # float32 [N,4], raw from the XML
+    difficult: np.ndarray  # bool [N]
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Read one class name per line, ignoring blank lines and surrounding spaces."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DatasetError(f"class names file {path} not found; pass an existing file to --classes") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read class names file {path} ({e}); it must be UTF-8 text") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    _check_class_names(names, str(path))
+    return names
+
+
+def _check_class_names(names: list[str], source: str) -> None:
+    if not names:
+        raise DatasetError(f"no class names in {source}; write one class name per line")
+    dup = sorted(n for n, c in Counter(names).items() if c > 1)
+    if dup:
+        raise DatasetError(f"duplicate class names in {source}: {', '.join(dup)}; list each class once")
+
+
+def resolve_split(root: str | Path, split: str, fallback: str | None = None) -> tuple[str, Path]:
+    """Return (split name, path) of ImageSets/Main/<split>.txt, else of the fallback split."""
+    main = Path(root) / "ImageSets" / "Main"
+    for name in (split, fallback):
+        if name and (main / f"{name}.txt").is_file():
+            return name, main / f"{name}.txt"
+    wanted = f"{split}.txt" + (f" or {fallback}.txt" if fallback else "")
+    if not main.is_dir():
+        raise DatasetError(f"no split files: {main} does not exist; create {main / wanted.split()[0]} "
+                           f"with one image id per line")
+    # Plain splits first: VOC ships dozens of per-class files like aeroplane_train.txt.
+    found = sorted((p.stem for p in main.glob("*.txt")), key=lambda s: ("_" in s, s))
+    shown = ", ".join(found[:12]) + (f", ... ({len(found) - 12} more)" if len(found) > 12 else "")
+    raise DatasetError(f"split file {wanted} not found in {main}; existing splits: {shown or 'none'}")
+
+
+def _read_split(path: Path, report: LoadReport) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read split file {path} ({e})") from None
+    # First token only: VOC per-class files carry a second column (1/-1).
+    ids = [line.split()[0] for line in lines if line.strip()]
+    if not ids:
+        raise DatasetError(f"split file {path} is empty; write one image id per line")
+    unique = list(dict.fromkeys(ids))
+    report.duplicate_ids = len(ids) - len(unique)
+    return unique
+
+
+def _listdir_lower(folder: Path) -> dict[str, str]:
+    """Map lower-cased file name -> real name, so lookups need no stat per candidate."""
+    with os.scandir(folder) as it:
+        return {e.name.lower(): e.name for e in it}
+
+
+def _find_image(image_id: str, filename: str, images: dict[str, str]) -> str | None:
+    """Real name in JPEGImages of the image for image_id, or None."""
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    # The id wins over <filename>: copy-pasted XMLs often carry a stale <filename>.
+    candidates = [f"{image_id}{ext}" for ext in IMAGE_EXTS] + [base]
+    if base:
+        candidates += [f"{os.path.splitext(base)[0]}{ext}" for ext in IMAGE_EXTS]
+    for name in candidates:
+        if name and name.lower() in images:
+            return images[name.lower()]
+    return None
+
+
+def _image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the header only; None when PIL cannot identify the file."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except _PIL_ERRORS:
+        return None
+    return (w, h) if w > 0 and h > 0 else None
+
+
+def _flag(text: str | None) -> bool:
+    text = (text or "").strip().lower()
+    if not text:
+        return False
+    try:
+        return float(text) != 0
+    except ValueError:
+        return text in ("true", "yes")
+
+
+def _parse_xml(xml_path: Path) -> tuple[str, list[str], np.ndarray, np.ndarray]:
+    """Return (<filename>, names, boxes float32 [N,4], difficult bool [N]) of one annotation."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError as e:
+        raise DatasetError(f"malformed annotation {xml_path} ({e}); fix or regenerate the XML") from None
+    except OSError as e:
+        raise DatasetError(f"cannot read annotation {xml_path} ({e.strerror or e})") from None
+    names, boxes, difficult = [], [], []
+    # Direct children only: person-layout <part> elements nest their own <name>/<bndbox>.
+    for i, obj in enumerate(root.findall("object")):
+        name = (obj.findtext("name") or "").strip()
+        box = obj.find("bndbox")
+        try:
+            if not name or box is None:
+                raise ValueError("missing <name> or <bndbox>")
+            boxes.append([float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
+        except (TypeError, ValueError):
+            raise DatasetError(f"malformed annotation {xml_path}: object {i} needs <name> and a <bndbox> with "
+                               f"numeric xmin, ymin, xmax, ymax") from None
+        names.append(name)
+        difficult.append(_flag(obj.findtext("difficult")))
+    return (
+        (root.findtext("filename") or "").strip(),
+        names,
+        np.asarray(boxes, np.float32).reshape(-1, 4),
+        np.asarray(difficult, bool),
+    )
+
+
+def _parse_one(image_id: str, ann_dir: Path, xmls: dict[str, str], img_dir: Path, images: dict[str, str]) -> _Parsed:
+    filename, names, boxes, difficult = _parse_xml(ann_dir / xmls[f"{image_id}.xml".lower()])
+    name = _find_image(image_id, filename, images)
+    path = str(img_dir / name) if name else None
+    size = _image_size(path) if path else None
+    return _Parsed(image_id, path, size, names, boxes, difficult)
+
+
+def _check_root(root: Path) -> None:
+    if not root.is_dir():
+        raise DatasetError(f"data folder {root} does not exist; pass --data pointing at a VOC folder "
+                           f"(with Annotations/, JPEGImages/, ImageSets/Main/)")
+    for sub in ("Annotations", "JPEGImages"):
+        if (root / sub).is_dir():
+            continue
+        # Users often point at VOCdevkit/ instead of VOCdevkit/VOC2007/.
+        inner = sorted(p for p in root.iterdir() if (p / sub).is_dir())
+        hint = (f"; did you mean --data {inner[0]}?" if inner
+                else "; a VOC folder holds Annotations/, JPEGImages/, ImageSets/Main/")
+        raise DatasetError(f"{root} has no {sub}/ folder{hint}")
+
+
+def _to_record(p: _Parsed, index: dict[str, int], report: LoadReport) -> Record:
+    w, h = p.size
+    keep = np.array([n in index for n in p.names], bool)
+    report.unknown.update(n for n in p.names if n not in index)
+    boxes = p.boxes[keep].copy()
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+    # Reversed corners end up with negative size here and are dropped too.
+    ok = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+    report.degenerate_boxes += int((~ok).sum())
+    labels = np.array([index[n] for n in p.names if n in index], np.int64).reshape(-1)
+    return Record(p.image_path, boxes[ok], labels[ok], p.difficult[keep][ok], h, w, p.image_id)
+
+
+def load_voc(
+    root: str | Path,
+    split: str,
+    class_names: list[str] | None = None,
+    fallback: str | None = None,
+    report: LoadReport | None = None,
+) -> tuple[list[Record], list[str]]:
+    """Load a VOC split as Records plus the class names their labels index; fills `report` if given."""
+    root = Path(root)
+    report = report if report is not None else LoadReport()
+    _check_root(root)
+    report.split, report.split_file = resolve_split(root, split, fallback)
+    ids = _read_split(report.split_file, report)
+    report.num_ids = len(ids)
+
+    ann_dir, img_dir = root / "Annotations", root / "JPEGImages"
+    xmls = _listdir_lower(ann_dir)
+    missing = [i for i in ids if f"{i}.xml".lower() not in xmls]
+    if missing:
+        raise DatasetError(f"{len(missing)} ids in {report.split_file} have no annotation (first: "
+                           f"{ann_dir / (missing[0] + '.xml')}); add the XML or remove the id from the split")
+    images = _listdir_lower(img_dir)
+
+    # A few threads overlap the file reads (network disks); more only fight over the GIL.
+    # Chunks keep the per-future overhead off each of the ~17k small files.
+    chunks = [ids[i:i + 256] for i in range(0, len(ids), 256)]
+    parsed: list[_Parsed] = []
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool, \
+            tqdm(total=len(ids), desc=f"reading {report.split}", unit="xml", disable=None) as bar:
+        for chunk in pool.map(lambda c: [_parse_one(i, ann_dir, xmls, img_dir, images) for i in c], chunks):
+            parsed += chunk
+            bar.update(len(chunk))
+
+    if class_names is None and (root / "classes.txt").is_file():
+        class_names = read_class_names(root / "classes.txt")
+    elif class_names is None:
+        class_names = sorted({n for p in parsed for n in p.names})
+        if not class_names:
+            raise DatasetError(f"no objects in the annotations of {report.split_file}; "
+                               f"pass --classes or write {root / 'classes.txt'}")
+    else:
+        class_names = list(class_names)
+        _check_class_names(class_names, "the given class names")
+
+    index = {n: i for i, n in enumerate(class_names)}
+    records = []
+    for p in parsed:
+        if p.image_path is None:
+            report.missing_images.append(p.image_id)
+        elif p.size is None:
+            report.corrupt_images.append(p.image_path)
+        else:
+            records.append(_to_record(p, index, report))
+    report.num_records = len(records)
+    for line in report.warnings(root):
+        print(line, file=sys.stderr)
+    if not records:
+        raise DatasetError(f"no readable images for the {len(ids)} ids in {report.split_file}; "
+                           f"put the images in {img_dir}")
+    return records, class_names
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Decode an image file into BGR uint8 HxWx3, whatever its extension says."""
+    try:
+        data = np.fromfile(str(path), np.uint8)  # unlike cv2.imread, works with non-ASCII paths
+        # Pixels as stored, not EXIF-rotated: PIL's header size and the annotation tools agree with that.
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    except OSError as e:
+        raise ImageReadError(f"cannot read image {path} ({e.strerror or e}); replace or remove it") from None
+    except cv2.error:  # its message spans several lines
+        image = None
+    if image is None:
+        raise ImageReadError(f"cannot decode image {path} (corrupt or not an image); replace or remove it")
+    return image
