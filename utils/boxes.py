@@ -1,0 +1,104 @@
+"""Box decoding, IoU and NMS: the one place raw head outputs become boxes.
+
+Both the loss (nets/yolo_training.py) and inference (yolo.py) decode through
+`decode_xy` / `decode_wh`, so training and prediction can never disagree.
+"""
+from __future__ import annotations
+
+import torch
+import torchvision
+
+# Darknet's yolov4-tiny.cfg scale_x_y: lets a centre reach the cell border.
+V4_XY_SCALE = 1.05
+# |t| beyond this is a box 3000x larger or smaller than its anchor; clamping keeps exp finite and non-zero.
+V4_MAX_LOG_WH = 8.0
+
+
+def decode_xy(t_xy: torch.Tensor, family: str) -> torch.Tensor:
+    """Raw xy logits -> centre offset inside the cell (grid units)."""
+    if family == "yolov5":
+        return t_xy.sigmoid() * 2.0 - 0.5
+    return t_xy.sigmoid() * V4_XY_SCALE - 0.5 * (V4_XY_SCALE - 1.0)
+
+
+def decode_wh(t_wh: torch.Tensor, anchors: torch.Tensor, family: str) -> torch.Tensor:
+    """Raw wh logits -> box size, in the units of `anchors`."""
+    if family == "yolov5":
+        return (t_wh.sigmoid() * 2.0) ** 2 * anchors
+    return t_wh.clamp(-V4_MAX_LOG_WH, V4_MAX_LOG_WH).exp() * anchors
+
+
+def split_level(raw: torch.Tensor, num_anchors: int) -> torch.Tensor:
+    """[B, A*(5+C), H, W] -> [B, A, H, W, 5+C] (a view where possible)."""
+    b, _, h, w = raw.shape
+    return raw.view(b, num_anchors, -1, h, w).permute(0, 1, 3, 4, 2)
+
+
+def grid_xy(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """Cell corner coordinates [H, W, 2] as (x, y)."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.stack((xs, ys), dim=-1).float()
+
+
+def decode_outputs(outputs: list[torch.Tensor], anchors: torch.Tensor, anchors_mask: list[list[int]],
+                   input_shape: tuple[int, int], family: str) -> torch.Tensor:
+    """Raw outputs -> [B, N, 5+C]: (cx, cy, w, h) in input pixels, objectness and class probabilities."""
+    decoded = []
+    for raw, mask in zip(outputs, anchors_mask):
+        p = split_level(raw, len(mask)).float()                 # B,A,H,W,5+C
+        h, w = p.shape[2:4]
+        stride = torch.tensor([input_shape[1] / w, input_shape[0] / h], device=raw.device)
+        anchor_px = anchors[mask].to(raw.device).view(1, len(mask), 1, 1, 2)
+        xy = (decode_xy(p[..., :2], family) + grid_xy(h, w, raw.device)) * stride
+        wh = decode_wh(p[..., 2:4], anchor_px, family)
+        decoded.append(torch.cat([xy, wh, p[..., 4:].sigmoid()], dim=-1).flatten(1, 3))
+    return torch.cat(decoded, dim=1)
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(cx, cy, w, h) -> (x1, y1, x2, y2), any leading shape."""
+    return torchvision.ops.box_convert(boxes, "cxcywh", "xyxy")
+
+
+def box_iou_batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of xyxy boxes per batch element: a [B, N, 4], b [B, K, 4] -> [B, N, K]."""
+    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
+    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    lt = torch.maximum(a[..., None, :2], b[..., None, :, :2])
+    rb = torch.minimum(a[..., None, 2:], b[..., None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    return inter / (area_a[..., None] + area_b[..., None, :] - inter + 1e-9)
+
+
+def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres: float = 0.45,
+                        max_det: int = 300, multi_label: bool = False,
+                        max_candidates: int = 10000) -> list[torch.Tensor]:
+    """Decoded [B, N, 5+C] -> per image [n, 6] (x1, y1, x2, y2, score, class), score = obj * class prob.
+
+    One torchvision batched_nms call covers the whole batch (image index folded into the
+    category). `multi_label` keeps every class above threshold per box, as COCO-style
+    evaluation expects; otherwise only each box's best class.
+    """
+    batch, _, num_out = pred.shape
+    scores = pred[..., 5:] * pred[..., 4:5]                     # B,N,C
+    boxes = cxcywh_to_xyxy(pred[..., :4])                       # B,N,4
+    if multi_label:
+        flat = scores.flatten(1)                                # B,N*C
+        k = min(max_candidates, flat.shape[1])
+        top, idx = flat.topk(k, dim=1)
+        box_idx, cls = idx // scores.shape[2], idx % scores.shape[2]
+    else:
+        best, best_cls = scores.max(-1)                         # B,N
+        k = min(max_candidates, best.shape[1])
+        top, box_idx = best.topk(k, dim=1)
+        cls = best_cls.gather(1, box_idx)
+    cand_boxes = boxes.gather(1, box_idx[..., None].expand(-1, -1, 4))
+    keep = top > conf_thres                                      # B,k
+    img_idx = torch.arange(batch, device=pred.device)[:, None].expand_as(keep)[keep]
+    det = torch.cat([cand_boxes[keep], top[keep, None], cls[keep, None].float()], dim=1)
+    kept = torchvision.ops.batched_nms(det[:, :4], det[:, 4], img_idx * (num_out - 5) + det[:, 5].long(), iou_thres)
+    det, img_idx = det[kept], img_idx[kept]                     # sorted by score, descending
+    out = []
+    for i in range(batch):
+        out.append(det[img_idx == i][:max_det])
+    return out
