@@ -170,7 +170,9 @@ class SGE(nn.Module):
             gf = g.float()
             t = (gf * gf.mean((2, 3), keepdim=True)).sum(1)  # b*g,h,w
             t = t.reshape(b * self.groups, h * w)
-            t = (t - t.mean(1, keepdim=True)) / (t.std(1, keepdim=True) + 1e-5)
+            # a 1x1 map has no spread: its std would be 0/0 with the unbiased estimate
+            std = t.std(1, keepdim=True, correction=1 if h * w > 1 else 0)
+            t = (t - t.mean(1, keepdim=True)) / (std + 1e-5)
             t = t.reshape(b, self.groups, h, w) * self.weight + self.bias
             gate = torch.sigmoid(t).reshape(b * self.groups, 1, h, w)
         return (g * gate.to(g.dtype)).reshape(b, c, h, w)

@@ -31,6 +31,14 @@ def model_family(model: str) -> str:
     return "yolov4-tiny" if model == "yolov4-tiny" else "yolov5"
 
 
+HEADS = ("yolov4", "yolov5")
+
+
+def head_style(config: dict) -> str:
+    """How raw outputs become boxes and targets are assigned: 'yolov4' or 'yolov5' (default: the family's)."""
+    return config.get("head") or ("yolov4" if model_family(config["model"]) == "yolov4-tiny" else "yolov5")
+
+
 def read_anchors(path: str | Path) -> list[list[float]]:
     """Anchors file 'w,h, w,h, ...' -> [[w, h], ...] in input pixels."""
     values = [float(v) for v in Path(path).read_text().replace("\n", ",").split(",") if v.strip()]
@@ -40,13 +48,16 @@ def read_anchors(path: str | Path) -> list[list[float]]:
 
 
 def make_config(model: str = "yolov4-tiny", phi: int | str = 0, class_names: list[str] | tuple = (),
-                input_shape: tuple[int, int] = (416, 416), anchors: list | None = None) -> dict:
+                input_shape: tuple[int, int] = (416, 416), anchors: list | None = None,
+                head: str | None = None) -> dict:
     """The self-describing model config stored in every checkpoint."""
     family = model_family(model)
     anchors_file, anchors_mask = FAMILY_ANCHORS[family]
     anchors = anchors or read_anchors(MODEL_DATA / anchors_file)
     if not class_names:
         raise ValueError("the model needs at least one class name")
+    if head is not None and head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
     if any(s % 32 for s in input_shape):
         raise ValueError(f"input size {tuple(input_shape)} must be a multiple of 32")
     return {
@@ -59,6 +70,7 @@ def make_config(model: str = "yolov4-tiny", phi: int | str = 0, class_names: lis
         "anchors": [[float(w), float(h)] for w, h in anchors],
         "anchors_mask": anchors_mask,
         "input_shape": [int(input_shape[0]), int(input_shape[1])],
+        "head": head or ("yolov4" if family == "yolov4-tiny" else "yolov5"),
     }
 
 

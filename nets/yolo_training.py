@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import yaml
 from torchvision.ops import complete_box_iou_loss
 
-from nets.yolo import MODEL_DATA, model_family
+from nets.yolo import MODEL_DATA, head_style, model_family
 from utils.boxes import box_iou_batched, cxcywh_to_xyxy, decode_wh, decode_xy, grid_xy, split_level
 
 HYP_FILES = {"yolov4-tiny": "hyp.yolov4-tiny.yaml", "yolov5": "hyp.scratch-low.yaml"}
@@ -51,7 +51,7 @@ class YoloLoss:
     """Callable: (raw outputs coarsest first, targets [M, 6]) -> (loss, parts)."""
 
     def __init__(self, config: dict, hyp: dict):
-        self.family = model_family(config["model"])
+        self.head = head_style(config)
         self.anchors = torch.tensor(config["anchors"], dtype=torch.float32)       # nA,2 input pixels
         self.anchors_mask = config["anchors_mask"]
         self.num_classes = config["num_classes"]
@@ -64,7 +64,8 @@ class YoloLoss:
         self.cls_pos, self.cls_neg = smooth_targets(hyp.get("label_smoothing", 0.0))
         self.anchor_t = hyp.get("anchor_t", 4.0)
         self.anchor_iou_thresh = hyp.get("anchor_iou_thresh", 1.0)
-        self.ignore_thresh = hyp.get("ignore_thresh")
+        # the ignore threshold belongs to YOLOv4's objectness target of 1; YOLOv5's target is the IoU itself
+        self.ignore_thresh = hyp.get("ignore_thresh") if self.head == "yolov4" else None
 
     def __call__(self, outputs: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         device = outputs[0].device
@@ -85,11 +86,13 @@ class YoloLoss:
             if b.numel():
                 ps = p[b, a, gj, gi]                                                # n,5+C
                 anchor_grid = anchors[mask][a] / stride
-                pbox = torch.cat([decode_xy(ps[:, :2], self.family), decode_wh(ps[:, 2:4], anchor_grid, self.family)], 1)
+                pbox = torch.cat([decode_xy(ps[:, :2], self.head), decode_wh(ps[:, 2:4], anchor_grid, self.head)], 1)
                 box_loss = complete_box_iou_loss(cxcywh_to_xyxy(pbox), cxcywh_to_xyxy(tbox), reduction="none")
                 lbox = lbox + box_loss.mean()
-                obj_target = (1.0 - box_loss).detach().clamp(0) if self.family == "yolov5" else 1.0
-                tobj[b, a, gj, gi] = obj_target
+                obj_target = (1.0 - box_loss).detach().clamp(0) if self.head == "yolov5" else torch.ones_like(box_loss)
+                # several boxes may claim one cell and anchor: keep the best, independent of their order
+                cell = ((b * len(mask) + a) * h + gj) * w + gi
+                tobj.view(-1).scatter_reduce_(0, cell, obj_target, reduce="amax")
                 if self.num_classes > 1 or self.cls_neg > 0:
                     tc = torch.full_like(ps[:, 5:], self.cls_neg)
                     tc[torch.arange(len(tcls), device=device), tcls] = self.cls_pos
@@ -111,7 +114,7 @@ class YoloLoss:
         gxy = targets[:, 2:4] * scale                                               # M,2 grid units
         gwh = targets[:, 4:6] * scale
         local_anchors = anchors[mask] / stride                                       # A,2 grid units
-        if self.family == "yolov5":
+        if self.head == "yolov5":
             ratio = gwh[None] / local_anchors[:, None]                               # A,M,2
             match = torch.maximum(ratio, 1 / ratio).amax(2) < self.anchor_t          # A,M
         else:
@@ -121,7 +124,7 @@ class YoloLoss:
             match = (best[None] == mask_t[:, None]) | (iou[:, mask].T > self.anchor_iou_thresh)
         a, m = match.nonzero(as_tuple=True)
         gxy, gwh, t = gxy[m], gwh[m], targets[m]
-        if self.family == "yolov5" and len(m):
+        if self.head == "yolov5" and len(m):
             a, gxy, gwh, t, offsets = self._with_neighbours(a, gxy, gwh, t, scale)
         else:
             offsets = torch.zeros_like(gxy)
@@ -162,8 +165,8 @@ class YoloLoss:
         """1 where the objectness loss counts: positives, and negatives not overlapping a box > ignore_thresh."""
         with torch.no_grad():
             b, a_n, h, w = p.shape[:4]
-            xy = (decode_xy(p[..., :2], self.family) + grid_xy(h, w, p.device)) / scale
-            wh = decode_wh(p[..., 2:4], local_anchors.view(1, a_n, 1, 1, 2), self.family) / scale
+            xy = (decode_xy(p[..., :2], self.head) + grid_xy(h, w, p.device)) / scale
+            wh = decode_wh(p[..., 2:4], local_anchors.view(1, a_n, 1, 1, 2), self.head) / scale
             pred = cxcywh_to_xyxy(torch.cat([xy, wh], -1)).view(b, -1, 4)
             best = box_iou_batched(pred, gt_boxes).amax(-1).view(b, a_n, h, w)
             return ((best <= self.ignore_thresh) | (tobj > 0)).float()

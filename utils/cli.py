@@ -1,0 +1,44 @@
+"""What every script shares: one-line errors for user mistakes and the resolved-config table."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+# Mistakes in flags, files or data: printed as one line, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """Run a script's main; user errors print `error: ...` and exit 2, Ctrl-C exits 130."""
+    try:
+        main(argv)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def format_rows(rows: list[list[object]], header: list[str] | None = None) -> str:
+    """Left-aligned plain-text table."""
+    table = ([header] if header else []) + [[str(c) for c in r] for r in rows]
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(table[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    if header:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def print_config(title: str, values: dict) -> None:
+    """Print the resolved configuration of a run as a two-column table."""
+    print(f"{title}\n" + format_rows([[k, v] for k, v in values.items()], ["setting", "value"]))
+
+
+def numbered_dir(base: Path, exist_ok: bool = False) -> Path:
+    """`base`, or base2, base3, ... the first that does not exist yet (or `base` itself with exist_ok)."""
+    path, n = base, 2
+    while path.exists() and not exist_ok:
+        path, n = base.with_name(f"{base.name}{n}"), n + 1
+    return path
