@@ -1,0 +1,156 @@
+"""Training batches: the CPU path (DataLoader workers, OpenCV) and the GPU path (images held in memory).
+
+Both draw plans from utils/augment.py, so they produce the same statistics of images and boxes.
+The sampler yields (index, seed, mosaic) items: every sample's randomness depends only on
+(--seed, epoch, position), whatever the number of workers or processes.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from utils.augment import fit_scale, hsv_cpu, load_resized, plan_targets, render_cpu, sample_plans
+from utils.dataset import ImageReadError, Record, load_image
+
+
+def loaded_sizes(records: list[Record], input_shape: tuple[int, int]) -> np.ndarray:
+    """[N,2] (h, w) of each image once resized to fit the input (what load_resized produces)."""
+    sizes = np.empty((len(records), 2), dtype=np.int64)
+    for i, r in enumerate(records):
+        s = fit_scale(r.height, r.width, input_shape)
+        sizes[i] = (max(1, round(r.height * s)), max(1, round(r.width * s))) if s != 1 else (r.height, r.width)
+    return sizes
+
+
+def padded_boxes(records: list[Record], sizes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every record's boxes in loaded pixels, padded: boxes [N,K,4], labels [N,K], counts [N]."""
+    counts = torch.tensor([len(r.labels) for r in records], dtype=torch.long)
+    k = max(1, int(counts.max()) if len(records) else 1)
+    boxes = torch.zeros(len(records), k, 4)
+    labels = torch.zeros(len(records), k, dtype=torch.long)
+    for i, r in enumerate(records):
+        if len(r.labels):
+            scale = np.array([sizes[i, 1] / r.width, sizes[i, 0] / r.height] * 2, dtype=np.float32)
+            boxes[i, :len(r.labels)] = torch.from_numpy(r.boxes * scale)
+            labels[i, :len(r.labels)] = torch.from_numpy(r.labels)
+    return boxes, labels, counts
+
+
+class AugmentSampler(Sampler):
+    """Shuffled (index, seed, mosaic) items of this process's shard; call set_epoch before each epoch."""
+
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.epoch, self.mosaic = 0, True
+
+    def set_epoch(self, epoch: int, mosaic: bool) -> None:
+        self.epoch, self.mosaic = epoch, mosaic
+
+    def indices(self) -> np.ndarray:
+        """This rank's record indices for the epoch (padded so every rank gets as many)."""
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        total = math.ceil(self.size / self.world_size) * self.world_size
+        order = np.concatenate([order, order[:total - self.size]])
+        return order[self.rank::self.world_size]
+
+    def __iter__(self):
+        for position, index in enumerate(self.indices()):
+            yield int(index), (self.seed, self.epoch, self.rank, position), self.mosaic
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.world_size)
+
+
+class TrainDataset(Dataset):
+    """CPU path: renders one augmented sample per (index, seed, mosaic) item with OpenCV."""
+
+    def __init__(self, records: list[Record], input_shape: tuple[int, int], hyp: dict,
+                 images: list[np.ndarray] | None = None):
+        self.records, self.input_shape, self.hyp = records, input_shape, hyp
+        self.sizes = loaded_sizes(records, input_shape)
+        self.boxes, self.labels, self.counts = padded_boxes(records, self.sizes)
+        self.images = images           # loaded BGR images when cached in RAM
+        self.failed: set[str] = set()  # per worker process
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _source(self, index: int) -> np.ndarray | None:
+        if self.images is not None:
+            return self.images[index]
+        path = self.records[index].image_path
+        try:
+            return load_resized(load_image(path), self.input_shape)
+        except ImageReadError:
+            if path not in self.failed:
+                self.failed.add(path)
+                print(f"warning: cannot decode {path}; it is left blank ({len(self.failed)} such images "
+                      "so far in this worker)", file=sys.stderr)
+            return None
+
+    def _render(self, plans) -> tuple[np.ndarray, torch.Tensor]:
+        sources = [self._source(i) if i >= 0 else None for i in plans.src[0]]
+        plans.src[0] = [i if s is not None else -1 for i, s in zip(plans.src[0], sources)]
+        image = hsv_cpu(render_cpu(sources, plans.affine[0], plans.rect[0], self.input_shape), plans.hsv[0])
+        return image, plan_targets(plans, self.boxes, self.labels, self.counts, self.input_shape)
+
+    def __getitem__(self, item: tuple[int, tuple, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed, mosaic = item
+        rng = np.random.default_rng(list(seed))
+        plans = sample_plans(rng, [index], self.sizes, self.input_shape, self.hyp, mosaic)
+        image, targets = self._render(plans)
+        if plans.mixup[0]:
+            partner = sample_plans(rng, [rng.integers(len(self))], self.sizes, self.input_shape,
+                                   {**self.hyp, "mixup": 0.0}, mosaic)
+            image2, targets2 = self._render(partner)
+            lam = plans.lam[0]
+            image = (image.astype(np.float32) * lam + image2.astype(np.float32) * (1 - lam)).round().astype(np.uint8)
+            targets = torch.cat([targets, targets2], 0)
+        # BGR HWC -> RGB CHW; targets without the image column (collate adds it)
+        return torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1))), targets[:, 1:]
+
+
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [B,3,H,W] and targets [M,6] with the image index first."""
+    images = torch.stack([b[0] for b in batch])
+    targets = [torch.cat([torch.full((len(t), 1), float(i)), t], 1) for i, (_, t) in enumerate(batch)]
+    return images, torch.cat(targets, 0) if targets else torch.zeros(0, 6)
+
+
+def cpu_loader(dataset: TrainDataset, sampler: AugmentSampler, batch_size: int, workers: int,
+               pin_memory: bool) -> DataLoader:
+    """DataLoader over the CPU path: workers, pinned memory, persistent workers."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+def decode_all(records: list[Record], input_shape: tuple[int, int], workers: int = 8,
+               progress: bool = True) -> tuple[list[np.ndarray], list[int]]:
+    """Decode and resize every image once (for --cache); returns the images and the indices that failed."""
+    def load(record: Record) -> np.ndarray | None:
+        try:
+            return load_resized(load_image(record.image_path), input_shape)
+        except ImageReadError:
+            return None
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        images = list(tqdm(pool.map(load, records), total=len(records), desc="cache images",
+                           disable=not progress, file=sys.stdout))
+    failed = [i for i, im in enumerate(images) if im is None]
+    return images, failed
+
+
+def image_tensor(images: list[np.ndarray], input_shape: tuple[int, int]) -> torch.Tensor:
+    """Loaded BGR images -> one uint8 tensor [N,3,H,W] (RGB, top-left aligned, gray-padded)."""
+    out = torch.full((len(images), 3, input_shape[0], input_shape[1]), 114, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        h, w = image.shape[:2]
+        out[i, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1)))
+    return out
