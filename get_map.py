@@ -1,0 +1,68 @@
+"""Evaluate a checkpoint: VOC mAP@0.5, COCO mAP@[.5:.95] and mAP@0.5, per-class AP, P/R/F1.
+
+  python get_map.py --weights logs/<run>/best.pt [--data DIR] [--split test] [--out map_out]
+
+Model, classes and input size come from the checkpoint. Writes detections.json (COCO results),
+ground_truth.json (COCO) and summary.json into --out, so anyone can recompute the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from utils.checkpoint import load_checkpoint
+from utils.cli import print_config, run_cli
+from utils.data_setup import DEFAULT_DATA, resolve_data_root
+from utils.dataset import load_voc
+from utils.evaluate import Evaluator
+from utils.metrics import format_table
+from yolo import YOLO
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help="checkpoint written by train.py (best.pt / last.pt)")
+    p.add_argument("--data", help="VOC folder or 'sample' (default: the folder the run trained on)")
+    p.add_argument("--split", default="test", help="ImageSets/Main split to evaluate (default test, else val)")
+    p.add_argument("--out", default="map_out", help="folder for detections.json, ground_truth.json, summary.json")
+    p.add_argument("--conf", type=float, default=0.001, help="score threshold of the detection pass (default 0.001)")
+    p.add_argument("--nms-iou", type=float, default=0.5, help="NMS IoU threshold (default 0.5)")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="score for precision/recall/F1 (default 0.5)")
+    p.add_argument("--batch", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default cuda when present)")
+    p.add_argument("--half", action=argparse.BooleanOptionalAction, help="fp16 on CUDA (default on with CUDA)")
+    p.add_argument("--workers", type=int, default=4, help="image-decoding threads (default 4)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    ckpt = load_checkpoint(args.weights)
+    data = args.data or (ckpt.get("train_args") or {}).get("data") or DEFAULT_DATA
+    root = resolve_data_root(data)
+    class_names = ckpt["config"]["class_names"]
+    records, _ = load_voc(root, args.split, class_names, fallback="val")
+    yolo = YOLO(args.weights, device=args.device, conf=args.conf, nms_iou=args.nms_iou, half=args.half)
+    print_config("get_map.py", {"weights": args.weights, "model": ckpt["config"]["model"],
+                                "attention": ckpt["config"]["attention"], "data": root, "split": args.split,
+                                "images": len(records), "classes": ", ".join(class_names),
+                                "input": "x".join(map(str, yolo.input_shape)), "device": yolo.device,
+                                "conf": args.conf, "nms_iou": args.nms_iou})
+    evaluator = Evaluator(records, class_names, batch_size=args.batch, workers=args.workers)
+    summary, coco_gt, coco_dets = evaluator.full(yolo, args.score_threshold)
+    summary.update(weights=str(args.weights), data=str(root), split=args.split, conf=args.conf, nms_iou=args.nms_iou)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "detections.json").write_text(json.dumps(coco_dets))
+    (out / "ground_truth.json").write_text(json.dumps(coco_gt))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_table(summary, class_names))
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    print(f"VOC mAP@0.5 {fmt(summary['map50_voc'])}  COCO mAP@0.5 {fmt(summary['map50'])}  "
+          f"COCO mAP@[.5:.95] {fmt(summary['map50_95'])}  -> {out}/summary.json")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)

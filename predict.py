@@ -1,0 +1,192 @@
+"""Detect objects in images, folders, globs, videos and webcams; measure speed; draw objectness heatmaps.
+
+  python predict.py --weights logs/<run>/best.pt --source img.jpg | folder/ | 'imgs/*.png' | video.mp4 | 0
+  python predict.py --weights best.pt --source img.jpg --mode fps
+  python predict.py --weights best.pt --source folder/ --mode heatmap
+
+Model, classes and input size come from the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import cv2
+from tqdm import tqdm
+
+from utils.cli import numbered_dir, print_config, run_cli
+from utils.dataset import ImageReadError, load_image
+from utils.predict_io import (class_counts, draw_fps, json_entries, keep_classes, parse_class_filter, save_crops,
+                              yolo_label_lines)
+from utils.sources import Source, display_available, open_video, resolve_source
+from yolo import YOLO
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help="checkpoint written by train.py")
+    p.add_argument("--source", required=True, help="image, folder, glob, video file or webcam index (0)")
+    p.add_argument("--mode", default="predict", choices=("predict", "fps", "heatmap"),
+                   help="predict (default), fps (timing on the first image), heatmap (objectness overlay)")
+    p.add_argument("--conf", type=float, default=0.5, help="score threshold (default 0.5)")
+    p.add_argument("--nms-iou", type=float, default=0.3, help="NMS IoU threshold (default 0.3)")
+    p.add_argument("--img", type=int, help="input size, a multiple of 32 (default: the checkpoint's)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default cuda when present)")
+    p.add_argument("--half", action=argparse.BooleanOptionalAction, help="fp16 on CUDA (default on with CUDA)")
+    p.add_argument("--batch", type=int, default=16, help="images per forward pass for folders (default 16)")
+    p.add_argument("--out", help="output folder (default a new img_out/exp<N>)")
+    p.add_argument("--save-txt", action="store_true", help="YOLO-format labels (class cx cy w h score) per image")
+    p.add_argument("--save-json", action="store_true", help="all detections in predictions.json")
+    p.add_argument("--crop", action="store_true", help="cut-outs of each detection under crops/<class>/")
+    p.add_argument("--count", action="store_true", help="print the number of objects per class")
+    p.add_argument("--classes", help="keep only these classes: names or indices, comma-separated")
+    p.add_argument("--show", action="store_true", help="show results in a window (where a display exists)")
+    p.add_argument("--fps-iters", type=int, default=100, help="timed iterations in fps mode (default 100)")
+    return p.parse_args(argv)
+
+
+class Outputs:
+    """Writes every product of a prediction run under one folder."""
+
+    def __init__(self, args: argparse.Namespace, yolo: YOLO, out: Path):
+        self.args, self.yolo, self.out = args, yolo, out
+        self.wanted = parse_class_filter(args.classes, yolo.class_names)
+        self.records: list[dict] = []
+        self.totals: Counter = Counter()
+        self.show = args.show and display_available()
+        if args.show and not self.show:
+            print("note: --show: no display here; results are only saved", file=sys.stderr)
+
+    def image(self, name: str, image, detections, wait_ms: int = 1) -> None:
+        """Save one image's drawing and the requested extras; with --show, wait `wait_ms` (0 = a key)."""
+        detections = keep_classes(detections, self.wanted)
+        stem = Path(name).stem
+        drawn = self.yolo.detect_image(image, detections)
+        cv2.imwrite(str(self.out / f"{stem}.jpg"), drawn)
+        h, w = image.shape[:2]
+        if self.args.save_txt:
+            (self.out / "labels").mkdir(exist_ok=True)
+            (self.out / "labels" / f"{stem}.txt").write_text("\n".join(yolo_label_lines(detections, w, h)) + "\n")
+        if self.args.save_json:
+            self.records += json_entries(name, detections, self.yolo.class_names)
+        if self.args.crop:
+            save_crops(self.out / "crops", stem, image, detections, self.yolo.class_names)
+        counts = class_counts(detections, self.yolo.class_names)
+        self.totals.update(counts)
+        if self.args.count:
+            print(f"{name}: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing"))
+        if self.show:
+            cv2.imshow("predict", drawn)
+            cv2.waitKey(wait_ms)
+
+    def finish(self) -> None:
+        if self.args.save_json:
+            (self.out / "predictions.json").write_text(json.dumps(self.records, indent=1))
+
+
+def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int) -> None:
+    """Every image of the source, batched; unreadable ones are skipped and counted (a single one is an error)."""
+    paths, skipped, found = source.paths, [], 0
+    for start in tqdm(range(0, len(paths), batch), desc="predict", disable=len(paths) <= batch, file=sys.stdout):
+        chunk = []
+        for path in paths[start:start + batch]:
+            try:
+                chunk.append((path, load_image(path)))
+            except ImageReadError:
+                if len(paths) == 1:
+                    raise
+                skipped.append(path)
+        if not chunk:
+            continue
+        for (path, image), dets in zip(chunk, yolo.predict([im for _, im in chunk], batch_size=batch)):
+            outputs.image(path.name, image, dets, wait_ms=0 if len(paths) == 1 else 1)
+            found += len(keep_classes(dets, outputs.wanted))
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable images (first: {skipped[0]})", file=sys.stderr)
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(outputs.totals.items())) or "no objects"
+    print(f"{len(paths) - len(skipped)} images, {found} objects ({summary}) -> {outputs.out}")
+
+
+def predict_video(yolo: YOLO, source: Source, outputs: Outputs) -> None:
+    """Annotated copy of a video or webcam stream: same size and frame rate, every frame, measured FPS drawn."""
+    cap = open_video(source)
+    fps_in = cap.get(cv2.CAP_PROP_FPS) or 30.0
+    size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    name = f"webcam{source.webcam}" if source.kind == "webcam" else source.paths[0].stem
+    path = outputs.out / f"{name}.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps_in, size)
+    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if source.kind == "video" else None
+    frames, fps = 0, 0.0
+    bar = tqdm(total=total, desc=name, file=sys.stdout)
+    try:
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            start = time.perf_counter()
+            dets = keep_classes(yolo.predict(frame)[0], outputs.wanted)
+            drawn = yolo.detect_image(frame, dets)
+            elapsed = time.perf_counter() - start
+            fps = 1 / elapsed if not fps else 0.9 * fps + 0.1 / elapsed   # smoothed
+            writer.write(draw_fps(drawn, fps))
+            frames += 1
+            bar.update()
+            if outputs.show:
+                cv2.imshow("predict", drawn)
+                if cv2.waitKey(1) & 0xFF == ord("q"):
+                    break
+    finally:
+        bar.close()
+        cap.release()
+        writer.release()
+    print(f"{frames} frames at {fps:.1f} FPS -> {path}")
+
+
+def run_fps(yolo: YOLO, source: Source, iterations: int) -> None:
+    if source.kind != "images":
+        raise ValueError("--mode fps needs an image --source")
+    r = yolo.measure_fps(source.paths[0], iterations)
+    print(f"{yolo.config['model']} {yolo.config['attention']} at {yolo.input_shape[1]}x{yolo.input_shape[0]}, "
+          f"batch 1, {yolo.device}{' fp16' if yolo.half else ''}: model {r['model_ms']:.2f} ms ({r['model_fps']:.1f} FPS), "
+          f"end to end {r['e2e_ms']:.2f} ms ({r['e2e_fps']:.1f} FPS)")
+
+
+def run_heatmap(yolo: YOLO, source: Source, out: Path) -> None:
+    if source.kind != "images":
+        raise ValueError("--mode heatmap needs image --source (a file, folder or glob)")
+    for path in tqdm(source.paths, desc="heatmap", disable=len(source.paths) == 1, file=sys.stdout):
+        cv2.imwrite(str(out / f"{path.stem}_heatmap.jpg"), yolo.heatmap(path))
+    print(f"{len(source.paths)} heatmaps -> {out}")
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    args = parse_args(argv)
+    source = resolve_source(args.source)
+    yolo = YOLO(args.weights, device=args.device, conf=args.conf, nms_iou=args.nms_iou, half=args.half, img=args.img)
+    if args.mode == "fps":
+        run_fps(yolo, source, args.fps_iters)
+        return None
+    out = Path(args.out) if args.out else numbered_dir(Path("img_out") / "exp")
+    out.mkdir(parents=True, exist_ok=True)
+    print_config("predict.py", {"weights": args.weights, "model": yolo.config["model"],
+                                "attention": yolo.config["attention"], "source": args.source, "mode": args.mode,
+                                "input": "x".join(map(str, yolo.input_shape)), "device": yolo.device,
+                                "conf": args.conf, "nms_iou": args.nms_iou, "out": out})
+    if args.mode == "heatmap":
+        run_heatmap(yolo, source, out)
+        return out
+    outputs = Outputs(args, yolo, out)
+    if source.kind == "images":
+        predict_images(yolo, source, outputs, args.batch)
+    else:
+        predict_video(yolo, source, outputs)
+    outputs.finish()
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)

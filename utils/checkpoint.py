@@ -1,0 +1,80 @@
+"""Checkpoints: plain dicts of tensors and Python values, written atomically, read with weights_only=True.
+
+Keys: `model` (state dict used for inference: the EMA weights when EMA is on), `config`
+(everything build_model needs, class names included), and for resuming `raw_model`
+(the non-averaged weights), `ema` ({'updates': n}), `optimizer`, `scaler`, `epoch`,
+`train_args`, `metrics`, `best_fitness`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from nets.yolo import REQUIRED_KEYS
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint of this project (or is damaged)."""
+
+
+def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_torch_file(path: str | Path) -> object:
+    """torch.load with weights_only=True; clear errors for missing or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors vary by torch version; the message is what matters
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} is not a loadable PyTorch weights file ({reason[:120]})") from None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint of this project: a dict with `model` weights and a complete `config`."""
+    ckpt = read_torch_file(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no model config inside); "
+                              "use a best.pt/last.pt written by train.py")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt["config"]]
+    if missing:
+        raise CheckpointError(f"{path}: its config lacks {', '.join(missing)}; re-save it with train.py")
+    return ckpt
+
+
+def state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights to initialise from: a checkpoint of ours, or a plain state dict (e.g. a tutorial .pth)."""
+    obj = read_torch_file(path)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Copy tensors whose name and shape match; returns (loaded, total in model)."""
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matched, strict=False)
+    return len(matched), len(own)

@@ -1,0 +1,116 @@
+"""From --data/--cache/--augment flags to a stream of training batches and the validation records."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.dataset import DatasetError, load_voc, read_class_names
+from utils.gpu_augment import GpuAugmenter
+from utils.loader import (AugmentSampler, TrainDataset, cpu_loader, decode_all, image_tensor, loaded_sizes,
+                          padded_boxes)
+from utils.sample_data import DEFAULT_ROOT, ensure_sample_dataset
+
+DEFAULT_DATA = "VOCdevkit/VOC2007"
+# keep the GPU image cache under this share of free GPU memory; the rest is for training
+GPU_CACHE_SHARE = 0.4
+
+
+def resolve_data_root(data: str) -> Path:
+    """`sample` -> the generated sample set; otherwise a VOC folder that must hold annotations."""
+    if data == "sample":
+        return ensure_sample_dataset(DEFAULT_ROOT)
+    root = Path(data)
+    if not (root / "Annotations").is_dir() or not any((root / "Annotations").iterdir()):
+        hint = (" put Pascal VOC there (Annotations/, JPEGImages/, ImageSets/Main/: see VOCdevkit/README.md),"
+                " or pass --data sample to train on the built-in sample set")
+        raise DatasetError(f"--data {data}: no annotations in {root / 'Annotations'};{hint}")
+    return root
+
+
+def load_splits(args) -> tuple[list, list, list[str]]:
+    """Train and validation records with one class list (the train split's)."""
+    root = resolve_data_root(args.data)
+    names = read_class_names(args.classes) if args.classes else None
+    train, names = load_voc(root, args.train_split, names, fallback="trainval")
+    val, _ = load_voc(root, args.val_split, names, fallback="test")
+    return train, val, names
+
+
+class TrainData:
+    """Training batches for each epoch (CPU workers or batched GPU augmentation) plus the validation records."""
+
+    def __init__(self, args, hyp: dict, device: torch.device, rank: int = 0, world: int = 1,
+                 progress: bool = True):
+        self.args, self.hyp, self.device = args, hyp, device
+        self.rank, self.batch_size = rank, args.batch // world   # --batch is the global batch
+        self.input_shape = (args.img, args.img)
+        self.train_records, self.val_records, self.class_names = load_splits(args)
+        images = None
+        if args.cache != "none":
+            images, failed = decode_all(self.train_records, self.input_shape, max(args.workers, 1), progress)
+            if failed:
+                print(f"warning: skipped {len(failed)} training images that cannot be decoded "
+                      f"(first: {self.train_records[failed[0]].image_path})", file=sys.stderr)
+                keep = [i for i in range(len(images)) if images[i] is not None]
+                self.train_records = [self.train_records[i] for i in keep]
+                images = [images[i] for i in keep]
+        self.sampler = AugmentSampler(len(self.train_records), args.seed, rank, world)
+        self.on_gpu = args.augment == "gpu" or (args.augment == "auto" and device.type == "cuda" and images is not None)
+        if self.on_gpu and images is None:
+            raise ValueError("--augment gpu needs the images in memory: add --cache ram or --cache gpu")
+        if self.on_gpu:
+            self.gpu = self._gpu_augmenter(images)
+        else:
+            dataset = TrainDataset(self.train_records, self.input_shape, hyp, images)
+            self.loader = cpu_loader(dataset, self.sampler, self.batch_size, args.workers, device.type == "cuda")
+
+    def _gpu_augmenter(self, images: list[np.ndarray]) -> GpuAugmenter:
+        tensor = image_tensor(images, self.input_shape)
+        where = "RAM (pinned)"
+        if self.args.cache == "gpu" and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if tensor.numel() < GPU_CACHE_SHARE * free:
+                tensor, where = tensor.to(self.device), "GPU memory"
+            else:
+                print(f"note: {tensor.numel() / 2**30:.1f} GiB of images do not fit in "
+                      f"{GPU_CACHE_SHARE:.0%} of free GPU memory; caching them in RAM instead", file=sys.stderr)
+        if tensor.device.type == "cpu" and self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        print(f"cached {len(images)} images ({tensor.numel() / 2**20:.0f} MiB) in {where}; augmenting on {self.device}")
+        sizes = loaded_sizes(self.train_records, self.input_shape)
+        boxes, labels, counts = padded_boxes(self.train_records, sizes)
+        return GpuAugmenter(tensor, sizes, boxes, labels, counts, self.input_shape, self.hyp, self.device)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def batches(self, epoch: int, mosaic: bool):
+        """(images, targets) batches of one epoch; images uint8 (CPU path) or float 0..1 on the device (GPU path)."""
+        self.sampler.set_epoch(epoch, mosaic)
+        if not self.on_gpu:
+            yield from self.loader
+            return
+        order = self.sampler.indices()
+        for step, start in enumerate(range(0, len(order), self.batch_size)):
+            rng = np.random.default_rng([self.args.seed, epoch, self.rank, step])
+            yield self.gpu(order[start:start + self.batch_size], rng, mosaic)
+
+
+def resolved_hyp(hyp: dict, args) -> dict:
+    """The family's YAML hyperparameters with the command-line overrides applied."""
+    hyp = dict(hyp)
+    if args.optimizer == "adam":
+        hyp["lr0"] = hyp.get("lr0_adam", 0.001)
+        hyp["warmup_bias_lr"] = 0.0
+    if args.lr is not None:
+        hyp["lr0"] = args.lr
+    for key in ("mosaic", "mixup", "label_smoothing"):
+        if getattr(args, key) is not None:
+            hyp[key] = getattr(args, key)
+    return hyp
+

@@ -1,0 +1,95 @@
+"""Evaluation of a YOLO on dataset records: shared by get_map.py and the evaluation during training."""
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils.dataset import ImageReadError, Record, load_image
+from utils.metrics import GroundTruth, evaluate, evaluate_voc
+
+COCO_IOUS = np.linspace(0.5, 0.95, 10)
+
+
+def ground_truth(record: Record) -> GroundTruth:
+    """A record's objects as metrics.GroundTruth (difficult flags kept for VOC rules)."""
+    return GroundTruth(record.boxes, record.labels, record.difficult, record.height, record.width, record.image_id)
+
+
+def voc_map_range(detections: list[np.ndarray], truths: list[GroundTruth], num_classes: int) -> tuple[float, float]:
+    """(mAP@0.5, mean over IoU 0.5:0.95 of mAP) with VOC all-point AP: quick enough for every epoch."""
+    maps = []
+    for iou in COCO_IOUS:
+        ap = evaluate_voc(detections, truths, num_classes, float(iou))
+        maps.append(float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0)
+    return maps[0], float(np.mean(maps))
+
+
+class Evaluator:
+    """Runs a YOLO over records in batches; with `keep_batches` the letterboxed batches are kept for reuse."""
+
+    def __init__(self, records: list[Record], class_names: list[str], batch_size: int = 32,
+                 keep_batches: bool = False, workers: int = 4):
+        self.records = records
+        self.class_names = class_names
+        self.batch_size = batch_size
+        self.keep_batches = keep_batches
+        self.workers = max(1, workers)
+        self._batches: list[tuple[torch.Tensor, np.ndarray, list[int]]] | None = None
+        self.skipped: list[str] = []
+
+    def _load(self, record: Record) -> np.ndarray | None:
+        try:
+            return load_image(record.image_path)
+        except ImageReadError:
+            return None
+
+    def _iter_batches(self, yolo, progress: bool):
+        """(uint8 batch, metas, record indices) per batch; unreadable images are skipped and counted."""
+        if self._batches is not None:
+            yield from self._batches
+            return
+        kept = [] if self.keep_batches else None
+        starts = range(0, len(self.records), self.batch_size)
+        with ThreadPoolExecutor(self.workers) as pool:
+            for start in tqdm(starts, desc="evaluate", disable=not progress, leave=False, file=sys.stdout):
+                chunk = self.records[start:start + self.batch_size]
+                images = list(pool.map(self._load, chunk))
+                ok = [i for i, im in enumerate(images) if im is not None]
+                self.skipped += [chunk[i].image_path for i in range(len(chunk)) if images[i] is None]
+                if not ok:
+                    continue
+                batch, metas = yolo.preprocess([images[i] for i in ok])
+                if yolo.device.type == "cuda":
+                    batch = batch.to(yolo.device, non_blocking=True) if self.keep_batches else batch.pin_memory()
+                item = (batch, metas, [start + i for i in ok])
+                if kept is not None:
+                    kept.append(item)
+                yield item
+        if kept is not None:
+            self._batches = kept
+        if self.skipped:
+            print(f"warning: skipped {len(self.skipped)} unreadable images in evaluation "
+                  f"(first: {self.skipped[0]})", file=sys.stderr)
+
+    def detect(self, yolo, progress: bool = False) -> tuple[list[np.ndarray], list[Record]]:
+        """Detections for every readable record, and those records, in the same order."""
+        detections, used = [], []
+        for batch, metas, indices in self._iter_batches(yolo, progress):
+            detections += yolo.infer(batch, metas)
+            used += [self.records[i] for i in indices]
+        return detections, used
+
+    def quick(self, yolo) -> dict:
+        """mAP50 and mAP50-95 (VOC all-point AP at each IoU), for the evaluation after each epoch."""
+        detections, used = self.detect(yolo)
+        map50, map50_95 = voc_map_range(detections, [ground_truth(r) for r in used], len(self.class_names))
+        return {"map50": map50, "map50_95": map50_95}
+
+    def full(self, yolo, score_threshold: float = 0.5, progress: bool = True) -> tuple[dict, dict, list]:
+        """VOC and COCO (pycocotools) metrics: (summary, COCO ground truth, COCO detections)."""
+        detections, used = self.detect(yolo, progress)
+        return evaluate(detections, [ground_truth(r) for r in used], self.class_names, score_threshold)

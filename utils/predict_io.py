@@ -1,0 +1,76 @@
+"""Saving what predict.py finds: drawn images, YOLO-format labels, JSON, crops, counts."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+def parse_class_filter(spec: str | None, class_names: list[str]) -> set[int] | None:
+    """--classes 'person,2' -> class indices; unknown names or indices are an error."""
+    if not spec:
+        return None
+    wanted = set()
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item.isdigit() and int(item) < len(class_names):
+            wanted.add(int(item))
+        elif item in class_names:
+            wanted.add(class_names.index(item))
+        else:
+            raise ValueError(f"--classes: {item!r} is neither a class of this model nor an index 0-{len(class_names) - 1}"
+                             f" (classes: {', '.join(class_names)})")
+    return wanted
+
+
+def keep_classes(detections: np.ndarray, wanted: set[int] | None) -> np.ndarray:
+    """Only the detections of the wanted classes (all when None)."""
+    if wanted is None:
+        return detections
+    return detections[np.isin(detections[:, 5].astype(int), list(wanted))]
+
+
+def yolo_label_lines(detections: np.ndarray, width: int, height: int) -> list[str]:
+    """One line per box: class cx cy w h score, coordinates normalised to the image."""
+    lines = []
+    for x1, y1, x2, y2, score, cls in detections:
+        lines.append(f"{int(cls)} {(x1 + x2) / 2 / width:.6f} {(y1 + y2) / 2 / height:.6f} "
+                     f"{(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f} {score:.5f}")
+    return lines
+
+
+def json_entries(name: str, detections: np.ndarray, class_names: list[str]) -> list[dict]:
+    """Detections as dicts: image, class, class_name, score, box [x1, y1, x2, y2]."""
+    return [{"image": name, "class": int(c), "class_name": class_names[int(c)], "score": round(float(s), 5),
+             "box": [round(float(v), 2) for v in (x1, y1, x2, y2)]}
+            for x1, y1, x2, y2, s, c in detections]
+
+
+def save_crops(out_dir: Path, stem: str, image: np.ndarray, detections: np.ndarray, class_names: list[str]) -> int:
+    """Cut each box out into out_dir/<class>/<stem>_<i>.jpg; returns how many were written."""
+    h, w = image.shape[:2]
+    written = 0
+    for i, (x1, y1, x2, y2, _, cls) in enumerate(detections):
+        x1, y1 = max(0, int(x1)), max(0, int(y1))
+        x2, y2 = min(w, int(np.ceil(x2))), min(h, int(np.ceil(y2)))
+        if x2 <= x1 or y2 <= y1:
+            continue
+        folder = out_dir / class_names[int(cls)]
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / f"{stem}_{i}.jpg"), image[y1:y2, x1:x2])
+        written += 1
+    return written
+
+
+def class_counts(detections: np.ndarray, class_names: list[str]) -> Counter:
+    """Objects per class name."""
+    return Counter(class_names[int(c)] for c in detections[:, 5])
+
+
+def draw_fps(image: np.ndarray, fps: float) -> np.ndarray:
+    """Write the measured frames per second in the top-left corner."""
+    scale = max(0.5, image.shape[0] / 720)
+    cv2.putText(image, f"FPS {fps:.1f}", (10, int(30 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 255, 0),
+                max(1, int(2 * scale)), cv2.LINE_AA)
+    return image

@@ -1,0 +1,219 @@
+"""The training loop: data, model, AMP, EMA, freeze/unfreeze, warm-up, evaluation, checkpoints, DDP."""
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from nets.yolo import build_model, make_config
+from nets.yolo_training import YoloLoss
+from utils.checkpoint import load_matching, save_checkpoint, state_dict_from_file
+from utils.data_setup import TrainData
+from utils.evaluate import Evaluator
+from utils.optim import accumulation_steps, build_optimizer, lr_lambda, warmup
+from utils.plots import plot_results
+from utils.torch_utils import ModelEMA, barrier, is_main_process, seed_everything, unwrap
+from yolo import YOLO
+
+RESULT_FIELDS = ["epoch", "loss", "box_loss", "obj_loss", "cls_loss", "lr", "mAP50", "mAP50-95", "seconds"]
+# detection settings of the evaluation during training (as get_map's defaults)
+EVAL_CONF, EVAL_NMS_IOU = 0.001, 0.5
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 where the GPU supports it, else fp16; None when AMP is off."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+class Trainer:
+    """Holds one run's state; `run()` trains from `start_epoch` to `epochs`."""
+
+    def __init__(self, args, data: TrainData, run_dir: Path, resume_ckpt: dict | None, rank: int, world: int):
+        self.args, self.data, self.run_dir = args, data, run_dir
+        self.rank, self.world = rank, world
+        self.device = data.device
+        self.main = is_main_process()
+        seed_everything(args.seed + rank)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.config = resume_ckpt["config"] if resume_ckpt else make_config(
+            args.model, args.phi, data.class_names, (args.img, args.img), head=args.head)
+        self.model = build_model(self.config).to(self.device)
+        if args.weights and not resume_ckpt:
+            loaded, total = load_matching(self.model, state_dict_from_file(args.weights))
+            print(f"initialised {loaded}/{total} tensors from {args.weights} (matching names and shapes)")
+        if args.sync_bn and world > 1:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.hyp = data.hyp
+        self.loss_fn = YoloLoss(self.config, self.hyp)
+        self.accumulate = accumulation_steps(args.batch, args.nbs)
+        weight_decay = self.hyp["weight_decay"] * args.batch * self.accumulate / args.nbs
+        self.optimizer = build_optimizer(self.model, args.optimizer, args.lr, self.hyp["momentum"], weight_decay)
+        self.lf = lr_lambda(args.lr_schedule, args.epochs, self.hyp["lrf"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf)
+        self.ema = ModelEMA(self.model) if args.ema else None
+        self.amp = amp_dtype(self.device, args.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.start_epoch, self.best_fitness = 0, -1.0
+        if resume_ckpt:
+            self._restore(resume_ckpt)
+        self.evaluator = Evaluator(data.val_records, data.class_names, batch_size=max(data.batch_size, 8),
+                                   keep_batches=args.cache != "none", workers=args.workers) if self.main else None
+
+    def _restore(self, ckpt: dict) -> None:
+        unwrap(self.model).load_state_dict(ckpt.get("raw_model", ckpt["model"]))
+        if self.ema is not None:
+            self.ema.ema.load_state_dict(ckpt["model"])
+            self.ema.updates = (ckpt.get("ema") or {}).get("updates", 0)
+        if ckpt.get("optimizer"):
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = int(ckpt["epoch"])
+        self.best_fitness = float(ckpt.get("best_fitness", -1.0))
+        # a schedule that has already stepped start_epoch times (the restored groups carry initial_lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf, last_epoch=self.start_epoch - 1)
+
+    def _set_frozen(self, frozen: bool) -> None:
+        for p in unwrap(self.model).backbone.parameters():
+            p.requires_grad_(not frozen)
+
+    def _wrapped(self):
+        """The model as trained this phase (DDP rebuilt when the set of trainable parameters changes)."""
+        if self.world == 1:
+            return self.model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
+
+    def run(self) -> dict:
+        """Train; returns the final metrics."""
+        args, nb = self.args, self.data.batches_per_epoch
+        warmup_steps = max(round(self.hyp["warmup_epochs"] * nb), 100) if self.start_epoch == 0 else -1
+        sgd = args.optimizer == "sgd"
+        metrics = {}
+        frozen = None
+        if self.main:
+            self._prepare_results()
+        for epoch in range(self.start_epoch, args.epochs):
+            t0 = time.time()
+            if frozen != (epoch < args.freeze_epochs):
+                frozen = epoch < args.freeze_epochs
+                self._set_frozen(frozen)
+                model = self._wrapped()
+            model.train()
+            mosaic = epoch < args.special_aug_ratio * args.epochs
+            totals = torch.zeros(4, device=self.device)
+            bar = tqdm(self.data.batches(epoch, mosaic), total=nb, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       disable=not self.main, file=sys.stdout, leave=False)
+            self.optimizer.zero_grad(set_to_none=True)
+            for i, (images, targets) in enumerate(bar):
+                step = i + nb * epoch
+                if step <= warmup_steps:
+                    warmup(self.optimizer, step, warmup_steps, self.lf(epoch), self.hyp, sgd)
+                loss, parts = self._step(model, images, targets, last=(i + 1) % self.accumulate == 0 or i + 1 == nb)
+                totals += torch.stack([loss.detach() / len(images), parts["box"], parts["obj"], parts["cls"]])
+                if self.main and (i % 10 == 0 or i + 1 == nb):   # reading the loss back syncs: not every step
+                    bar.set_postfix(loss=f"{totals[0].item() / (i + 1):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            losses = (totals / nb).tolist()
+            metrics = self._end_epoch(epoch, losses, lr, t0)
+            barrier()
+        return metrics
+
+    def _step(self, model, images, targets, last: bool):
+        if images.dtype == torch.uint8:
+            images = images.to(self.device, non_blocking=True).float().div_(255)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
+        with autocast:
+            outputs = model(images)
+        loss, parts = self.loss_fn(outputs, targets)
+        self.scaler.scale(loss * self.world).backward()
+        if last:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.model)
+        return loss, parts
+
+    def _end_epoch(self, epoch: int, losses: list[float], lr: float, t0: float) -> dict:
+        """Evaluate (rank 0), save last/best/periodic checkpoints, append to results.csv, plot."""
+        if not self.main:
+            return {}
+        args, number = self.args, epoch + 1
+        metrics = {"map50": float("nan"), "map50_95": float("nan")}
+        if number % args.eval_period == 0 or number == args.epochs:
+            eval_model = self.ema.ema if self.ema is not None else unwrap(self.model)
+            yolo = YOLO.from_model(eval_model, self.config, self.device, conf=EVAL_CONF, nms_iou=EVAL_NMS_IOU)
+            metrics = self.evaluator.quick(yolo)
+        seconds = time.time() - t0   # training and evaluation; saving follows
+        fitness = metrics["map50"]
+        improved = fitness == fitness and fitness > self.best_fitness
+        if improved:
+            self.best_fitness = fitness
+        ckpt = self._checkpoint(number, metrics)
+        save_checkpoint(ckpt, self.run_dir / "last.pt")
+        if improved:
+            save_checkpoint(self._inference_only(ckpt), self.run_dir / "best.pt")
+        if args.save_period > 0 and number % args.save_period == 0:
+            save_checkpoint(self._inference_only(ckpt), self.run_dir / f"epoch{number}.pt")
+        row = [number, *[f"{v:.5f}" for v in losses], f"{lr:.6f}", f"{metrics['map50']:.5f}",
+               f"{metrics['map50_95']:.5f}", f"{seconds:.1f}"]
+        with open(self.run_dir / "results.csv", "a", newline="") as f:
+            csv.writer(f).writerow(row)
+        plot_results(self.run_dir / "results.csv", self.run_dir)
+        shown = f"mAP50 {metrics['map50']:.4f}  mAP50-95 {metrics['map50_95']:.4f}" if fitness == fitness else ""
+        print(f"epoch {number}/{args.epochs}  loss {losses[0]:.4f}  {shown}  {seconds:.1f}s")
+        return metrics
+
+    def _checkpoint(self, epoch: int, metrics: dict) -> dict:
+        raw = {k: v.detach().cpu() for k, v in unwrap(self.model).state_dict().items()}
+        inference = self.ema.ema.state_dict() if self.ema is not None else raw
+        return {
+            "model": {k: v.detach().cpu() for k, v in inference.items()},
+            "raw_model": raw,
+            "config": self.config,
+            "ema": {"updates": self.ema.updates} if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": epoch,
+            "best_fitness": self.best_fitness,
+            "train_args": {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+            "metrics": {k: float(v) for k, v in metrics.items()},
+        }
+
+    @staticmethod
+    def _inference_only(ckpt: dict) -> dict:
+        """best.pt / epochN.pt: weights, config, metrics and arguments, without the resume state."""
+        return {k: ckpt[k] for k in ("model", "config", "epoch", "metrics", "train_args", "best_fitness")}
+
+    def _prepare_results(self) -> None:
+        """Start results.csv, or on resume keep only the rows of epochs already in the checkpoint."""
+        path = self.run_dir / "results.csv"
+        rows = []
+        if self.start_epoch and path.is_file():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.reader(f)][1:]
+            rows = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= self.start_epoch]
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(RESULT_FIELDS)
+            writer.writerows(rows)
+

@@ -1,0 +1,172 @@
+"""class YOLO: the one inference pipeline (letterbox -> model -> decode -> batched NMS -> original pixels).
+
+predict.py, get_map.py, the evaluation during training, fps and heatmap modes all go through it.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from nets.yolo import build_model, head_style
+from utils.augment import letterbox
+from utils.boxes import decode_outputs, non_max_suppression, split_level
+from utils.checkpoint import load_checkpoint
+from utils.dataset import load_image
+from utils.plots import draw_detections
+from utils.torch_utils import select_device
+
+ImageLike = str | Path | np.ndarray | Image.Image
+
+
+def to_bgr(image: ImageLike) -> np.ndarray:
+    """A path, an OpenCV BGR array or a PIL image -> BGR uint8 HxWx3."""
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+    if isinstance(image, np.ndarray) and image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] in (3, 4):
+        return image[:, :, :3]
+    raise ValueError(f"cannot read an image from {type(image).__name__}; give a path, a BGR array or a PIL image")
+
+
+class YOLO:
+    """Detector built from a checkpoint's config alone: no phi, classes or anchors to repeat."""
+
+    def __init__(self, weights: str | Path, device: str | torch.device | None = None, conf: float = 0.5,
+                 nms_iou: float = 0.3, letterbox: bool = True, half: bool | None = None,
+                 max_det: int = 300, multi_label: bool = False, img: int | None = None):
+        ckpt = load_checkpoint(weights)
+        model = build_model(ckpt["config"])
+        model.load_state_dict(ckpt["model"])
+        config = dict(ckpt["config"])
+        if img is not None:
+            if img % 32 or img <= 0:
+                raise ValueError(f"--img {img}: the input size must be a positive multiple of 32")
+            config["input_shape"] = [img, img]
+        self._setup(model, config, device, conf, nms_iou, letterbox, half, max_det, multi_label)
+        self.weights = str(weights)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, config: dict, device: str | torch.device | None = None,
+                   **kwargs) -> YOLO:
+        """Wrap a model already in memory (the trainer's EMA model) without copying weights."""
+        self = cls.__new__(cls)
+        defaults = dict(conf=0.5, nms_iou=0.3, letterbox=True, half=None, max_det=300, multi_label=False)
+        defaults.update(kwargs)
+        self._setup(model, config, device, **defaults)
+        self.weights = None
+        return self
+
+    def _setup(self, model, config, device, conf, nms_iou, letterbox, half, max_det, multi_label) -> None:
+        self.device = select_device(device)
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.class_names = list(config.get("class_names") or [str(i) for i in range(config["num_classes"])])
+        self.input_shape = tuple(config["input_shape"])
+        self.head = head_style(config)
+        self.anchors = torch.tensor(config["anchors"], dtype=torch.float32)
+        self.conf, self.nms_iou, self.letterbox = conf, nms_iou, letterbox
+        self.max_det, self.multi_label = max_det, multi_label
+        self.half = (self.device.type == "cuda") if half is None else bool(half and self.device.type == "cuda")
+
+    def preprocess(self, images: list[np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
+        """BGR images -> uint8 batch [B,3,H,W] (RGB) and metas [B,6] (rx, ry, pad_x, pad_y, w0, h0)."""
+        batch = np.empty((len(images), self.input_shape[0], self.input_shape[1], 3), dtype=np.uint8)
+        metas = np.empty((len(images), 6), dtype=np.float64)
+        for i, image in enumerate(images):
+            h0, w0 = image.shape[:2]
+            if self.letterbox:
+                batch[i], r, (px, py) = letterbox(image, self.input_shape)
+                metas[i] = (r, r, px, py, w0, h0)
+            else:
+                batch[i] = cv2.resize(image, (self.input_shape[1], self.input_shape[0]), interpolation=cv2.INTER_LINEAR)
+                metas[i] = (self.input_shape[1] / w0, self.input_shape[0] / h0, 0, 0, w0, h0)
+        tensor = torch.from_numpy(batch[..., ::-1].copy()).permute(0, 3, 1, 2)
+        return tensor, metas
+
+    @torch.no_grad()
+    def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Raw head outputs for a uint8 (0..255) or float (0..1) batch."""
+        x = batch.to(self.device, non_blocking=True)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.half else nullcontext()
+        with autocast:
+            return self.model(x)
+
+    @torch.no_grad()
+    def postprocess(self, outputs: list[torch.Tensor], metas: np.ndarray) -> list[np.ndarray]:
+        """Raw outputs -> per image [N,6] (x1, y1, x2, y2, score, class) in original pixels."""
+        pred = decode_outputs(outputs, self.anchors, self.config["anchors_mask"], self.input_shape, self.head)
+        dets = non_max_suppression(pred, self.conf, self.nms_iou, self.max_det, self.multi_label)
+        results = []
+        for det, (rx, ry, px, py, w0, h0) in zip(dets, metas):
+            det = det.float().cpu().numpy()
+            det[:, [0, 2]] = ((det[:, [0, 2]] - px) / rx).clip(0, w0)
+            det[:, [1, 3]] = ((det[:, [1, 3]] - py) / ry).clip(0, h0)
+            results.append(det)
+        return results
+
+    def infer(self, batch: torch.Tensor, metas: np.ndarray) -> list[np.ndarray]:
+        """Preprocessed batch -> detections in original pixels."""
+        return self.postprocess(self.forward(batch), metas)
+
+    def predict(self, images: ImageLike | list[ImageLike], batch_size: int = 32) -> list[np.ndarray]:
+        """One image or a list -> per image an array [N,6] (x1, y1, x2, y2, score, class)."""
+        images = images if isinstance(images, list) else [images]
+        results = []
+        for start in range(0, len(images), batch_size):
+            chunk = [to_bgr(im) for im in images[start:start + batch_size]]
+            results += self.infer(*self.preprocess(chunk))
+        return results
+
+    def heatmap(self, image: ImageLike) -> np.ndarray:
+        """The image (BGR) overlaid with the highest objectness over anchors and levels: where the model looks."""
+        bgr = to_bgr(image)
+        batch, metas = self.preprocess([bgr])
+        h, w = self.input_shape
+        heat = torch.zeros(h, w, device=self.device)
+        for raw, mask in zip(self.forward(batch), self.config["anchors_mask"]):
+            obj = split_level(raw.float(), len(mask))[0, ..., 4].sigmoid().amax(0)          # H',W'
+            heat = torch.maximum(heat, F.interpolate(obj[None, None], size=(h, w), mode="bilinear")[0, 0])
+        rx, ry, px, py, w0, h0 = metas[0]
+        crop = heat[int(py):int(py + round(h0 * ry)), int(px):int(px + round(w0 * rx))].cpu().numpy()
+        heat_map = cv2.resize(crop, (int(w0), int(h0)), interpolation=cv2.INTER_LINEAR)
+        colored = cv2.applyColorMap((heat_map.clip(0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+        return cv2.addWeighted(bgr, 0.5, colored, 0.5, 0)
+
+    def measure_fps(self, image: ImageLike, iterations: int = 100, warmup: int = 10) -> dict:
+        """Milliseconds per image for the model alone and end to end (letterbox + model + decode + NMS)."""
+        bgr = to_bgr(image)
+        batch, metas = self.preprocess([bgr])
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        for _ in range(warmup):
+            self.infer(*self.preprocess([bgr]))
+        sync()
+        x = batch.to(self.device)
+        start = time.perf_counter()
+        for _ in range(iterations):
+            self.forward(x)
+        sync()
+        model_ms = (time.perf_counter() - start) / iterations * 1000
+        start = time.perf_counter()
+        for _ in range(iterations):
+            self.infer(*self.preprocess([bgr]))
+        sync()
+        e2e_ms = (time.perf_counter() - start) / iterations * 1000
+        return {"model_ms": model_ms, "model_fps": 1000 / model_ms, "e2e_ms": e2e_ms, "e2e_fps": 1000 / e2e_ms}
+
+    def detect_image(self, image: ImageLike, detections: np.ndarray | None = None) -> np.ndarray:
+        """The image (BGR) with boxes, class names and scores drawn."""
+        bgr = to_bgr(image)
+        if detections is None:
+            detections = self.predict(bgr)[0]
+        return draw_detections(bgr, detections, self.class_names)
