@@ -14,16 +14,16 @@ V4_XY_SCALE = 1.05
 V4_MAX_LOG_WH = 8.0
 
 
-def decode_xy(t_xy: torch.Tensor, family: str) -> torch.Tensor:
+def decode_xy(t_xy: torch.Tensor, head: str) -> torch.Tensor:
     """Raw xy logits -> centre offset inside the cell (grid units)."""
-    if family == "yolov5":
+    if head == "yolov5":
         return t_xy.sigmoid() * 2.0 - 0.5
     return t_xy.sigmoid() * V4_XY_SCALE - 0.5 * (V4_XY_SCALE - 1.0)
 
 
-def decode_wh(t_wh: torch.Tensor, anchors: torch.Tensor, family: str) -> torch.Tensor:
+def decode_wh(t_wh: torch.Tensor, anchors: torch.Tensor, head: str) -> torch.Tensor:
     """Raw wh logits -> box size, in the units of `anchors`."""
-    if family == "yolov5":
+    if head == "yolov5":
         return (t_wh.sigmoid() * 2.0) ** 2 * anchors
     return t_wh.clamp(-V4_MAX_LOG_WH, V4_MAX_LOG_WH).exp() * anchors
 
@@ -41,7 +41,7 @@ def grid_xy(h: int, w: int, device: torch.device) -> torch.Tensor:
 
 
 def decode_outputs(outputs: list[torch.Tensor], anchors: torch.Tensor, anchors_mask: list[list[int]],
-                   input_shape: tuple[int, int], family: str) -> torch.Tensor:
+                   input_shape: tuple[int, int], head: str) -> torch.Tensor:
     """Raw outputs -> [B, N, 5+C]: (cx, cy, w, h) in input pixels, objectness and class probabilities."""
     decoded = []
     for raw, mask in zip(outputs, anchors_mask):
@@ -49,8 +49,8 @@ def decode_outputs(outputs: list[torch.Tensor], anchors: torch.Tensor, anchors_m
         h, w = p.shape[2:4]
         stride = torch.tensor([input_shape[1] / w, input_shape[0] / h], device=raw.device)
         anchor_px = anchors[mask].to(raw.device).view(1, len(mask), 1, 1, 2)
-        xy = (decode_xy(p[..., :2], family) + grid_xy(h, w, raw.device)) * stride
-        wh = decode_wh(p[..., 2:4], anchor_px, family)
+        xy = (decode_xy(p[..., :2], head) + grid_xy(h, w, raw.device)) * stride
+        wh = decode_wh(p[..., 2:4], anchor_px, head)
         decoded.append(torch.cat([xy, wh, p[..., 4:].sigmoid()], dim=-1).flatten(1, 3))
     return torch.cat(decoded, dim=1)
 
