@@ -70,7 +70,7 @@ class TrainData:
 
     def _gpu_augmenter(self, images: list[np.ndarray]) -> GpuAugmenter:
         tensor = image_tensor(images, self.input_shape)
-        where = "RAM (pinned)"
+        where = "RAM"
         if self.args.cache == "gpu" and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             if tensor.numel() < GPU_CACHE_SHARE * free:
@@ -79,7 +79,7 @@ class TrainData:
                 print(f"note: {tensor.numel() / 2**30:.1f} GiB of images do not fit in "
                       f"{GPU_CACHE_SHARE:.0%} of free GPU memory; caching them in RAM instead", file=sys.stderr)
         if tensor.device.type == "cpu" and self.device.type == "cuda":
-            tensor = tensor.pin_memory()
+            tensor, where = tensor.pin_memory(), "pinned RAM"
         print(f"cached {len(images)} images ({tensor.numel() / 2**20:.0f} MiB) in {where}; augmenting on {self.device}")
         sizes = loaded_sizes(self.train_records, self.input_shape)
         boxes, labels, counts = padded_boxes(self.train_records, sizes)

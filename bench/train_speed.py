@@ -1,0 +1,72 @@
+"""Steady-state training speed: images/s after warm-up and peak GPU memory, for any --model/--phi.
+
+  python bench/train_speed.py --data VOCdevkit/BCCD --model yolov4-tiny --phi 0 --img 416 --batch 64 \
+      --cache gpu --augment gpu --steps 60 --warmup 15
+
+Times whole training steps (augmentation + forward + loss + backward + optimiser + EMA) with the
+real Trainer on the real data, synchronising the GPU before reading the clock. The full run's wall
+time is measured separately by timing train.py itself (see bench/RESULTS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import train  # noqa: E402
+from nets.yolo_training import load_hyp  # noqa: E402
+from utils.data_setup import TrainData, resolved_hyp  # noqa: E402
+from utils.torch_utils import select_device  # noqa: E402
+from utils.trainer import Trainer  # noqa: E402
+
+
+def batches_forever(data: TrainData):
+    for epoch in itertools.count():
+        yield from data.batches(epoch, mosaic=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--steps", type=int, default=60, help="timed training steps")
+    own.add_argument("--warmup", type=int, default=15, help="untimed steps first (cudnn autotuning, caches)")
+    bench_args, argv = own.parse_known_args(argv)
+    steps, warmup = bench_args.steps, bench_args.warmup
+    args, _ = train.resolve(train.parse_args(argv + ["--eval-period", "1000"]))
+    device = select_device(args.device)
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
+    hyp = resolved_hyp(load_hyp(args.model, args.hyp), args)
+    args.lr = hyp["lr0"]
+    data = TrainData(args, hyp, device, progress=False)
+    trainer = Trainer(args, data, Path("/tmp/train_speed"), None, 0, 1)
+    model = trainer.model.train()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    stream = batches_forever(data)
+    for _ in range(warmup):
+        images, targets = next(stream)
+        trainer._step(model, images, targets, last=True)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seen, start = 0, time.perf_counter()
+    for _ in range(steps):
+        images, targets = next(stream)
+        trainer._step(model, images, targets, last=True)
+        seen += len(images)
+    sync()
+    elapsed = time.perf_counter() - start
+    result = {"model": args.model, "attention": args.phi, "img": args.img, "batch": args.batch,
+              "augment": "gpu" if data.on_gpu else f"cpu x{args.workers}", "amp": str(trainer.amp),
+              "img_per_s": seen / elapsed, "ms_per_step": elapsed / steps * 1000,
+              "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0}
+    print("train_speed " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return result
+
+
+if __name__ == "__main__":
+    main()
