@@ -16,7 +16,7 @@ from PIL import Image
 
 from nets.yolo import build_model, head_style
 from utils.augment import letterbox
-from utils.boxes import decode_outputs, non_max_suppression, split_level
+from utils.boxes import CellCache, decode_outputs, non_max_suppression, split_level
 from utils.checkpoint import load_checkpoint
 from utils.dataset import load_image
 from utils.plots import draw_detections
@@ -73,7 +73,8 @@ class YOLO:
         self.class_names = list(config.get("class_names") or [str(i) for i in range(config["num_classes"])])
         self.input_shape = tuple(config["input_shape"])
         self.head = head_style(config)
-        self.anchors = torch.tensor(config["anchors"], dtype=torch.float32)
+        anchors = torch.tensor(config["anchors"], dtype=torch.float32)
+        self.cells = CellCache([anchors[mask] for mask in config["anchors_mask"]], self.input_shape[0])
         self.conf, self.nms_iou, self.letterbox = conf, nms_iou, letterbox
         self.max_det, self.multi_label = max_det, multi_label
         self.half = (self.device.type == "cuda") if half is None else bool(half and self.device.type == "cuda")
@@ -105,7 +106,7 @@ class YOLO:
     @torch.no_grad()
     def postprocess(self, outputs: list[torch.Tensor], metas: np.ndarray) -> list[np.ndarray]:
         """Raw outputs -> per image [N,6] (x1, y1, x2, y2, score, class) in original pixels."""
-        pred = decode_outputs(outputs, self.anchors, self.config["anchors_mask"], self.input_shape, self.head)
+        pred = decode_outputs(outputs, self.cells(outputs), self.head)
         dets = non_max_suppression(pred, self.conf, self.nms_iou, self.max_det, self.multi_label)
         results = []
         for det, (rx, ry, px, py, w0, h0) in zip(dets, metas):

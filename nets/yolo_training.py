@@ -18,10 +18,13 @@ import yaml
 from torchvision.ops import complete_box_iou_loss
 
 from nets.yolo import MODEL_DATA, head_style, model_family
-from utils.boxes import box_iou_batched, cxcywh_to_xyxy, decode_wh, decode_xy, grid_xy, split_level
+from utils.boxes import (CellCache, Cells, box_iou_batched, cxcywh_to_xyxy, decode_boxes, decode_wh, decode_xy,
+                         flatten_levels)
 
 HYP_FILES = {"yolov4-tiny": "hyp.yolov4-tiny.yaml", "yolov5": "hyp.scratch-low.yaml"}
 # neighbour cells YOLOv5 also assigns: centre, left, up, right, down
+# bound on the (targets x predictions) IoU block of the ignore mask, to cap its memory
+IGNORE_CHUNK_ELEMENTS = 2**24
 NEIGHBOUR_OFFSETS = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], dtype=torch.float32)
 
 
@@ -48,7 +51,12 @@ def smooth_targets(label_smoothing: float) -> tuple[float, float]:
 
 
 class YoloLoss:
-    """Callable: (raw outputs coarsest first, targets [M, 6]) -> (loss, parts)."""
+    """Callable: (raw outputs coarsest first, targets [M, 6]) -> (loss, parts).
+
+    All levels are handled as one flattened tensor [B, N, 5+C] (utils.boxes.flatten_levels), and
+    the assignment is dense (fixed shapes): a training step issues few kernels and never waits
+    for the GPU. Rows of `targets` with image index -1 are padding and are ignored.
+    """
 
     def __init__(self, config: dict, hyp: dict):
         self.head = head_style(config)
@@ -60,113 +68,156 @@ class YoloLoss:
         self.box_gain = hyp["box"] * 3 / num_levels
         self.cls_gain = hyp["cls"] * self.num_classes / 80 * 3 / num_levels
         self.obj_gain = hyp["obj"] * (max(self.input_shape) / 640) ** 2 * 3 / num_levels
-        self.balance = {int(k): float(v) for k, v in hyp["balance"].items()}       # by stride
+        self.balance_by_stride = {int(k): float(v) for k, v in hyp["balance"].items()}
         self.cls_pos, self.cls_neg = smooth_targets(hyp.get("label_smoothing", 0.0))
         self.anchor_t = hyp.get("anchor_t", 4.0)
         self.anchor_iou_thresh = hyp.get("anchor_iou_thresh", 1.0)
         # the ignore threshold belongs to YOLOv4's objectness target of 1; YOLOv5's target is the IoU itself
         self.ignore_thresh = hyp.get("ignore_thresh") if self.head == "yolov4" else None
+        self.cells = CellCache([self.anchors[m] for m in self.anchors_mask], self.input_shape[0])
+        self._cache: dict = {}
+
+    def _const(self, key: tuple, make) -> torch.Tensor:
+        """Small tensors made once per device: building them from Python data each step would stall on a copy."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     def __call__(self, outputs: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         device = outputs[0].device
+        batch, levels = outputs[0].shape[0], len(outputs)
+        cells = self.cells(outputs)
+        preds = flatten_levels(outputs, cells.anchors_per_level)                     # B,N,5+C
         targets = targets.to(device).float()
-        batch = outputs[0].shape[0]
-        anchors = self.anchors.to(device)
-        gt_boxes = self._padded_boxes(targets, batch) if self.ignore_thresh is not None else None
-        lbox = torch.zeros((), device=device)
-        lobj = torch.zeros((), device=device)
+        valid = targets[:, 0] >= 0                                                   # rows of image -1 are padding
+        # padding rows get a harmless box so no NaN reaches the (masked) arithmetic
+        pad = self._const(("pad", device), lambda: torch.tensor([0, 0, 0.5, 0.5, 0.1, 0.1], device=device))
+        targets = torch.where(valid[:, None], targets, pad)
+        b, slot, tbox, tcls, weight, lvl = self._assign(targets, valid, cells)
+
+        # boxes: CIoU of every candidate, averaged over each level's positives, summed over levels
+        ps = preds[b, slot]                                                          # K,5+C
+        anchor_grid = cells.anchors[slot] / cells.stride[slot]
+        pbox = torch.cat([decode_xy(ps[:, :2], self.head), decode_wh(ps[:, 2:4], anchor_grid, self.head)], 1)
+        box_loss = complete_box_iou_loss(cxcywh_to_xyxy(pbox), cxcywh_to_xyxy(tbox), reduction="none")
+        positives = torch.zeros(levels, device=device).index_add_(0, lvl, weight)   # L
+        lbox = (torch.zeros(levels, device=device).index_add_(0, lvl, box_loss * weight)
+                / positives.clamp(min=1)).sum()
+
+        # classes: BCE with (smoothed) one-hot targets, per level over positives x classes
         lcls = torch.zeros((), device=device)
-        for raw, mask in zip(outputs, self.anchors_mask):
-            p = split_level(raw, len(mask)).float()                                 # B,A,H,W,5+C
-            h, w = p.shape[2:4]
-            stride = self.input_shape[0] / h
-            scale = torch.tensor([w, h], device=device, dtype=torch.float32)
-            b, a, gj, gi, tbox, tcls = self._assign(targets, anchors, mask, stride, scale)
-            tobj = torch.zeros(p.shape[:4], device=device)
-            if b.numel():
-                ps = p[b, a, gj, gi]                                                # n,5+C
-                anchor_grid = anchors[mask][a] / stride
-                pbox = torch.cat([decode_xy(ps[:, :2], self.head), decode_wh(ps[:, 2:4], anchor_grid, self.head)], 1)
-                box_loss = complete_box_iou_loss(cxcywh_to_xyxy(pbox), cxcywh_to_xyxy(tbox), reduction="none")
-                lbox = lbox + box_loss.mean()
-                obj_target = (1.0 - box_loss).detach().clamp(0) if self.head == "yolov5" else torch.ones_like(box_loss)
-                # several boxes may claim one cell and anchor: keep the best, independent of their order
-                cell = ((b * len(mask) + a) * h + gj) * w + gi
-                tobj.view(-1).scatter_reduce_(0, cell, obj_target, reduce="amax")
-                if self.num_classes > 1 or self.cls_neg > 0:
-                    tc = torch.full_like(ps[:, 5:], self.cls_neg)
-                    tc[torch.arange(len(tcls), device=device), tcls] = self.cls_pos
-                    lcls = lcls + F.binary_cross_entropy_with_logits(ps[:, 5:], tc)
-            obj_loss = F.binary_cross_entropy_with_logits(p[..., 4], tobj, reduction="none")
-            if gt_boxes is not None:
-                weight = self._obj_weight(p, anchors[mask] / stride, scale, gt_boxes, tobj)
-                obj_loss = (obj_loss * weight).sum() / weight.sum().clamp(min=1)
-            else:
-                obj_loss = obj_loss.mean()
-            lobj = lobj + obj_loss * self.balance[int(round(stride))]
+        if self.num_classes > 1 or self.cls_neg > 0:
+            tc = torch.full_like(ps[:, 5:], self.cls_neg).scatter_(1, tcls[:, None], self.cls_pos)
+            bce = F.binary_cross_entropy_with_logits(ps[:, 5:], tc, reduction="none").sum(1)
+            lcls = (torch.zeros(levels, device=device).index_add_(0, lvl, bce * weight)
+                    / (positives * self.num_classes).clamp(min=1)).sum()
+
+        # objectness: target 1 (YOLOv4) or the IoU (YOLOv5) at positives; several boxes may claim
+        # one slot, so keep the best whatever their order
+        obj_target = (1.0 - box_loss).detach().clamp(0) if self.head == "yolov5" else torch.ones_like(box_loss)
+        tobj = torch.zeros(preds.shape[:2], device=device)
+        tobj.view(-1).scatter_reduce_(0, b * preds.shape[1] + slot, obj_target * weight, reduce="amax")
+        obj_bce = F.binary_cross_entropy_with_logits(preds[..., 4], tobj, reduction="none")   # B,N
+        counted = torch.ones_like(obj_bce) if self.ignore_thresh is None else self._not_ignored(preds, cells, targets,
+                                                                                                   valid, tobj)
+        per_level = torch.zeros(levels, device=device).index_add_(0, cells.level, (obj_bce * counted).sum(0))
+        counts = torch.zeros(levels, device=device).index_add_(0, cells.level, counted.sum(0))
+        lobj = (per_level / counts.clamp(min=1) * self._balance(cells, device)).sum()
+
         lbox, lobj, lcls = lbox * self.box_gain, lobj * self.obj_gain, lcls * self.cls_gain
         loss = (lbox + lobj + lcls) * batch
         return loss, {"box": lbox.detach(), "obj": lobj.detach(), "cls": lcls.detach()}
 
-    def _assign(self, targets: torch.Tensor, anchors: torch.Tensor, mask: list[int], stride: float,
-                scale: torch.Tensor):
-        """Positive samples of one level: batch, anchor, row, col indices, target boxes (cell units), classes."""
-        gxy = targets[:, 2:4] * scale                                               # M,2 grid units
-        gwh = targets[:, 4:6] * scale
-        local_anchors = anchors[mask] / stride                                       # A,2 grid units
-        if self.head == "yolov5":
-            ratio = gwh[None] / local_anchors[:, None]                               # A,M,2
-            match = torch.maximum(ratio, 1 / ratio).amax(2) < self.anchor_t          # A,M
-        else:
-            iou = wh_iou(gwh * stride, anchors)                                      # M,nA
-            best = iou.argmax(1)
-            mask_t = torch.tensor(mask, device=targets.device)
-            match = (best[None] == mask_t[:, None]) | (iou[:, mask].T > self.anchor_iou_thresh)
-        a, m = match.nonzero(as_tuple=True)
-        gxy, gwh, t = gxy[m], gwh[m], targets[m]
-        if self.head == "yolov5" and len(m):
-            a, gxy, gwh, t, offsets = self._with_neighbours(a, gxy, gwh, t, scale)
-        else:
-            offsets = torch.zeros_like(gxy)
-        cell = (gxy - offsets).long()
-        gi = cell[:, 0].clamp(0, int(scale[0]) - 1)
-        gj = cell[:, 1].clamp(0, int(scale[1]) - 1)
-        tbox = torch.cat([gxy - torch.stack([gi, gj], 1), gwh], 1)
-        return t[:, 0].long(), a, gj, gi, tbox, t[:, 1].long()
+    def _balance(self, cells: Cells, device: torch.device) -> torch.Tensor:
+        """Objectness weight of each level, from its stride."""
+        strides = [round(self.input_shape[0] / h) for h, _ in cells.shapes]
+        return self._const(("balance", tuple(strides), device),
+                           lambda: torch.tensor([self.balance_by_stride[s] for s in strides], device=device))
+
+    def positives(self, outputs: list[torch.Tensor], targets: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Per level, the positive samples compacted: (batch, anchor, row, col, target box in cell units, class).
+
+        For inspection and tests; the loss itself uses the dense form of `_assign`.
+        """
+        cells = self.cells(outputs)
+        targets = targets.float()
+        b, slot, tbox, tcls, weight, lvl = self._assign(targets, targets[:, 0] >= 0, cells)
+        result = []
+        for level, ((h, w), start) in enumerate(zip(cells.shapes, cells.offsets)):
+            keep = (weight > 0) & (lvl == level)
+            local = slot[keep] - start
+            result.append((b[keep], local // (h * w), local % (h * w) // w, local % w, tbox[keep], tcls[keep]))
+        return result
+
+    def _assign(self, targets: torch.Tensor, valid: torch.Tensor, cells: Cells):
+        """Every (level, offset, anchor, target) candidate, with weight 1 where it is a positive.
+
+        Dense on purpose: no data-dependent shapes, so the step never waits for the GPU.
+        Returns per candidate: image, slot in the flattened outputs, target box (cell units), class,
+        weight and level; each [K].
+        """
+        device = targets.device
+        anchors = self._const(("anchors", device), lambda: self.anchors.to(device))
+        columns = []
+        for level, (mask, (h, w), start) in enumerate(zip(self.anchors_mask, cells.shapes, cells.offsets)):
+            stride = self.input_shape[0] / h
+            scale = self._const(("scale", w, h, device), lambda: torch.tensor([w, h], device=device, dtype=torch.float32))
+            gxy = targets[:, 2:4] * scale                                           # M,2 grid units
+            gwh = targets[:, 4:6] * scale
+            if self.head == "yolov5":
+                local_anchors = anchors[mask[0]:mask[-1] + 1] / stride if _contiguous(mask) else anchors[mask] / stride
+                ratio = gwh[None] / local_anchors[:, None]                           # A,M,2
+                match = torch.maximum(ratio, 1 / ratio).amax(2) < self.anchor_t      # A,M
+                offsets = self._const(("offsets", device), lambda: NEIGHBOUR_OFFSETS.to(device) * 0.5)
+                usable = self._neighbours(gxy, scale)                                # O,M
+            else:
+                iou = wh_iou(gwh * stride, anchors)                                  # M,nA
+                mask_t = self._const(("mask", tuple(mask), device), lambda: torch.tensor(mask, device=device))
+                match = (iou.argmax(1)[None] == mask_t[:, None]) | (iou.index_select(1, mask_t).T > self.anchor_iou_thresh)
+                offsets = self._const(("no_offset", device), lambda: torch.zeros(1, 2, device=device))
+                usable = valid[None]
+            num_o, num_a, num_m = len(offsets), len(mask), len(gxy)
+            weight = (usable[:, None] & match[None] & valid[None, None]).float()     # O,A,M
+            cell = (gxy[None] - offsets[:, None]).long()                             # O,M,2
+            gi, gj = cell[..., 0].clamp(0, w - 1), cell[..., 1].clamp(0, h - 1)
+            tbox = torch.cat([gxy[None] - torch.stack([gi, gj], -1), gwh[None].expand(num_o, -1, -1)], -1)
+            a = torch.arange(num_a, device=device)[None, :, None]
+            slot = start + (a * h + gj[:, None]) * w + gi[:, None]                   # O,A,M
+
+            def spread(x: torch.Tensor) -> torch.Tensor:                             # [O or 1],M,... -> O*A*M,...
+                return x[:, None].expand(num_o, num_a, *x.shape[1:]).reshape(num_o * num_a * num_m, *x.shape[2:])
+
+            columns.append((spread(targets[None, :, 0].long()), slot.reshape(-1), spread(tbox),
+                            spread(targets[None, :, 1].long().clamp(0, self.num_classes - 1)), weight.reshape(-1),
+                            torch.full((num_o * num_a * num_m,), level, device=device)))
+        return tuple(torch.cat(parts) for parts in zip(*columns))
 
     @staticmethod
-    def _with_neighbours(a, gxy, gwh, t, scale):
-        """Repeat each match into the two neighbouring cells nearest its centre (YOLOv5)."""
+    def _neighbours(gxy: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """YOLOv5's cells: the centre and the two neighbours nearest the centre -> usable [5, M] (NEIGHBOUR_OFFSETS order)."""
         g = 0.5
         inv = scale - gxy
         left, up = ((gxy % 1 < g) & (gxy > 1)).T
         right, down = ((inv % 1 < g) & (inv > 1)).T
-        keep = torch.stack([torch.ones_like(left), left, up, right, down])           # 5,n
-        offsets = (NEIGHBOUR_OFFSETS.to(gxy.device)[:, None] * g).expand(-1, len(a), -1)[keep]
-        rep = lambda x: x[None].expand(5, *x.shape)[keep]                           # noqa: E731
-        return rep(a), rep(gxy), rep(gwh), rep(t), offsets
+        return torch.stack([torch.ones_like(left), left, up, right, down])
 
-    @staticmethod
-    def _padded_boxes(targets: torch.Tensor, batch: int) -> torch.Tensor:
-        """Targets -> [B, K, 4] normalised xyxy per image, padded with empty boxes."""
-        img = targets[:, 0].long()
-        counts = torch.bincount(img, minlength=batch)
-        k = int(counts.max()) if len(img) else 0
-        boxes = torch.zeros(batch, max(k, 1), 4, device=targets.device)
-        if len(img):
-            order = torch.argsort(img, stable=True)
-            img = img[order]
-            starts = torch.cumsum(counts, 0) - counts
-            slot = torch.arange(len(img), device=targets.device) - starts[img]
-            boxes[img, slot] = cxcywh_to_xyxy(targets[order, 2:6])
-        return boxes
-
-    def _obj_weight(self, p, local_anchors, scale, gt_boxes, tobj) -> torch.Tensor:
+    def _not_ignored(self, preds, cells: Cells, targets, valid, tobj) -> torch.Tensor:
         """1 where the objectness loss counts: positives, and negatives not overlapping a box > ignore_thresh."""
         with torch.no_grad():
-            b, a_n, h, w = p.shape[:4]
-            xy = (decode_xy(p[..., :2], self.head) + grid_xy(h, w, p.device)) / scale
-            wh = decode_wh(p[..., 2:4], local_anchors.view(1, a_n, 1, 1, 2), self.head) / scale
-            pred = cxcywh_to_xyxy(torch.cat([xy, wh], -1)).view(b, -1, 4)
-            best = box_iou_batched(pred, gt_boxes).amax(-1).view(b, a_n, h, w)
+            b = preds.shape[0]
+            size = self._const(("size", preds.device), lambda: torch.tensor(
+                [self.input_shape[1], self.input_shape[0]] * 2, device=preds.device, dtype=torch.float32))
+            pred = cxcywh_to_xyxy(decode_boxes(preds, cells, self.head)) / size      # B,N,4 normalised
+            img = targets[:, 0].long().clamp(0, b - 1)
+            boxes = cxcywh_to_xyxy(targets[:, None, 2:6])                            # M,1,4
+            best = torch.zeros(b, pred.shape[1], device=preds.device)
+            # IoU of each box with every prediction of its own image, [chunk, N] at a time
+            chunk = max(1, IGNORE_CHUNK_ELEMENTS // pred.shape[1])
+            for s in range(0, len(targets), chunk):
+                iou = box_iou_batched(boxes[s:s + chunk], pred[img[s:s + chunk]])[:, 0] * valid[s:s + chunk, None]
+                best.scatter_reduce_(0, img[s:s + chunk, None].expand_as(iou), iou, "amax")
             return ((best <= self.ignore_thresh) | (tobj > 0)).float()
+
+
+def _contiguous(mask: list[int]) -> bool:
+    return list(mask) == list(range(mask[0], mask[0] + len(mask)))

@@ -7,7 +7,7 @@ from torchvision.ops import box_iou
 
 from nets.yolo import YoloBody, make_config
 from nets.yolo_training import YoloLoss, load_hyp, smooth_targets
-from utils.boxes import cxcywh_to_xyxy, decode_outputs, split_level
+from utils.boxes import cxcywh_to_xyxy, decode_outputs, flatten_levels, split_level
 
 V4_MASK = [[3, 4, 5], [1, 2, 3]]
 
@@ -15,6 +15,15 @@ V4_MASK = [[3, 4, 5], [1, 2, 3]]
 def v4_loss(num_classes=3, size=128, **hyp_overrides):
     config = make_config("yolov4-tiny", 0, [f"c{i}" for i in range(num_classes)], input_shape=(size, size))
     return YoloLoss(config, {**load_hyp("yolov4-tiny"), **hyp_overrides})
+
+
+def positives_at(crit, targets, level):
+    """crit.positives on zero outputs of the config's shapes, for one level."""
+    size = crit.input_shape[0]
+    strides = [32, 16] if len(crit.anchors_mask) == 2 else [32, 16, 8]
+    outputs = [torch.zeros(int(targets[:, 0].max()) + 1, len(m) * (5 + crit.num_classes), size // s, size // s)
+               for m, s in zip(crit.anchors_mask, strides)]
+    return crit.positives(outputs, targets)[level]
 
 
 def random_outputs(num_classes=3, size=128, batch=2, seed=0, scale=1.0):
@@ -181,11 +190,10 @@ def test_box_loss_vanishes_for_exact_predictions():
     """Outputs that encode every assigned target exactly give box loss ~0 (loss and decode agree)."""
     crit = v4_loss()
     out = [torch.zeros_like(o) for o in random_outputs()]
-    for raw, mask in zip(out, crit.anchors_mask):
+    for level, (raw, mask) in enumerate(zip(out, crit.anchors_mask)):
         p = split_level(raw, 3)
-        h, w = p.shape[2:4]
-        stride = 128 / h
-        b, a, gj, gi, tbox, _ = crit._assign(TARGETS_128, crit.anchors, mask, stride, torch.tensor([w, h]).float())
+        stride = 128 / p.shape[2]
+        b, a, gj, gi, tbox, _ = positives_at(crit, TARGETS_128, level)
         assert len(b) > 0
         xy = ((tbox[:, :2] + 0.025) / 1.05).logit()                   # inverse of the v4 xy decode
         wh = (tbox[:, 2:] / (crit.anchors[mask][a] / stride)).log()
@@ -199,21 +207,20 @@ def test_box_loss_vanishes_for_exact_predictions():
 def test_v4_box_equal_to_p5_anchor():
     # 135x169 px = anchor 4, the middle anchor of the P5 mask [3, 4, 5]; centre (200, 150) px at 416
     target = torch.tensor([[0, 2, 200 / 416, 150 / 416, 135 / 416, 169 / 416]])
-    scale13 = torch.tensor([13.0, 13.0])
     strict = v4_loss(size=416, anchor_iou_thresh=1.0)      # best anchor only
-    b, a, gj, gi, tbox, tcls = strict._assign(target, strict.anchors, [3, 4, 5], 32.0, scale13)
+    b, a, gj, gi, tbox, tcls = positives_at(strict, target, 0)
     assert b.tolist() == [0] and a.tolist() == [1] and tcls.tolist() == [2]
     assert (gj.item(), gi.item()) == (4, 6)                 # 150/32 = 4.69, 200/32 = 6.25
     assert torch.allclose(tbox, torch.tensor([[0.25, 0.6875, 135 / 32, 169 / 32]]), atol=1e-5)
     # its best anchor is not in the P4 mask: nothing assigned there
-    b4, *_ = strict._assign(target, strict.anchors, [1, 2, 3], 16.0, scale13 * 2)
+    b4, *_ = positives_at(strict, target, 1)
     assert b4.numel() == 0
     # with yolov4's iou_thresh 0.213: anchor 3 (81x82, IoU 0.288) is added, anchor 5 (344x319, IoU 0.208) is not;
     # anchor 3 is also in the P4 mask (index 2), so P4 gets it too
     crit = v4_loss(size=416)
-    b, a, gj, gi, _, _ = crit._assign(target, crit.anchors, [3, 4, 5], 32.0, scale13)
+    b, a, gj, gi, _, _ = positives_at(crit, target, 0)
     assert sorted(a.tolist()) == [0, 1] and set(gj.tolist()) == {4} and set(gi.tolist()) == {6}
-    b4, a4, gj4, gi4, _, _ = crit._assign(target, crit.anchors, [1, 2, 3], 16.0, scale13 * 2)
+    b4, a4, gj4, gi4, _, _ = positives_at(crit, target, 1)
     assert a4.tolist() == [2] and (gj4.item(), gi4.item()) == (9, 12)
 
 
@@ -222,7 +229,7 @@ def test_v4_assignment_is_vectorised_over_images_and_edges():
                             [3, 1, 0.999, 1.0, 135 / 416, 169 / 416],   # centre on the far edge: clamped
                             [2, 0, 0.5, 0.5, 10 / 416, 14 / 416]])      # best anchor 0: in no mask
     crit = v4_loss(size=416, anchor_iou_thresh=1.0)
-    b, a, gj, gi, tbox, tcls = crit._assign(targets, crit.anchors, [3, 4, 5], 32.0, torch.tensor([13.0, 13.0]))
+    b, a, gj, gi, tbox, tcls = positives_at(crit, targets, 0)
     assert b.tolist() == [0, 3] and a.tolist() == [1, 1] and tcls.tolist() == [0, 1]
     assert gj.tolist() == [6, 12] and gi.tolist() == [6, 12]
     assert (tbox[:, :2] >= 0).all() and (tbox[:, :2] <= 1).all()
@@ -238,7 +245,7 @@ def test_v5_neighbour_cells():
     assert crit.anchors_mask == [[6, 7, 8], [3, 4, 5], [0, 1, 2]]
     # 156x198 px (anchor 7) centred 0.3 into cell (gi=5, gj=7) of the 20x20 level
     target = torch.tensor([[0, 1, 5.3 / 20, 7.3 / 20, 156 / 640, 198 / 640]])
-    b, a, gj, gi, tbox, tcls = crit._assign(target, crit.anchors, [6, 7, 8], 32.0, torch.tensor([20.0, 20.0]))
+    b, a, gj, gi, tbox, tcls = positives_at(crit, target, 0)
     # all three anchors are within ratio 4; each gets the cell, its left and its upper neighbour
     got = sorted(zip(a.tolist(), gj.tolist(), gi.tolist()))
     assert got == sorted((k, j, i) for k in range(3) for j, i in [(7, 5), (7, 4), (6, 5)])
@@ -248,17 +255,17 @@ def test_v5_neighbour_cells():
         assert -0.5 <= box[:2].min() and box[:2].max() <= 1.5   # reachable by 2*sigmoid - 0.5
         assert torch.allclose(box[2:], torch.tensor([156 / 32, 198 / 32]), atol=1e-5)
     # at 40x40 only 59x119 (index 2 of [3, 4, 5]) is within ratio 4; centre 0.6 into its cell -> right and down
-    b, a, gj, gi, _, _ = crit._assign(target, crit.anchors, [3, 4, 5], 16.0, torch.tensor([40.0, 40.0]))
+    b, a, gj, gi, _, _ = positives_at(crit, target, 1)
     assert sorted(zip(a.tolist(), gj.tolist(), gi.tolist())) == [(2, 14, 10), (2, 14, 11), (2, 15, 10)]
     # a box much larger than every anchor of a level matches none there
-    b, *_ = crit._assign(target, crit.anchors, [0, 1, 2], 8.0, torch.tensor([80.0, 80.0]))
+    b, *_ = positives_at(crit, target, 2)
     assert b.numel() == 0
 
 
 def test_v5_first_cell_has_no_outside_neighbours():
     crit = v5_loss()
     target = torch.tensor([[0, 0, 0.3 / 20, 0.3 / 20, 156 / 640, 198 / 640]])
-    b, a, gj, gi, _, _ = crit._assign(target, crit.anchors, [6, 7, 8], 32.0, torch.tensor([20.0, 20.0]))
+    b, a, gj, gi, _, _ = positives_at(crit, target, 0)
     assert sorted(a.tolist()) == [0, 1, 2] and set(gj.tolist()) == {0} and set(gi.tolist()) == {0}
 
 
@@ -286,16 +293,50 @@ def test_ignore_threshold_matches_inference_decode():
     # anchor 5 (344x319) at the centre cell predicts the box exactly: it is not a positive (IoU 0.208 < 0.213)
     xy = ((torch.tensor([0.25, 0.6875]) + 0.025) / 1.05).logit()
     p[0, 2, 4, 6, :4] = torch.cat([xy, torch.tensor([135 / 344, 169 / 319]).log()])
-    anchors = crit.anchors
-    b, a, gj, gi, _, _ = crit._assign(target, anchors, [3, 4, 5], 32.0, torch.tensor([13.0, 13.0]))
-    tobj = torch.zeros(1, 3, 13, 13)
-    tobj[b, a, gj, gi] = 1
-    assert tobj[0, 2, 4, 6] == 0
-    weight = crit._obj_weight(p, anchors[[3, 4, 5]] / 32, torch.tensor([13.0, 13.0]),
-                              crit._padded_boxes(target, 1), tobj)
-    assert weight[0, 2, 4, 6] == 0
-    decoded = decode_outputs([raw], anchors, [[3, 4, 5]], (416, 416), "yolov4-tiny")[0]   # 507, 6
+    (b, a, gj, gi, _, _), = crit.positives([raw], target)        # the P5 level only
+    cells = crit.cells([raw])
+    preds = flatten_levels([raw], cells.anchors_per_level)          # 1,507,6
+    tobj = torch.zeros(1, 507)
+    tobj[b, (a * 13 + gj) * 13 + gi] = 1
+    exact = (2 * 13 + 4) * 13 + 6
+    assert tobj[0, exact] == 0
+    weight = crit._not_ignored(preds, cells, target, target[:, 0] >= 0, tobj)
+    assert weight[0, exact] == 0
+    decoded = decode_outputs([raw], cells, "yolov4")[0]                               # 507, 6
     iou = box_iou(cxcywh_to_xyxy(decoded[:, :4]), cxcywh_to_xyxy(target[:, 2:] * 416)).squeeze(1)
-    expected = ((iou <= 0.5) | (tobj.flatten() > 0)).float().view(1, 3, 13, 13)
+    expected = ((iou <= 0.5) | (tobj.flatten() > 0)).float().view(1, 507)
     assert torch.equal(weight, expected)
-    assert 0 < (expected == 0).sum() < 20
+
+
+@pytest.mark.parametrize("head", ["yolov4", "yolov5"])
+def test_padding_rows_change_nothing(head):
+    """Rows with image index -1 (the fixed-size targets of GPU augmentation) are ignored exactly."""
+    torch.manual_seed(0)
+    config = make_config("yolov4-tiny", 0, ["a", "b", "c"], (128, 128), head=head)
+    crit = YoloLoss(config, load_hyp("yolov4-tiny"))
+    outputs = [torch.randn(2, 24, 4, 4, requires_grad=True), torch.randn(2, 24, 8, 8, requires_grad=True)]
+    targets = torch.tensor([[0, 1, .5, .5, .3, .4], [1, 2, .2, .7, .2, .1]])
+    padded = torch.cat([targets[:1], torch.tensor([[-1, 0, 0, 0, 0, 0.0]] * 3), targets[1:]])
+    a, _ = crit(outputs, targets)
+    b, _ = crit(outputs, padded)
+    torch.testing.assert_close(a, b)
+    grads = torch.autograd.grad(b, outputs)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_flattened_loss_equals_a_per_level_reference():
+    """The one-pass loss equals the sum of per-level YOLOv5-style means computed by hand."""
+    crit = v4_loss()
+    out = random_outputs()
+    loss, parts = crit(out, TARGETS_128)
+    box_terms = []
+    for level, (raw, mask) in enumerate(zip(out, crit.anchors_mask)):
+        p = split_level(raw, 3)
+        b, a, gj, gi, tbox, _ = positives_at(crit, TARGETS_128, level)
+        ps = p[b, a, gj, gi]
+        stride = 128 / p.shape[2]
+        xy = ps[:, :2].sigmoid() * 1.05 - 0.025
+        wh = ps[:, 2:4].exp() * crit.anchors[mask][a] / stride
+        from torchvision.ops import complete_box_iou_loss
+        box_terms.append(complete_box_iou_loss(cxcywh_to_xyxy(torch.cat([xy, wh], 1)), cxcywh_to_xyxy(tbox)).mean())
+    assert parts["box"].item() == pytest.approx(sum(box_terms).item() * crit.box_gain, rel=1e-5)

@@ -141,41 +141,55 @@ def transform_boxes(boxes: torch.Tensor, affine: torch.Tensor, rect: torch.Tenso
     return torch.stack([x1, y1, x2, y2], -1), keep
 
 
+def upload(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A NumPy array on `device` without waiting for the GPU: pinned memory, non-blocking copy."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if dtype is not None:
+        tensor = tensor.to(dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def plan_targets(plans: Plans, boxes: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
                  input_shape: tuple[int, int]) -> torch.Tensor:
-    """Targets [M,6] (image, class, cx, cy, w, h normalised) for rendered plans, before mixup.
+    """Targets (image, class, cx, cy, w, h normalised) for rendered plans, before mixup: [B*4*K, 6].
 
     boxes [N,K,4] / labels [N,K] / counts [N] are every record's loaded boxes, padded to K.
+    Fixed size, so nothing waits for the GPU: rows of boxes that did not survive have image -1.
     """
     device = boxes.device
-    src = torch.as_tensor(plans.src, device=device)
+    src = upload(plans.src, device)
     used = src >= 0
     src = src.clamp(min=0)
     tile_boxes, keep = transform_boxes(boxes[src].flatten(0, 1),
-                                       torch.as_tensor(plans.affine, device=device, dtype=boxes.dtype).flatten(0, 1),
-                                       torch.as_tensor(plans.rect, device=device, dtype=boxes.dtype).flatten(0, 1))
+                                       upload(plans.affine, device, boxes.dtype).flatten(0, 1),
+                                       upload(plans.rect, device, boxes.dtype).flatten(0, 1))
     k = boxes.shape[1]
-    valid = (torch.arange(k, device=device) < counts[src].flatten()[:, None]) & used.flatten()[:, None]
-    keep &= valid                                                             # B*4,K
+    keep &= (torch.arange(k, device=device) < counts[src].flatten()[:, None]) & used.flatten()[:, None]   # B*4,K
     image = torch.arange(len(plans), device=device).repeat_interleave(MAX_TILES)[:, None].expand(-1, k)
-    xyxy = tile_boxes[keep]
-    scale = torch.tensor([input_shape[1], input_shape[0]], device=device, dtype=xyxy.dtype)
+    image = torch.where(keep, image, -1).reshape(-1, 1).to(boxes.dtype)
+    xyxy = tile_boxes.reshape(-1, 4)
+    scale = upload(np.array([input_shape[1], input_shape[0]], np.float32), device, xyxy.dtype)
     cxcy = (xyxy[:, :2] + xyxy[:, 2:]) / 2 / scale
     wh = (xyxy[:, 2:] - xyxy[:, :2]) / scale
-    cls = labels[src].flatten(0, 1)[keep].to(xyxy.dtype)
-    return torch.cat([image[keep, None].to(xyxy.dtype), cls[:, None], cxcy, wh], 1)
+    cls = labels[src].reshape(-1, 1).to(xyxy.dtype)
+    return torch.cat([image, cls, cxcy, wh], 1)
 
 
 def mix_targets(targets: torch.Tensor, partner: np.ndarray, mixup: np.ndarray) -> torch.Tensor:
-    """Add to each mixed image i the boxes of image partner[i]; `partner` is a permutation of the batch."""
+    """Add to each mixed image i the boxes of image partner[i]; `partner` is a permutation of the batch.
+
+    The copies of rows whose image is not mixed into another get image -1 (fixed size, no waiting).
+    """
     if not mixup.any():
         return targets
-    dst_of = torch.full((len(partner),), -1, dtype=torch.long, device=targets.device)
-    dst_of[torch.as_tensor(partner[mixup], device=targets.device)] = torch.as_tensor(
-        np.flatnonzero(mixup), device=targets.device)
-    dst = dst_of[targets[:, 0].long()]
-    extra = targets[dst >= 0].clone()
-    extra[:, 0] = dst[dst >= 0].to(targets.dtype)
+    dst_of = np.full(len(partner), -1, dtype=np.int64)
+    dst_of[partner[mixup]] = np.flatnonzero(mixup)
+    img = targets[:, 0].long()
+    dst = upload(dst_of, targets.device)[img.clamp(min=0)]
+    extra = targets.clone()
+    extra[:, 0] = torch.where(img >= 0, dst, -1).to(targets.dtype)
     return torch.cat([targets, extra], 0)
 
 

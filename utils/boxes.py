@@ -5,6 +5,8 @@ Both the loss (nets/yolo_training.py) and inference (yolo.py) decode through
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torchvision
 
@@ -40,19 +42,65 @@ def grid_xy(h: int, w: int, device: torch.device) -> torch.Tensor:
     return torch.stack((xs, ys), dim=-1).float()
 
 
-def decode_outputs(outputs: list[torch.Tensor], anchors: torch.Tensor, anchors_mask: list[list[int]],
-                   input_shape: tuple[int, int], head: str) -> torch.Tensor:
+def flatten_levels(outputs: list[torch.Tensor], anchors_per_level: list[int]) -> torch.Tensor:
+    """Raw outputs of every level -> one float tensor [B, N, 5+C]; cell n of level l is (a * H + y) * W + x."""
+    return torch.cat([split_level(raw, a).flatten(1, 3) for raw, a in zip(outputs, anchors_per_level)], 1).float()
+
+
+@dataclass
+class Cells:
+    """What every prediction slot of the flattened outputs means: its cell, anchor, stride and level."""
+
+    grid: torch.Tensor      # [N,2] cell corner (x, y) in its level's grid units
+    anchors: torch.Tensor   # [N,2] anchor (w, h) in input pixels
+    stride: torch.Tensor    # [N,1] input pixels per cell
+    level: torch.Tensor     # [N] level index
+    offsets: list[int]      # first slot of each level
+    shapes: list[tuple[int, int]]  # (H, W) of each level
+    anchors_per_level: list[int]
+
+    @classmethod
+    def build(cls, shapes: list[tuple[int, int]], level_anchors: list[torch.Tensor], input_height: int,
+              device: torch.device) -> Cells:
+        grids, anchors, strides, levels, offsets, start = [], [], [], [], [], 0
+        for lvl, ((h, w), la) in enumerate(zip(shapes, level_anchors)):
+            a = len(la)
+            grids.append(grid_xy(h, w, device).view(1, h * w, 2).expand(a, -1, -1).reshape(-1, 2))
+            anchors.append(la.to(device).view(a, 1, 2).expand(-1, h * w, -1).reshape(-1, 2))
+            strides.append(torch.full((a * h * w, 1), input_height / h, device=device))
+            levels.append(torch.full((a * h * w,), lvl, dtype=torch.long, device=device))
+            offsets.append(start)
+            start += a * h * w
+        return cls(torch.cat(grids), torch.cat(anchors), torch.cat(strides), torch.cat(levels), offsets, list(shapes),
+                   [len(la) for la in level_anchors])
+
+
+class CellCache:
+    """Cells per (output shapes, device), built once: rebuilding them from Python data each step would stall."""
+
+    def __init__(self, level_anchors: list[torch.Tensor], input_height: int):
+        self.level_anchors, self.input_height = level_anchors, input_height
+        self._cells: dict = {}
+
+    def __call__(self, outputs: list[torch.Tensor]) -> Cells:
+        shapes = [tuple(o.shape[2:]) for o in outputs]
+        key = (tuple(shapes), outputs[0].device)
+        if key not in self._cells:
+            self._cells[key] = Cells.build(shapes, self.level_anchors, self.input_height, outputs[0].device)
+        return self._cells[key]
+
+
+def decode_boxes(preds: torch.Tensor, cells: Cells, head: str) -> torch.Tensor:
+    """Flattened raw predictions [B, N, >=4] -> boxes (cx, cy, w, h) in input pixels [B, N, 4]."""
+    xy = (decode_xy(preds[..., :2], head) + cells.grid) * cells.stride
+    wh = decode_wh(preds[..., 2:4], cells.anchors, head)
+    return torch.cat([xy, wh], -1)
+
+
+def decode_outputs(outputs: list[torch.Tensor], cells: Cells, head: str) -> torch.Tensor:
     """Raw outputs -> [B, N, 5+C]: (cx, cy, w, h) in input pixels, objectness and class probabilities."""
-    decoded = []
-    for raw, mask in zip(outputs, anchors_mask):
-        p = split_level(raw, len(mask)).float()                 # B,A,H,W,5+C
-        h, w = p.shape[2:4]
-        stride = torch.tensor([input_shape[1] / w, input_shape[0] / h], device=raw.device)
-        anchor_px = anchors[mask].to(raw.device).view(1, len(mask), 1, 1, 2)
-        xy = (decode_xy(p[..., :2], head) + grid_xy(h, w, raw.device)) * stride
-        wh = decode_wh(p[..., 2:4], anchor_px, head)
-        decoded.append(torch.cat([xy, wh, p[..., 4:].sigmoid()], dim=-1).flatten(1, 3))
-    return torch.cat(decoded, dim=1)
+    preds = flatten_levels(outputs, cells.anchors_per_level)
+    return torch.cat([decode_boxes(preds, cells, head), preds[..., 4:].sigmoid()], -1)
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:

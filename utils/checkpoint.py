@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -34,6 +35,47 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def detached_copy(obj: object) -> object:
+    """The same nested dict/list with every tensor copied to the CPU, so training can go on changing the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: detached_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(detached_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, in order, so the training loop does not wait for the disk."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, jobs: list[tuple[dict, Path]]) -> None:
+        """Queue (checkpoint, path) writes; the checkpoints must already be CPU copies (detached_copy)."""
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(jobs,), daemon=False)
+        self._thread.start()
+
+    def _write(self, jobs: list[tuple[dict, Path]]) -> None:
+        try:
+            for checkpoint, path in jobs:
+                save_checkpoint(checkpoint, path)
+        except BaseException as exc:  # reported to the training loop by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Block until the queued writes are on disk; re-raise a failed write."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def read_torch_file(path: str | Path) -> object:

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from utils.dataset import ImageReadError, Record, load_image
-from utils.metrics import GroundTruth, evaluate, evaluate_voc
+from utils.metrics import GroundTruth, evaluate, evaluate_voc_thresholds
 
 COCO_IOUS = np.linspace(0.5, 0.95, 10)
 
@@ -21,10 +21,8 @@ def ground_truth(record: Record) -> GroundTruth:
 
 def voc_map_range(detections: list[np.ndarray], truths: list[GroundTruth], num_classes: int) -> tuple[float, float]:
     """(mAP@0.5, mean over IoU 0.5:0.95 of mAP) with VOC all-point AP: quick enough for every epoch."""
-    maps = []
-    for iou in COCO_IOUS:
-        ap = evaluate_voc(detections, truths, num_classes, float(iou))
-        maps.append(float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0)
+    ap = evaluate_voc_thresholds(detections, truths, num_classes, COCO_IOUS)     # T,C
+    maps = [float(np.nanmean(row)) if np.isfinite(row).any() else 0.0 for row in ap]
     return maps[0], float(np.mean(maps))
 
 

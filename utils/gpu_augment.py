@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.augment import GRAY, Plans, mix_targets, plan_targets, sample_plans
+from utils.augment import GRAY, Plans, mix_targets, plan_targets, sample_plans, upload
 
 
 def render_gpu(cache: torch.Tensor, plans: Plans, input_shape: tuple[int, int], device: torch.device,
@@ -24,13 +24,14 @@ def render_gpu(cache: torch.Tensor, plans: Plans, input_shape: tuple[int, int], 
     src = plans.src[:, :tiles]
     # upload each needed source image once (the cache may live on the CPU)
     unique, slot = np.unique(np.maximum(src, 0), return_inverse=True)
-    volume = cache[torch.as_tensor(unique, device=cache.device)].to(device, non_blocking=True)
-    volume = volume[torch.as_tensor(slot.reshape(src.shape), device=device)]          # B,T,3,Hc,Wc
+    volume = cache[upload(unique, cache.device)]
+    if volume.device != device:
+        volume = volume.pin_memory().to(device, non_blocking=True)
+    volume = volume[upload(slot.reshape(src.shape), device)]                              # B,T,3,Hc,Wc
     volume = (volume.to(dtype) - GRAY).div_(255).transpose(1, 2)                         # B,3,T,Hc,Wc
 
-    affine = torch.as_tensor(plans.affine[:, :tiles], device=device, dtype=torch.float32)
-    rect = torch.as_tensor(plans.rect[:, :tiles], device=device, dtype=torch.float32)
-    rect[torch.as_tensor(src < 0, device=device)] = 0                                    # unused: empty
+    affine = upload(plans.affine[:, :tiles], device, torch.float32)
+    rect = upload(np.where((src < 0)[..., None], 0.0, plans.rect[:, :tiles]), device, torch.float32)  # unused: empty
     xs = torch.arange(out_w, device=device, dtype=torch.float32) + 0.5                   # pixel centres
     ys = torch.arange(out_h, device=device, dtype=torch.float32) + 0.5
     in_x = (xs >= rect[..., 0, None]) & (xs < rect[..., 2, None])                       # B,T,W
@@ -65,7 +66,8 @@ def hsv_gpu(images: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     sat = (sat * gains[:, 1]).clamp(0, 1)
     value = (value * gains[:, 2]).clamp(0, 1)
     # HSV -> RGB: each channel from its own phase of the hue wheel
-    k = (torch.tensor([5.0, 3.0, 1.0], device=images.device)[None, :, None, None] + hue[:, None] * 6) % 6
+    phase = torch.arange(5.0, 0.0, -2.0, device=images.device)                           # 5, 3, 1 for R, G, B
+    k = (phase[None, :, None, None] + hue[:, None] * 6) % 6
     weight = torch.clamp(torch.minimum(k, 4 - k), 0, 1)
     rgb = value[:, None] - value[:, None] * sat[:, None] * weight
     return rgb.to(images.dtype)
@@ -90,11 +92,11 @@ class GpuAugmenter:
         """Images [B,3,H,W] in 0..1 and targets [M,6] for the records `index`."""
         plans = sample_plans(rng, index, self.sizes, self.input_shape, self.hyp, mosaic)
         images = hsv_gpu(render_gpu(self.images, plans, self.input_shape, self.device, dtype),
-                         torch.as_tensor(plans.hsv))
+                         upload(plans.hsv, self.device, torch.float32))
         targets = plan_targets(plans, self.boxes, self.labels, self.counts, self.input_shape)
         if plans.mixup.any():
             partner = np.roll(np.arange(len(plans)), 1)
-            lam = torch.as_tensor(np.where(plans.mixup, plans.lam, 1.0), device=self.device, dtype=images.dtype)
+            lam = upload(np.where(plans.mixup, plans.lam, 1.0), self.device, images.dtype)
             images = lam[:, None, None, None] * images + (1 - lam[:, None, None, None]) * images[partner]
             targets = mix_targets(targets, partner, plans.mixup)
         return images, targets

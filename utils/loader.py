@@ -10,6 +10,7 @@ import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -98,7 +99,8 @@ class TrainDataset(Dataset):
         sources = [self._source(i) if i >= 0 else None for i in plans.src[0]]
         plans.src[0] = [i if s is not None else -1 for i, s in zip(plans.src[0], sources)]
         image = hsv_cpu(render_cpu(sources, plans.affine[0], plans.rect[0], self.input_shape), plans.hsv[0])
-        return image, plan_targets(plans, self.boxes, self.labels, self.counts, self.input_shape)
+        targets = plan_targets(plans, self.boxes, self.labels, self.counts, self.input_shape)
+        return image, targets[targets[:, 0] >= 0]
 
     def __getitem__(self, item: tuple[int, tuple, bool]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed, mosaic = item
@@ -123,12 +125,17 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tenso
     return images, torch.cat(targets, 0) if targets else torch.zeros(0, 6)
 
 
+def _init_worker(_: int) -> None:
+    # one thread per worker: OpenCV's own pool in every worker would oversubscribe the cores
+    cv2.setNumThreads(0)
+
+
 def cpu_loader(dataset: TrainDataset, sampler: AugmentSampler, batch_size: int, workers: int,
                pin_memory: bool) -> DataLoader:
     """DataLoader over the CPU path: workers, pinned memory, persistent workers."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=_init_worker)
 
 
 def decode_all(records: list[Record], input_shape: tuple[int, int], workers: int = 8,

@@ -79,11 +79,20 @@ class _Matches(NamedTuple):
     num_pos: np.ndarray  # [C] non-difficult objects per class
 
 
-def _match(detections: Sequence, ground_truths: Sequence, num_classes: int, iou_threshold: float) -> _Matches:
-    """Match all detections to ground truth with the VOC devkit rules."""
+class _Candidates(NamedTuple):
+    scores: np.ndarray  # [D] every detection of the set, sorted by score (descending)
+    classes: np.ndarray  # [D] int64
+    best_key: np.ndarray  # [D] set-wide index of the highest-IoU object of the same class (-1: none)
+    best_iou: np.ndarray  # [D] its IoU (-1: none)
+    best_difficult: np.ndarray  # [D] bool, that object is difficult
+    num_pos: np.ndarray  # [C] non-difficult objects per class
+
+
+def _candidates(detections: Sequence, ground_truths: Sequence, num_classes: int) -> _Candidates:
+    """Each detection's highest-IoU object of its class: one IoU pass, whatever the thresholds."""
     _check_lengths(detections, ground_truths)
     num_pos = np.zeros(num_classes, np.int64)
-    scores, classes, gt_key, ignored = [], [], [], []
+    scores, classes, keys, ious, diffs = [], [], [], [], []
     gt_offset = 0  # makes GT indices unique over the whole set
     for dets, gt in zip(detections, ground_truths):
         dets = _det_array(dets, num_classes)
@@ -98,27 +107,40 @@ def _match(detections: Sequence, ground_truths: Sequence, num_classes: int, iou_
             iou = np.where(det_cls[:, None] == labels[None, :], iou, -1.0)  # other classes never match
             best_gt, best_iou = iou.argmax(1), iou.max(1)
         # The devkit takes the highest-IoU object whether or not it is already claimed,
-        # so the candidate does not depend on the order and can be found for all at once.
-        hit = best_iou >= iou_threshold
-        on_difficult = hit & difficult[best_gt] if len(boxes) else np.zeros(len(dets), bool)
-        gt_key.append(np.where(hit & ~on_difficult, best_gt + gt_offset, -1))
-        ignored.append(on_difficult)
+        # so the candidate does not depend on the order (or the threshold) and is found for all at once.
+        keys.append(np.where(best_iou >= 0, best_gt + gt_offset, -1))
+        ious.append(best_iou)
+        diffs.append(difficult[best_gt] if len(boxes) else np.zeros(len(dets), bool))
         scores.append(dets[:, 4])
         classes.append(det_cls)
         gt_offset += len(boxes)
 
-    scores, classes = np.concatenate(scores or [[]]), np.concatenate(classes or [[]]).astype(np.int64)
-    gt_key = np.concatenate(gt_key or [[]]).astype(np.int64)
-    ignored = np.concatenate(ignored or [[]]).astype(bool)
+    def cat(parts: list, dtype) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+    scores, classes = cat(scores, np.float64), cat(classes, np.int64)
     # One order over the whole set; its restriction to one class is the devkit's per-class order.
     order = np.argsort(-scores, kind="stable")
-    scores, classes, gt_key, ignored = scores[order], classes[order], gt_key[order], ignored[order]
+    return _Candidates(scores[order], classes[order], cat(keys, np.int64)[order], cat(ious, np.float64)[order],
+                       cat(diffs, bool)[order], num_pos)
+
+
+def _claim(c: _Candidates, iou_threshold: float) -> _Matches:
+    """TP / ignored flags at one IoU threshold with the VOC devkit rules."""
+    hit = c.best_iou >= iou_threshold
+    ignored = hit & c.best_difficult
+    gt_key = np.where(hit & ~ignored, c.best_key, -1)
     # The first detection (highest score) to reach an object claims it; later ones are duplicates: FP.
-    tp = np.zeros(len(scores), bool)
+    tp = np.zeros(len(c.scores), bool)
     candidates = np.flatnonzero(gt_key >= 0)
     _, first = np.unique(gt_key[candidates], return_index=True)
     tp[candidates[first]] = True
-    return _Matches(scores, classes, tp, ignored, num_pos)
+    return _Matches(c.scores, c.classes, tp, ignored, c.num_pos)
+
+
+def _match(detections: Sequence, ground_truths: Sequence, num_classes: int, iou_threshold: float) -> _Matches:
+    """Match all detections to ground truth with the VOC devkit rules."""
+    return _claim(_candidates(detections, ground_truths, num_classes), iou_threshold)
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
@@ -162,6 +184,15 @@ def evaluate_voc(
 ) -> np.ndarray:
     """Per-class VOC AP (all-point) at one IoU threshold; NaN for classes without non-difficult objects."""
     return _ap_per_class(_match(detections, ground_truths, num_classes, iou_threshold), num_classes)
+
+
+def evaluate_voc_thresholds(
+    detections: Sequence[np.ndarray], ground_truths: Sequence[GroundTruth], num_classes: int,
+    iou_thresholds: Sequence[float],
+) -> np.ndarray:
+    """Per-class VOC AP at several IoU thresholds, [T, C]: the IoU pass is shared by all thresholds."""
+    c = _candidates(detections, ground_truths, num_classes)
+    return np.stack([_ap_per_class(_claim(c, t), num_classes) for t in iou_thresholds])
 
 
 def precision_recall_f1(

@@ -19,10 +19,12 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, wei
                 no_decay.append(param)   # norm weights, attention gains (gamma, SA/SGE weights)
             else:
                 decay.append(param)
+    # fused kernels on CUDA: one launch per group instead of several per tensor
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if name == "sgd":
-        opt = torch.optim.SGD(no_decay, lr=lr, momentum=momentum, nesterov=True)
+        opt = torch.optim.SGD(no_decay, lr=lr, momentum=momentum, nesterov=True, **fused)
     elif name == "adam":
-        opt = torch.optim.Adam(no_decay, lr=lr, betas=(momentum, 0.999))
+        opt = torch.optim.Adam(no_decay, lr=lr, betas=(momentum, 0.999), **fused)
     else:
         raise ValueError(f"--optimizer {name!r}: choose sgd or adam")
     opt.add_param_group({"params": decay, "weight_decay": weight_decay})

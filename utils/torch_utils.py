@@ -41,27 +41,35 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class ModelEMA:
-    """Exponential moving average of weights; decay ramps up as 1 - exp(-updates / tau) (YOLOv5's schedule)."""
+    """Exponential moving average of weights; decay ramps up as 1 - exp(-updates / tau) (YOLOv5's schedule).
+
+    Floating-point parameters and buffers (BN running statistics) are averaged with two fused
+    foreach calls; integer buffers (BN batch counters) are not used by the layers here and stay as copied.
+    """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0):
         self.ema = deepcopy(unwrap(model)).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
         self.decay, self.tau, self.updates = decay, tau, updates
+        self._targets = [t for t in self._tensors(self.ema) if t.dtype.is_floating_point]
+        self._source_of: nn.Module | None = None
+        self._sources: list[torch.Tensor] = []
+
+    @staticmethod
+    def _tensors(model: nn.Module) -> list[torch.Tensor]:
+        return [*model.parameters(), *model.buffers()]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Blend the current weights in; float tensors only (BN counters are copied)."""
+        """Blend the current weights in."""
         self.updates += 1
         d = self.decay * (1 - math.exp(-self.updates / self.tau))
-        ema_state = self.ema.state_dict()
-        model_state = unwrap(model).state_dict()
-        floats = [k for k, v in ema_state.items() if v.dtype.is_floating_point]
-        torch._foreach_mul_([ema_state[k] for k in floats], d)
-        torch._foreach_add_([ema_state[k] for k in floats], [model_state[k].detach() for k in floats], alpha=1 - d)
-        for k, v in ema_state.items():
-            if not v.dtype.is_floating_point:
-                v.copy_(model_state[k])
+        model = unwrap(model)
+        if self._source_of is not model:   # the list is rebuilt only if another model is passed
+            self._source_of = model
+            self._sources = [t for t in self._tensors(model) if t.dtype.is_floating_point]
+        torch._foreach_lerp_(self._targets, self._sources, 1 - d)
 
 
 def distributed_env() -> tuple[int, int, int]:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from nets.yolo import build_model, make_config
 from nets.yolo_training import YoloLoss
-from utils.checkpoint import load_matching, save_checkpoint, state_dict_from_file
+from utils.checkpoint import CheckpointWriter, detached_copy, load_matching, state_dict_from_file
 from utils.data_setup import TrainData
 from utils.evaluate import Evaluator
 from utils.optim import accumulation_steps, build_optimizer, lr_lambda, warmup
@@ -22,6 +22,7 @@ from utils.torch_utils import ModelEMA, barrier, is_main_process, seed_everythin
 from yolo import YOLO
 
 RESULT_FIELDS = ["epoch", "loss", "box_loss", "obj_loss", "cls_loss", "lr", "mAP50", "mAP50-95", "seconds"]
+PLOT_PERIOD = 10   # loss.png / map.png are redrawn every this many epochs and at the end
 # detection settings of the evaluation during training (as get_map's defaults)
 EVAL_CONF, EVAL_NMS_IOU = 0.001, 0.5
 
@@ -67,6 +68,7 @@ class Trainer:
         self.amp = amp_dtype(self.device, args.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.start_epoch, self.best_fitness = 0, -1.0
+        self.writer = CheckpointWriter()
         if resume_ckpt:
             self._restore(resume_ckpt)
         self.evaluator = Evaluator(data.val_records, data.class_names, batch_size=max(data.batch_size, 8),
@@ -131,6 +133,7 @@ class Trainer:
             losses = (totals / nb).tolist()
             metrics = self._end_epoch(epoch, losses, lr, t0)
             barrier()
+        self.writer.wait()
         return metrics
 
     def _step(self, model, images, targets, last: bool):
@@ -168,26 +171,27 @@ class Trainer:
         improved = fitness == fitness and fitness > self.best_fitness
         if improved:
             self.best_fitness = fitness
-        ckpt = self._checkpoint(number, metrics)
-        save_checkpoint(ckpt, self.run_dir / "last.pt")
+        ckpt = detached_copy(self._checkpoint(number, metrics))
+        jobs = [(ckpt, self.run_dir / "last.pt")]
         if improved:
-            save_checkpoint(self._inference_only(ckpt), self.run_dir / "best.pt")
+            jobs.append((self._inference_only(ckpt), self.run_dir / "best.pt"))
         if args.save_period > 0 and number % args.save_period == 0:
-            save_checkpoint(self._inference_only(ckpt), self.run_dir / f"epoch{number}.pt")
+            jobs.append((self._inference_only(ckpt), self.run_dir / f"epoch{number}.pt"))
+        self.writer.submit(jobs)
         row = [number, *[f"{v:.5f}" for v in losses], f"{lr:.6f}", f"{metrics['map50']:.5f}",
                f"{metrics['map50_95']:.5f}", f"{seconds:.1f}"]
         with open(self.run_dir / "results.csv", "a", newline="") as f:
             csv.writer(f).writerow(row)
-        plot_results(self.run_dir / "results.csv", self.run_dir)
+        if number % PLOT_PERIOD == 0 or number == args.epochs:
+            plot_results(self.run_dir / "results.csv", self.run_dir)
         shown = f"mAP50 {metrics['map50']:.4f}  mAP50-95 {metrics['map50_95']:.4f}" if fitness == fitness else ""
         print(f"epoch {number}/{args.epochs}  loss {losses[0]:.4f}  {shown}  {seconds:.1f}s")
         return metrics
 
     def _checkpoint(self, epoch: int, metrics: dict) -> dict:
-        raw = {k: v.detach().cpu() for k, v in unwrap(self.model).state_dict().items()}
-        inference = self.ema.ema.state_dict() if self.ema is not None else raw
+        raw = unwrap(self.model).state_dict()
         return {
-            "model": {k: v.detach().cpu() for k, v in inference.items()},
+            "model": self.ema.ema.state_dict() if self.ema is not None else raw,
             "raw_model": raw,
             "config": self.config,
             "ema": {"updates": self.ema.updates} if self.ema is not None else None,
