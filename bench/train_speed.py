@@ -31,10 +31,29 @@ def batches_forever(data: TrainData):
         yield from data.batches(epoch, mosaic=True)
 
 
+def profile_steps(trainer: Trainer, model, stream, device: torch.device, steps: int = 5) -> None:
+    """torch.profiler over a few steps, split into augmentation, forward+loss, backward and optimiser."""
+    from torch.profiler import ProfilerActivity, profile, record_function  # noqa: PLC0415
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            with record_function("augment"):
+                images, targets = next(stream)
+            with record_function("train_step"):
+                trainer._step(model, images, targets, last=True)
+        sync()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=40))
+
+
 def main(argv: list[str] | None = None) -> dict:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--steps", type=int, default=60, help="timed training steps")
     own.add_argument("--warmup", type=int, default=15, help="untimed steps first (cudnn autotuning, caches)")
+    own.add_argument("--profile", action="store_true", help="also print where a few steps spend CPU and GPU time")
     bench_args, argv = own.parse_known_args(argv)
     steps, warmup = bench_args.steps, bench_args.warmup
     args, _ = train.resolve(train.parse_args(argv + ["--eval-period", "1000"]))
@@ -47,10 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
     model = trainer.model.train()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     stream = batches_forever(data)
+    first = time.perf_counter()
     for _ in range(warmup):
         images, targets = next(stream)
         trainer._step(model, images, targets, last=True)
     sync()
+    warmup_s = time.perf_counter() - first
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seen, start = 0, time.perf_counter()
@@ -62,8 +83,10 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = time.perf_counter() - start
     result = {"model": args.model, "attention": args.phi, "img": args.img, "batch": args.batch,
               "augment": "gpu" if data.on_gpu else f"cpu x{args.workers}", "amp": str(trainer.amp),
-              "img_per_s": seen / elapsed, "ms_per_step": elapsed / steps * 1000,
+              "warmup_s": warmup_s, "img_per_s": seen / elapsed, "ms_per_step": elapsed / steps * 1000,
               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0}
+    if bench_args.profile:
+        profile_steps(trainer, model, stream, device)
     print("train_speed " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return result
 
