@@ -25,7 +25,7 @@ def render_gpu(cache: torch.Tensor, plans: Plans, input_shape: tuple[int, int], 
     # upload each needed source image once (the cache may live on the CPU)
     unique, slot = np.unique(np.maximum(src, 0), return_inverse=True)
     volume = cache[upload(unique, cache.device)]
-    if volume.device != device:
+    if volume.device.type == "cpu" and device.type == "cuda":
         volume = volume.pin_memory().to(device, non_blocking=True)
     volume = volume[upload(slot.reshape(src.shape), device)]                              # B,T,3,Hc,Wc
     volume = (volume.to(dtype) - GRAY).div_(255).transpose(1, 2)                         # B,3,T,Hc,Wc

@@ -22,9 +22,12 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {device!r}: expected cpu, cuda, cuda:N or a GPU index") from None
+    if dev.type == "cuda" and dev.index is None:   # an explicit index, so devices compare equal
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def seed_everything(seed: int) -> None:
@@ -80,6 +83,8 @@ def distributed_env() -> tuple[int, int, int]:
 def init_distributed(device: torch.device) -> None:
     """Start the process group (NCCL on CUDA, gloo on CPU) when launched by torchrun."""
     if distributed_env()[2] > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
