@@ -96,7 +96,8 @@ class YoloLoss:
         b, slot, tbox, tcls, weight, lvl = self._assign(targets, valid, cells)
 
         # boxes: CIoU of every candidate, averaged over each level's positives, summed over levels
-        ps = preds[b, slot]                                                          # K,5+C
+        # index_select on the flat view: its backward is a plain index_add (no sort, unlike advanced indexing)
+        ps = preds.view(-1, preds.shape[2]).index_select(0, b * preds.shape[1] + slot)   # K,5+C
         anchor_grid = cells.anchors[slot] / cells.stride[slot]
         pbox = torch.cat([decode_xy(ps[:, :2], self.head), decode_wh(ps[:, 2:4], anchor_grid, self.head)], 1)
         box_loss = complete_box_iou_loss(cxcywh_to_xyxy(pbox), cxcywh_to_xyxy(tbox), reduction="none")

@@ -139,6 +139,8 @@ class Trainer:
     def _step(self, model, images, targets, last: bool):
         if images.dtype == torch.uint8:
             images = images.to(self.device, non_blocking=True).float().div_(255)
+        elif self.amp is None and images.dtype != torch.float32:   # GPU-rendered half images without AMP
+            images = images.float()
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
