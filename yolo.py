@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from nets.common import fuse_conv_bn
 from nets.yolo import build_model, head_style
 from utils.augment import letterbox
 from utils.boxes import CellCache, decode_outputs, non_max_suppression, split_level
 from utils.checkpoint import load_checkpoint
 from utils.dataset import load_image
 from utils.plots import draw_detections
-from utils.torch_utils import select_device
+from utils.torch_utils import CudaGraphForward, select_device
 
 ImageLike = str | Path | np.ndarray | Image.Image
 
@@ -43,7 +44,8 @@ class YOLO:
 
     def __init__(self, weights: str | Path, device: str | torch.device | None = None, conf: float = 0.5,
                  nms_iou: float = 0.3, letterbox: bool = True, half: bool | None = None,
-                 max_det: int = 300, multi_label: bool = False, img: int | None = None):
+                 max_det: int = 300, multi_label: bool = False, img: int | None = None,
+                 cuda_graph: bool | None = None):
         ckpt = load_checkpoint(weights)
         model = build_model(ckpt["config"])
         model.load_state_dict(ckpt["model"])
@@ -54,6 +56,8 @@ class YOLO:
             config["input_shape"] = [img, img]
         self._setup(model, config, device, conf, nms_iou, letterbox, half, max_det, multi_label)
         self.weights = str(weights)
+        self.owns_model = True
+        self._optimise_owned_model(cuda_graph)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, config: dict, device: str | torch.device | None = None,
@@ -64,6 +68,8 @@ class YOLO:
         defaults.update(kwargs)
         self._setup(model, config, device, **defaults)
         self.weights = None
+        self.owns_model = False
+        self.cuda_graph = False
         return self
 
     def _setup(self, model, config, device, conf, nms_iou, letterbox, half, max_det, multi_label) -> None:
@@ -78,6 +84,17 @@ class YOLO:
         self.conf, self.nms_iou, self.letterbox = conf, nms_iou, letterbox
         self.max_det, self.multi_label = max_det, multi_label
         self.half = (self.device.type == "cuda") if half is None else bool(half and self.device.type == "cuda")
+
+    def _optimise_owned_model(self, cuda_graph: bool | None) -> None:
+        """Inference-only speed-ups for a model this object owns: BN folded, fp16 and channels_last on CUDA,
+        and (by default on CUDA) each input shape's forward pass captured once as a CUDA graph."""
+        fuse_conv_bn(self.model)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+            if self.half:
+                self.model.half()
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph and self.device.type == "cuda")
+        self._graphs: dict[tuple, CudaGraphForward] = {}
 
     def preprocess(self, images: list[np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
         """BGR images -> uint8 batch [B,3,H,W] (RGB) and metas [B,6] (rx, ry, pad_x, pad_y, w0, h0)."""
@@ -99,9 +116,19 @@ class YOLO:
         """Raw head outputs for a uint8 (0..255) or float (0..1) batch."""
         x = batch.to(self.device, non_blocking=True)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.half else nullcontext()
-        with autocast:
+        if not self.owns_model:      # a model lent by the trainer: leave it as it is, use autocast
+            autocast = torch.autocast("cuda", dtype=torch.float16) if self.half else nullcontext()
+            with autocast:
+                return self.model(x)
+        x = x.to(next(self.model.parameters()).dtype)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        if not self.cuda_graph:
             return self.model(x)
+        key = tuple(x.shape)
+        if key not in self._graphs:
+            self._graphs[key] = CudaGraphForward(self.model, x)
+        return self._graphs[key](x)
 
     @torch.no_grad()
     def postprocess(self, outputs: list[torch.Tensor], metas: np.ndarray) -> list[np.ndarray]:

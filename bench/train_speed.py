@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
 from nets.yolo_training import load_hyp  # noqa: E402
 from utils.data_setup import TrainData, resolved_hyp  # noqa: E402
-from utils.torch_utils import select_device  # noqa: E402
+from utils.torch_utils import distributed_env, init_distributed, select_device  # noqa: E402
 from utils.trainer import Trainer  # noqa: E402
 
 
@@ -57,13 +57,17 @@ def main(argv: list[str] | None = None) -> dict:
     bench_args, argv = own.parse_known_args(argv)
     steps, warmup = bench_args.steps, bench_args.warmup
     args, _ = train.resolve(train.parse_args(argv + ["--eval-period", "1000"]))
+    rank, local_rank, world = distributed_env()
     device = select_device(args.device)
+    if world > 1 and device.type == "cuda":
+        device = select_device(f"cuda:{local_rank}")
+    init_distributed(device)
     args.amp = device.type == "cuda" if args.amp is None else args.amp
     hyp = resolved_hyp(load_hyp(args.model, args.hyp), args)
     args.lr = hyp["lr0"]
-    data = TrainData(args, hyp, device, progress=False)
-    trainer = Trainer(args, data, Path("/tmp/train_speed"), None, 0, 1)
-    model = trainer.model.train()
+    data = TrainData(args, hyp, device, rank, world, progress=False)
+    trainer = Trainer(args, data, Path("/tmp/train_speed"), None, rank, world)
+    model = trainer._wrapped().train()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     stream = batches_forever(data)
     first = time.perf_counter()
@@ -81,13 +85,15 @@ def main(argv: list[str] | None = None) -> dict:
         seen += len(images)
     sync()
     elapsed = time.perf_counter() - start
-    result = {"model": args.model, "attention": args.phi, "img": args.img, "batch": args.batch,
+    # every rank ran the same number of steps on its share of the global batch
+    result = {"model": args.model, "attention": args.phi, "img": args.img, "batch": args.batch, "gpus": world,
               "augment": "gpu" if data.on_gpu else f"cpu x{args.workers}", "amp": str(trainer.amp),
-              "warmup_s": warmup_s, "img_per_s": seen / elapsed, "ms_per_step": elapsed / steps * 1000,
+              "warmup_s": warmup_s, "img_per_s": seen * world / elapsed, "ms_per_step": elapsed / steps * 1000,
               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0}
     if bench_args.profile:
         profile_steps(trainer, model, stream, device)
-    print("train_speed " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    if rank == 0:
+            print("train_speed " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return result
 
 

@@ -223,19 +223,19 @@ class PolarizedSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
+        # projections run in the network's precision; softmax and products in float32
+        value = self.ch_value(x).flatten(2).float()                                 # b,c/2,hw
+        query = self.ch_query(x).flatten(2).float()                                 # b,1,hw
+        sp_query = self.sp_query(x).mean((2, 3)).unsqueeze(1).float()               # b,1,c/2
+        sp_value = self.sp_value(x).flatten(2).float()                              # b,c/2,hw
         with _no_autocast(x):
-            xf = x.float()
-            # channel-only branch: b,c/2,hw @ softmax_hw(b,hw,1) -> b,c/2,1,1 -> b,c,1,1
-            value = self.ch_value(xf).flatten(2)
-            query = torch.softmax(self.ch_query(xf).flatten(2), dim=-1)
-            context = torch.bmm(value, query.transpose(1, 2)).unsqueeze(-1)
-            channel_gate = torch.sigmoid(self.ch_up(context))
-            # spatial-only branch: avg(query) b,1,c/2 @ value b,c/2,hw -> softmax_hw -> b,1,h,w
-            sp_query = self.sp_query(xf).mean((2, 3)).unsqueeze(1)
-            sp_value = self.sp_value(xf).flatten(2)
+            # channel-only branch: b,c/2,hw @ softmax_hw(b,hw,1) -> b,c/2,1,1
+            context = torch.bmm(value, torch.softmax(query, dim=-1).transpose(1, 2)).unsqueeze(-1)
+            # spatial-only branch: b,1,c/2 @ b,c/2,hw -> softmax over hw -> b,1,h,w
             spatial = torch.softmax(torch.bmm(sp_query, sp_value), dim=-1).reshape(b, 1, h, w)
-            spatial_gate = torch.sigmoid(spatial)
-        return x * channel_gate.to(x.dtype) + x * spatial_gate.to(x.dtype)
+        channel_gate = torch.sigmoid(self.ch_up(context.to(x.dtype)))              # b,c,1,1
+        spatial_gate = torch.sigmoid(spatial).to(x.dtype)
+        return x * channel_gate + x * spatial_gate
 
 
 class GAM(nn.Module):
@@ -273,12 +273,11 @@ class PositionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
+        q = self.query(x).flatten(2).float()                                        # b,c/8,hw
+        k = self.key(x).flatten(2).float()                                          # b,c/8,hw
+        v = self.value(x).flatten(2).float()                                        # b,c,hw
         with _no_autocast(x):
-            xf = x.float()
-            q = self.query(xf).flatten(2)                                   # b,c/8,hw
-            k = self.key(xf).flatten(2)                                     # b,c/8,hw
-            attn = torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1)   # b,hw,hw
-            v = self.value(xf).flatten(2)                                   # b,c,hw
+            attn = torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1)           # b,hw,hw
             out = torch.bmm(v, attn.transpose(1, 2)).reshape(b, c, h, w)
         return self.gamma.to(x.dtype) * out.to(x.dtype) + x
 
@@ -324,9 +323,8 @@ class CrissCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
+        q, k, v = self.query(x).float(), self.key(x).float(), self.value(x).float()
         with _no_autocast(x):
-            xf = x.float()
-            q, k, v = self.query(xf), self.key(xf), self.value(xf)
             # energies along the column (b,h,w,h') and the row (b,h,w,w')
             e_col = torch.einsum("bchw,bcgw->bhwg", q, k)
             # a pixel is on its own row and column: count it once (in the row term)

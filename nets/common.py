@@ -36,3 +36,18 @@ def init_detection_bias(head: nn.Conv2d, num_anchors: int, num_classes: int, str
         bias = head.bias.view(num_anchors, -1)
         bias[:, 4] += math.log(8 / (image_size / stride) ** 2)
         bias[:, 5:] += math.log(0.6 / max(num_classes - 0.99, 0.01))
+
+
+@torch.no_grad()
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """Fold every ConvBNAct's BatchNorm into its conv (inference only: the result no longer trains BN)."""
+    for module in model.modules():
+        if isinstance(module, ConvBNAct) and isinstance(module.bn, nn.BatchNorm2d):
+            conv, bn = module.conv, module.bn
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              conv.dilation, conv.groups, bias=True).to(conv.weight.device, conv.weight.dtype)
+            fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+            fused.bias.copy_(bn.bias - bn.running_mean * scale)
+            module.conv, module.bn = fused, nn.Identity()
+    return model

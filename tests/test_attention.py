@@ -387,3 +387,17 @@ def test_sge_on_a_one_pixel_map_is_finite():
         warnings.simplefilter("ignore", UserWarning)
         out = block(rand(2, 64, 1, 1))
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_blocks_run_with_low_precision_weights(name):
+    """A model converted with .half()/.bfloat16() (fast inference) keeps every block working, output in that dtype."""
+    torch.manual_seed(0)
+    block = build_attention(name, 64).eval().to(torch.bfloat16)
+    for p in block.parameters():
+        if p.numel() == 1:          # gamma of DANet/CCNet: non-zero so the attention path counts
+            p.data.fill_(0.5)
+    x = torch.randn(2, 64, 13, 9).to(torch.bfloat16)
+    with torch.no_grad():
+        out = block(x)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape and torch.isfinite(out.float()).all()

@@ -209,3 +209,22 @@ def test_state_dict_attention_keys(phi, key):
     base = set(body(0).state_dict())
     assert base <= set(sd)
     assert all(k.startswith(("feat1_att.", "feat2_att.", "upsample_att.")) for k in set(sd) - base)
+
+
+@pytest.mark.parametrize("model_name, phi", [("yolov4-tiny", 0), ("yolov4-tiny", "cbam"), ("yolov5n", "ca")])
+def test_fused_batchnorm_gives_the_same_outputs(model_name, phi):
+    from nets.common import ConvBNAct, fuse_conv_bn
+    torch.manual_seed(0)
+    model = build_model(make_config(model_name, phi, ["a", "b"], (96, 96)))
+    with torch.no_grad():
+        for _ in range(2):                      # non-trivial running statistics
+            model(torch.rand(4, 3, 96, 96))
+    model.eval()
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        before = model(x)
+        fuse_conv_bn(model)
+        after = model(x)
+    assert not any(isinstance(m, ConvBNAct) and isinstance(m.bn, torch.nn.BatchNorm2d) for m in model.modules())
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -140,3 +140,26 @@ def test_cli_errors_are_one_line(run, data, tmp_path, capsys):
     assert "unknown attention" in one_line_error(capsys, train.main, ["--data", str(data), "--phi", "foo"])
     assert "--data sample" in one_line_error(capsys, train.main, ["--data", str(tmp_path / "empty")])
     assert "not found" in one_line_error(capsys, get_map.main, ["--weights", str(tmp_path / "none.pt")])
+
+
+def test_torchrun_two_cpu_processes_train_and_resume(data, tmp_path):
+    """DistributedDataParallel over gloo: rank 0 alone writes the run; resume works under torchrun too."""
+    import subprocess
+    import sys
+
+    def torchrun(*argv):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *argv]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    out = torchrun("--data", str(data), "--epochs", "1", "--save-dir", str(tmp_path), "--name", "ddp",
+                   "--img", "64", "--batch", "4", "--workers", "0", "--device", "cpu")
+    assert out.count("done: best mAP50") == 1                      # printed by rank 0 only
+    run = tmp_path / "ddp"
+    assert results_epochs(run) == [1]
+    torchrun("--resume", str(run / "last.pt"), "--epochs", "2", "--device", "cpu", "--workers", "0")
+    assert results_epochs(run) == [1, 2]
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["train_args"]["batch"] == 4
+    assert not any(k.startswith("module.") for k in ckpt["model"])

@@ -54,6 +54,8 @@ class Trainer:
             loaded, total = load_matching(self.model, state_dict_from_file(args.weights))
             print(f"initialised {loaded}/{total} tensors from {args.weights} (matching names and shapes)")
         if args.sync_bn and world > 1:
+            if self.device.type != "cuda":
+                raise ValueError("--sync-bn works across GPU processes only; drop it for CPU training")
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
