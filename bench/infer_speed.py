@@ -62,7 +62,7 @@ def bench_ours(model_name: str, phi, images: list, args, sync) -> list[dict]:
         batch_ms = timed(lambda: yolo.infer(batch_gpu, metas_n), args.repeats, 5, sync)
         rows.append({"model": f"{model_name} phi {phi}", "variant": variant, "b1_model_ms": model_ms,
                      "b1_e2e_ms": e2e_ms, f"b{args.batch}_img_per_s": args.batch / batch_ms * 1000})
-    if args.compile:
+    if args.compile and (model_name, phi) == MODELS[0]:   # compiling takes minutes: the first model only
         yolo = YOLO(path, conf=args.conf, nms_iou=args.iou, half=True, cuda_graph=False)
         start = time.perf_counter()
         yolo.model = torch.compile(yolo.model, mode="max-autotune-no-cudagraphs")
@@ -84,7 +84,9 @@ def bench_peer(yaml_name: str, images: list, args, sync) -> dict:
     from ultralytics import YOLO as UltralyticsYOLO  # noqa: PLC0415
 
     model = UltralyticsYOLO(yaml_name)
-    kw = dict(imgsz=args.img, half=True, device=0, conf=args.conf, iou=args.iou, verbose=False)
+    cuda = torch.cuda.is_available()
+    kw = dict(imgsz=args.img, quantize=16 if cuda else None, device=0 if cuda else "cpu", conf=args.conf, iou=args.iou,
+              verbose=False)
     for _ in range(10):
         model.predict(images[0], **kw)
         model.predict(images[:args.batch], **kw)
@@ -103,18 +105,20 @@ def main() -> None:
     p.add_argument("--conf", type=float, default=0.25)
     p.add_argument("--iou", type=float, default=0.45)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="also try torch.compile (slow to start)")
+    p.add_argument("--compile", action="store_true", help="also try torch.compile on the first model (slow to start)")
     p.add_argument("--peer", nargs="*", default=[], help="ultralytics model yamls to time beside ours")
     p.add_argument("--ours-batch-e2e", action="store_true", help="also time YOLO.predict on a list (CPU letterbox)")
     p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--models", type=int, default=len(MODELS), help="time only the first N models of the list")
     args = p.parse_args()
     paths = sorted(Path(args.images).glob("*.jpg"))[:max(args.batch, 1)]
     images = [cv2.imread(str(x)) for x in paths]
-    sync = torch.cuda.synchronize
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {len(images)} images "
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"device {name}, torch {torch.__version__}, {len(images)} images "
           f"{images[0].shape[1]}x{images[0].shape[0]}, input {args.img}")
     rows = []
-    for model_name, phi in MODELS:
+    for model_name, phi in MODELS[:args.models]:
         rows += bench_ours(model_name, phi, images, args, sync)
         if args.ours_batch_e2e:
             yolo = YOLO(Path(f"/tmp/infer_{model_name}_{phi}.pt"), conf=args.conf, nms_iou=args.iou, half=True)
