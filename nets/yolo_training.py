@@ -23,6 +23,7 @@ from utils.boxes import (CellCache, Cells, box_iou_batched, cxcywh_to_xyxy, deco
 
 HYP_FILES = {"yolov4-tiny": "hyp.yolov4-tiny.yaml", "yolov5": "hyp.scratch-low.yaml"}
 # neighbour cells YOLOv5 also assigns: centre, left, up, right, down
+MIN_BOX_CELLS = 1e-3
 # bound on the (targets x predictions) IoU block of the ignore mask, to cap its memory
 IGNORE_CHUNK_ELEMENTS = 2**24
 NEIGHBOUR_OFFSETS = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], dtype=torch.float32)
@@ -99,7 +100,10 @@ class YoloLoss:
         # index_select on the flat view: its backward is a plain index_add (no sort, unlike advanced indexing)
         ps = preds.view(-1, preds.shape[2]).index_select(0, b * preds.shape[1] + slot)   # K,5+C
         anchor_grid = cells.anchors[slot] / cells.stride[slot]
-        pbox = torch.cat([decode_xy(ps[:, :2], self.head), decode_wh(ps[:, 2:4], anchor_grid, self.head)], 1)
+        # a box narrower than float32 can resolve after centre +- half size has x2 == x1, and CIoU's w / h
+        # then has a 0/0 gradient: sizes are kept above MIN_BOX_CELLS (cell units)
+        pwh = decode_wh(ps[:, 2:4], anchor_grid, self.head).clamp(min=MIN_BOX_CELLS)
+        pbox = torch.cat([decode_xy(ps[:, :2], self.head), pwh], 1)
         box_loss = complete_box_iou_loss(cxcywh_to_xyxy(pbox), cxcywh_to_xyxy(tbox), reduction="none")
         positives = torch.zeros(levels, device=device).index_add_(0, lvl, weight)   # L
         lbox = (torch.zeros(levels, device=device).index_add_(0, lvl, box_loss * weight)

@@ -340,3 +340,16 @@ def test_flattened_loss_equals_a_per_level_reference():
         from torchvision.ops import complete_box_iou_loss
         box_terms.append(complete_box_iou_loss(cxcywh_to_xyxy(torch.cat([xy, wh], 1)), cxcywh_to_xyxy(tbox)).mean())
     assert parts["box"].item() == pytest.approx(sum(box_terms).item() * crit.box_gain, rel=1e-5)
+
+
+def test_vanishing_predicted_boxes_keep_gradients_finite():
+    """YOLOv5 sizes (2 sigmoid)^2 can underflow to boxes whose x2 == x1; CIoU must not turn that into NaN."""
+    crit = YoloLoss(make_config("yolov5n", 0, ["a", "b"], (128, 128)), load_hyp("yolov5n"))
+    g = torch.Generator().manual_seed(0)
+    outputs = [torch.randn(2, 21, 128 // s, 128 // s, generator=g) for s in (32, 16, 8)]
+    for o in outputs:
+        o.view(2, 3, 7, *o.shape[2:])[:, :, 2:4] = -30.0          # sigmoid ~ 1e-13: zero-size boxes
+        o.requires_grad_(True)
+    loss, _ = crit(outputs, TARGETS_128[:, :6].clamp(max=1))
+    grads = torch.autograd.grad(loss, outputs)
+    assert torch.isfinite(loss) and all(torch.isfinite(gr).all() for gr in grads)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -128,8 +129,12 @@ class Trainer:
                     warmup(self.optimizer, step, warmup_steps, self.lf(epoch), self.hyp, sgd)
                 loss, parts = self._step(model, images, targets, last=(i + 1) % self.accumulate == 0 or i + 1 == nb)
                 totals += torch.stack([loss.detach() / len(images), parts["box"], parts["obj"], parts["cls"]])
-                if self.main and (i % 10 == 0 or i + 1 == nb):   # reading the loss back syncs: not every step
-                    bar.set_postfix(loss=f"{totals[0].item() / (i + 1):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                if i % 10 == 0 or i + 1 == nb:   # reading the loss back syncs: not every step
+                    running = totals[0].item() / (i + 1)
+                    if not math.isfinite(running):
+                        raise ValueError(f"training diverged (loss {running}) in epoch {epoch + 1}; last.pt keeps "
+                                         "the previous epoch: resume with a lower --lr or check the labels")
+                    bar.set_postfix(loss=f"{running:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
             losses = (totals / nb).tolist()
