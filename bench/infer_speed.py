@@ -65,7 +65,7 @@ def bench_ours(model_name: str, phi, images: list, args, sync) -> list[dict]:
     if args.compile and (model_name, phi) == MODELS[0]:   # compiling takes minutes: the first model only
         yolo = YOLO(path, conf=args.conf, nms_iou=args.iou, half=True, cuda_graph=False)
         start = time.perf_counter()
-        yolo.model = torch.compile(yolo.model, mode="max-autotune-no-cudagraphs")
+        yolo.model = torch.compile(yolo.model)
         one, _ = yolo.preprocess(images[:1])
         one_gpu = one.to(yolo.device)
         for _ in range(3):
