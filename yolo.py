@@ -5,7 +5,10 @@ predict.py, get_map.py, the evaluation during training, fps and heatmap modes al
 from __future__ import annotations
 
 from contextlib import nullcontext
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -24,6 +27,11 @@ from utils.plots import draw_detections
 from utils.torch_utils import CudaGraphForward, select_device
 
 ImageLike = str | Path | np.ndarray | Image.Image
+
+
+@lru_cache(maxsize=1)
+def _preprocess_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
 
 def to_bgr(image: ImageLike) -> np.ndarray:
@@ -97,19 +105,29 @@ class YOLO:
         self._graphs: dict[tuple, CudaGraphForward] = {}
 
     def preprocess(self, images: list[np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
-        """BGR images -> uint8 batch [B,3,H,W] (RGB) and metas [B,6] (rx, ry, pad_x, pad_y, w0, h0)."""
+        """BGR images -> uint8 batch [B,3,H,W] (RGB) and metas [B,6] (rx, ry, pad_x, pad_y, w0, h0).
+
+        Images of a batch are resized on a thread pool (OpenCV releases the GIL).
+        """
         batch = np.empty((len(images), self.input_shape[0], self.input_shape[1], 3), dtype=np.uint8)
         metas = np.empty((len(images), 6), dtype=np.float64)
-        for i, image in enumerate(images):
+
+        def fit(i: int) -> None:
+            image = images[i]
             h0, w0 = image.shape[:2]
             if self.letterbox:
-                batch[i], r, (px, py) = letterbox(image, self.input_shape)
+                padded, r, (px, py) = letterbox(image, self.input_shape)
                 metas[i] = (r, r, px, py, w0, h0)
             else:
-                batch[i] = cv2.resize(image, (self.input_shape[1], self.input_shape[0]), interpolation=cv2.INTER_LINEAR)
+                padded = cv2.resize(image, (self.input_shape[1], self.input_shape[0]), interpolation=cv2.INTER_LINEAR)
                 metas[i] = (self.input_shape[1] / w0, self.input_shape[0] / h0, 0, 0, w0, h0)
-        tensor = torch.from_numpy(batch[..., ::-1].copy()).permute(0, 3, 1, 2)
-        return tensor, metas
+            cv2.cvtColor(padded, cv2.COLOR_BGR2RGB, dst=batch[i])
+
+        if len(images) == 1:
+            fit(0)
+        else:
+            list(_preprocess_pool().map(fit, range(len(images))))
+        return torch.from_numpy(batch).permute(0, 3, 1, 2), metas
 
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     own.add_argument("--steps", type=int, default=60, help="timed training steps")
     own.add_argument("--warmup", type=int, default=15, help="untimed steps first (cudnn autotuning, caches)")
     own.add_argument("--profile", action="store_true", help="also print where a few steps spend CPU and GPU time")
+    own.add_argument("--no-cudnn-benchmark", action="store_true", help="cuDNN heuristics instead of autotuning")
     bench_args, argv = own.parse_known_args(argv)
     steps, warmup = bench_args.steps, bench_args.warmup
     args, _ = train.resolve(train.parse_args(argv + ["--eval-period", "1000"]))
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.lr = hyp["lr0"]
     data = TrainData(args, hyp, device, rank, world, progress=False)
     trainer = Trainer(args, data, Path("/tmp/train_speed"), None, rank, world)
+    if bench_args.no_cudnn_benchmark:
+        torch.backends.cudnn.benchmark = False
     model = trainer._wrapped().train()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     stream = batches_forever(data)
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = time.perf_counter() - start
     # every rank ran the same number of steps on its share of the global batch
     result = {"model": args.model, "attention": args.phi, "img": args.img, "batch": args.batch, "gpus": world,
+              "cudnn_benchmark": torch.backends.cudnn.benchmark,
               "augment": "gpu" if data.on_gpu else f"cpu x{args.workers}", "amp": str(trainer.amp),
               "warmup_s": warmup_s, "img_per_s": seen * world / elapsed, "ms_per_step": elapsed / steps * 1000,
               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0}
