@@ -46,8 +46,9 @@ class Trainer:
         self.device = data.device
         self.main = is_main_process()
         seed_everything(args.seed + rank)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        # cuDNN autotuning (benchmark mode) cost ~5 s of start-up per run here and gained nothing in steady
+        # state (bench/RESULTS.md), so the heuristics are kept
+        torch.backends.cudnn.benchmark = False
         self.config = resume_ckpt["config"] if resume_ckpt else make_config(
             args.model, args.phi, data.class_names, (args.img, args.img), head=args.head)
         self.model = build_model(self.config).to(self.device)
