@@ -27,8 +27,11 @@ from utils.trainer import Trainer  # noqa: E402
 
 
 def batches_forever(data: TrainData):
+    """Full batches only: a small dataset's short last batch would skew images per second."""
     for epoch in itertools.count():
-        yield from data.batches(epoch, mosaic=True)
+        for images, targets in data.batches(epoch, mosaic=True):
+            if len(images) == data.batch_size:
+                yield images, targets
 
 
 def profile_steps(trainer: Trainer, model, stream, device: torch.device, steps: int = 5) -> None:
