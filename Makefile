@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 DEMO := logs/demo
-DEMO_ARGS ?= --epochs 30 --img 224 --batch 16 --nbs 16 --workers 2 --cache ram
+DEMO_ARGS ?= --epochs 50 --img 160 --batch 16 --nbs 16 --optimizer adam --workers 2 --cache ram
 
 .PHONY: demo test venv clean-demo
 

@@ -261,8 +261,8 @@ class GAM(nn.Module):
         return x * torch.sigmoid(self.spatial(x))
 
 
-class PositionAttention(nn.Module):
-    """DANet position attention module: every pixel attends to every pixel; gamma starts at 0."""
+class _SelfAttention(nn.Module):
+    """Query and key 1x1 convs to C/8, value conv to C, and a residual gain gamma starting at 0 (DANet, CCNet)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -270,6 +270,10 @@ class PositionAttention(nn.Module):
         self.key = nn.Conv2d(channels, max(1, channels // 8), 1)
         self.value = nn.Conv2d(channels, channels, 1)
         self.gamma = nn.Parameter(torch.zeros(1))
+
+
+class PositionAttention(_SelfAttention):
+    """DANet position attention module: every pixel attends to every pixel; gamma starts at 0."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -311,15 +315,8 @@ class DANet(nn.Module):
         return self.position(x) + self.channel(x)
 
 
-class CrissCrossAttention(nn.Module):
+class CrissCrossAttention(_SelfAttention):
     """Criss-cross attention (Huang et al., 2019): each pixel attends to its row and column; gamma starts at 0."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.query = nn.Conv2d(channels, max(1, channels // 8), 1)
-        self.key = nn.Conv2d(channels, max(1, channels // 8), 1)
-        self.value = nn.Conv2d(channels, channels, 1)
-        self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

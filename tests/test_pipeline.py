@@ -163,3 +163,19 @@ def test_torchrun_two_cpu_processes_train_and_resume(data, tmp_path):
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["train_args"]["batch"] == 4
     assert not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def test_weights_initialise_matching_tensors_and_freeze_keeps_the_backbone(run, data, tmp_path, capsys):
+    """--weights copies every tensor whose name and shape match (phi 0 from a CA run); --freeze-epochs
+    keeps the backbone's weights as loaded while the rest trains."""
+    out = train.main(["--data", str(data), "--epochs", "1", "--save-dir", str(tmp_path), "--name", "w",
+                      "--weights", str(run / "best.pt"), "--freeze-epochs", "1",
+                      *[a for a in TRAIN_ARGS if a not in ("--phi", "ca")], "--phi", "0"])
+    source = torch.load(run / "best.pt", map_location="cpu", weights_only=True)["model"]
+    trained = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["raw_model"]
+    printed = capsys.readouterr().out
+    assert f"initialised {len(trained)}/{len(trained)} tensors" in printed    # everything but the CA blocks
+    assert torch.equal(trained["backbone.conv1.conv.weight"], source["backbone.conv1.conv.weight"])
+    assert torch.equal(trained["backbone.resblock_body3.conv4.conv.weight"],
+                       source["backbone.resblock_body3.conv4.conv.weight"])
+    assert not torch.equal(trained["yolo_headP5.1.weight"], source["yolo_headP5.1.weight"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from utils import sample_data
-from utils.sample_data import SAMPLE_CLASSES, ensure_sample_dataset, make_sample_dataset, render_sample
+from utils.sample_data import MAX_OBJECTS, SAMPLE_CLASSES, ensure_sample_dataset, make_sample_dataset, render_sample
 
 SMALL = dict(n_train=5, n_val=2, n_test=2, size=(64, 64), seed=0)
 
@@ -125,9 +125,9 @@ def test_statistics_cover_the_spec():
         classes += labels.tolist()
         sizes += (np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / 64).tolist()
     counts = np.array(counts)
-    assert counts.max() <= 5 and 0 < (counts == 0).sum() < 30 and (counts >= 3).sum() > 30
+    assert counts.max() <= MAX_OBJECTS and 0 < (counts == 0).sum() < 30 and (counts >= 3).sum() > 60
     assert np.bincount(classes, minlength=len(SAMPLE_CLASSES)).min() > 40
-    assert min(sizes) < 0.15 and max(sizes) > 0.35 and max(sizes) <= 0.5
+    assert min(sizes) < 0.15 and max(sizes) > 0.3 and max(sizes) <= 0.45
 
 
 def test_ensure_generates_once_and_regenerates_on_change(tmp_path, monkeypatch):

@@ -16,12 +16,14 @@ import cv2
 import numpy as np
 
 SAMPLE_CLASSES = ["circle", "square", "triangle", "star"]
-GENERATOR_VERSION = 1  # bump whenever the pictures change, so old copies get regenerated
+GENERATOR_VERSION = 3  # bump whenever the pictures change, so old copies get regenerated
 MARKER = ".generated"
 DEFAULT_ROOT = "VOCdevkit/sample"
 DEFAULTS = dict(n_train=240, n_val=60, n_test=60, size=(320, 320), seed=0, vary_width=0.15)
 
-_SIZE_RANGE = (0.08, 0.45)  # object extent as a fraction of the shorter image side
+# several objects per image give a small detector enough positives to learn from in a CPU demo
+MIN_OBJECTS, MAX_OBJECTS = 2, 8
+_SIZE_RANGE = (0.12, 0.4)  # object extent as a fraction of the shorter image side
 _MAX_BOX_IOU = 0.3          # placements overlapping an earlier box more than this are rejected
 _MAX_HIDDEN = 0.2           # ... as are placements covering more than this of an earlier shape
 _SHIFT = 4                  # cv2 sub-pixel bits for polygon vertices
@@ -170,7 +172,7 @@ def render_sample(index: int, size: tuple[int, int] = DEFAULTS["size"], seed: in
     hw = _image_size(index, size, seed, vary_width)
     rng = np.random.default_rng([seed, index])
     img = _background(hw, rng)
-    n = 0 if rng.random() < 0.05 else int(rng.integers(1, 6))
+    n = 0 if rng.random() < 0.05 else int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
     masks: list[np.ndarray] = []
     boxes: list[np.ndarray] = []
     labels: list[int] = []

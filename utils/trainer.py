@@ -73,6 +73,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.start_epoch, self.best_fitness = 0, -1.0
         self.writer = CheckpointWriter()
+        self._eval_yolo: YOLO | None = None
         if resume_ckpt:
             self._restore(resume_ckpt)
         self.evaluator = Evaluator(data.val_records, data.class_names, batch_size=max(data.batch_size, 8),
@@ -106,7 +107,8 @@ class Trainer:
     def run(self) -> dict:
         """Train; returns the final metrics."""
         args, nb = self.args, self.data.batches_per_epoch
-        warmup_steps = max(round(self.hyp["warmup_epochs"] * nb), 100) if self.start_epoch == 0 else -1
+        # counted from the run's first step, so a run resumed inside the warm-up finishes it
+        warmup_steps = max(round(self.hyp["warmup_epochs"] * nb), 100)
         sgd = args.optimizer == "sgd"
         metrics = {}
         frozen = None
@@ -173,9 +175,11 @@ class Trainer:
         args, number = self.args, epoch + 1
         metrics = {"map50": float("nan"), "map50_95": float("nan")}
         if number % args.eval_period == 0 or number == args.epochs:
-            eval_model = self.ema.ema if self.ema is not None else unwrap(self.model)
-            yolo = YOLO.from_model(eval_model, self.config, self.device, conf=EVAL_CONF, nms_iou=EVAL_NMS_IOU)
-            metrics = self.evaluator.quick(yolo)
+            if self._eval_yolo is None:
+                eval_model = self.ema.ema if self.ema is not None else unwrap(self.model)
+                self._eval_yolo = YOLO.from_model(eval_model, self.config, self.device, conf=EVAL_CONF,
+                                                  nms_iou=EVAL_NMS_IOU)
+            metrics = self.evaluator.quick(self._eval_yolo)
         seconds = time.time() - t0   # training and evaluation; saving follows
         fitness = metrics["map50"]
         improved = fitness == fitness and fitness > self.best_fitness
