@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> Path:
     metrics = trainer.run()
     if is_main_process():
         best = f"{trainer.best_fitness:.4f}" if trainer.best_fitness >= 0 else "n/a"
-        print(f"done: best mAP50 {best}; weights in {out}/best.pt and last.pt, curves in {out}/")
+        last = metrics.get("map50", float("nan"))
+        print(f"done: best mAP50 {best} (last epoch {last:.4f}); weights in {out}/best.pt and last.pt, "
+              f"curves in {out}/")
     return out
 
 
