@@ -170,7 +170,8 @@ class YoloLoss:
             gxy = targets[:, 2:4] * scale                                           # M,2 grid units
             gwh = targets[:, 4:6] * scale
             if self.head == "yolov5":
-                local_anchors = anchors[mask[0]:mask[-1] + 1] / stride if _contiguous(mask) else anchors[mask] / stride
+                level_anchors = self._const(("level", tuple(mask), device), lambda: anchors[mask])
+                local_anchors = level_anchors / stride                               # A,2 grid units
                 ratio = gwh[None] / local_anchors[:, None]                           # A,M,2
                 match = torch.maximum(ratio, 1 / ratio).amax(2) < self.anchor_t      # A,M
                 offsets = self._const(("offsets", device), lambda: NEIGHBOUR_OFFSETS.to(device) * 0.5)
@@ -223,6 +224,3 @@ class YoloLoss:
                 best.scatter_reduce_(0, img[s:s + chunk, None].expand_as(iou), iou, "amax")
             return ((best <= self.ignore_thresh) | (tobj > 0)).float()
 
-
-def _contiguous(mask: list[int]) -> bool:
-    return list(mask) == list(range(mask[0], mask[0] + len(mask)))

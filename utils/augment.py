@@ -47,14 +47,20 @@ def fit_scale(height: int, width: int, input_shape: tuple[int, int]) -> float:
     return min(input_shape[0] / height, input_shape[1] / width)
 
 
+def fitted_size(height: int, width: int, input_shape: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of an image once resized to fit the input: the one rounding rule of load_resized."""
+    r = fit_scale(height, width, input_shape)
+    return max(1, round(height * r)), max(1, round(width * r))
+
+
 def load_resized(image: np.ndarray, input_shape: tuple[int, int]) -> np.ndarray:
     """Resize a decoded image so it fits the input, keeping its aspect ratio (the cached form)."""
     h, w = image.shape[:2]
     r = fit_scale(h, w, input_shape)
     if r == 1:
         return image
-    size = (max(1, round(w * r)), max(1, round(h * r)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR)
+    new_h, new_w = fitted_size(h, w, input_shape)
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR)
 
 
 def letterbox(image: np.ndarray, input_shape: tuple[int, int]) -> tuple[np.ndarray, float, tuple[float, float]]:

@@ -16,17 +16,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from utils.augment import fit_scale, hsv_cpu, load_resized, plan_targets, render_cpu, sample_plans
+from utils.augment import fitted_size, hsv_cpu, load_resized, plan_targets, render_cpu, sample_plans
 from utils.dataset import ImageReadError, Record, load_image
 
 
 def loaded_sizes(records: list[Record], input_shape: tuple[int, int]) -> np.ndarray:
     """[N,2] (h, w) of each image once resized to fit the input (what load_resized produces)."""
-    sizes = np.empty((len(records), 2), dtype=np.int64)
-    for i, r in enumerate(records):
-        s = fit_scale(r.height, r.width, input_shape)
-        sizes[i] = (max(1, round(r.height * s)), max(1, round(r.width * s))) if s != 1 else (r.height, r.width)
-    return sizes
+    return np.array([fitted_size(r.height, r.width, input_shape) for r in records], dtype=np.int64).reshape(-1, 2)
 
 
 def padded_boxes(records: list[Record], sizes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
