@@ -21,13 +21,13 @@ from utils.torch_utils import distributed_env, init_distributed, is_main_process
 from utils.trainer import Trainer
 
 # flags a resumed run may change; everything else comes from the checkpoint
-RESUME_OVERRIDES = ("epochs", "device", "workers")
+RESUME_OVERRIDES = ("epochs", "device", "workers", "cuda_graph")
 DEFAULTS = dict(model="yolov4-tiny", phi="0", data=DEFAULT_DATA, classes=None, train_split="train",
                 val_split="val", img=416, epochs=100, batch=16, device=None, workers=4, weights=None,
                 freeze_epochs=0, optimizer="sgd", lr=None, lr_schedule="cos", label_smoothing=None,
                 mosaic=None, mixup=None, special_aug_ratio=0.7, amp=None, ema=True, eval_period=1,
                 save_period=0, save_dir="logs", name=None, seed=0, cache="none", augment="auto",
-                sync_bn=False, hyp=None, resume=None, nbs=64, exist_ok=False, head=None)
+                sync_bn=False, cuda_graph=True, hyp=None, resume=None, nbs=64, exist_ok=False, head=None)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--augment", choices=("auto", "cpu", "gpu"),
                    help="where augmentation runs; auto = gpu when on CUDA with --cache, else cpu workers")
     p.add_argument("--sync-bn", action="store_true", default=None, help="synchronised BatchNorm across GPUs")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
+                   help="replay each training step as one CUDA graph where possible (default on; needs GPU "
+                        "augmentation, bf16 or fp32, --batch >= --nbs)")
     p.add_argument("--hyp", help="hyperparameter YAML (default model_data/hyp.<family>.yaml)")
     p.add_argument("--head", choices=("yolov4", "yolov5"),
                    help="box decoding and target assignment: yolov4 (best anchor in the centre cell, exp sizes) or "

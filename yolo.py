@@ -153,9 +153,10 @@ class YOLO:
         """Raw outputs -> per image [N,6] (x1, y1, x2, y2, score, class) in original pixels."""
         pred = decode_outputs(outputs, self.cells(outputs), self.head)
         dets = non_max_suppression(pred, self.conf, self.nms_iou, self.max_det, self.multi_label)
+        # one copy to the host for the whole batch
+        flat = torch.cat(dets).float().cpu().numpy() if dets else np.zeros((0, 6), np.float32)
         results = []
-        for det, (rx, ry, px, py, w0, h0) in zip(dets, metas):
-            det = det.float().cpu().numpy()
+        for det, (rx, ry, px, py, w0, h0) in zip(np.split(flat, np.cumsum([len(d) for d in dets])[:-1]), metas):
             det[:, [0, 2]] = ((det[:, [0, 2]] - px) / rx).clip(0, w0)
             det[:, [1, 3]] = ((det[:, [1, 3]] - py) / ry).clip(0, h0)
             results.append(det)

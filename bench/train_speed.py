@@ -34,7 +34,7 @@ def batches_forever(data: TrainData):
                 yield images, targets
 
 
-def profile_steps(trainer: Trainer, model, stream, device: torch.device, steps: int = 5) -> None:
+def profile_steps(step, stream, device: torch.device, steps: int = 5) -> None:
     """torch.profiler over a few steps, split into augmentation, forward+loss, backward and optimiser."""
     from torch.profiler import ProfilerActivity, profile, record_function  # noqa: PLC0415
 
@@ -46,10 +46,10 @@ def profile_steps(trainer: Trainer, model, stream, device: torch.device, steps: 
             with record_function("augment"):
                 images, targets = next(stream)
             with record_function("train_step"):
-                trainer._step(model, images, targets, last=True)
+                step(images, targets)
         sync()
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=40))
+    print(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=60))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -73,13 +73,14 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = Trainer(args, data, Path("/tmp/train_speed"), None, rank, world)
     if bench_args.no_cudnn_benchmark:
         torch.backends.cudnn.benchmark = False
-    model = trainer._wrapped().train()
+    step = trainer.step_runner()
+    trainer.model.train()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     stream = batches_forever(data)
     first = time.perf_counter()
     for _ in range(warmup):
         images, targets = next(stream)
-        trainer._step(model, images, targets, last=True)
+        step(images, targets)
     sync()
     warmup_s = time.perf_counter() - first
     if device.type == "cuda":
@@ -87,18 +88,18 @@ def main(argv: list[str] | None = None) -> dict:
     seen, start = 0, time.perf_counter()
     for _ in range(steps):
         images, targets = next(stream)
-        trainer._step(model, images, targets, last=True)
+        step(images, targets)
         seen += len(images)
     sync()
     elapsed = time.perf_counter() - start
     # every rank ran the same number of steps on its share of the global batch
     result = {"model": args.model, "attention": args.phi, "img": args.img, "batch": args.batch, "gpus": world,
-              "cudnn_benchmark": torch.backends.cudnn.benchmark,
+              "cudnn_benchmark": torch.backends.cudnn.benchmark, "cuda_graphs": step.captured,
               "augment": "gpu" if data.on_gpu else f"cpu x{args.workers}", "amp": str(trainer.amp),
               "warmup_s": warmup_s, "img_per_s": seen * world / elapsed, "ms_per_step": elapsed / steps * 1000,
               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0}
     if bench_args.profile:
-        profile_steps(trainer, model, stream, device)
+        profile_steps(step, stream, device)
     if rank == 0:
             print("train_speed " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return result

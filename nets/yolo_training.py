@@ -5,7 +5,7 @@ in the cell holding its centre; objectness target 1, with the predictions that a
 overlap a box by more than `ignore_thresh` left out of the objectness loss.
 YOLOv5: a box goes to every anchor whose width/height ratio is within `anchor_t`, in its cell
 and the two nearest neighbouring cells; objectness target = the detached IoU.
-Both: CIoU box loss (torchvision.ops), BCE objectness and classes, label smoothing,
+Both: CIoU box loss, BCE objectness and classes, label smoothing,
 per-level balance, gains scaled by levels, classes and image size.
 """
 from __future__ import annotations
@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from torchvision.ops import complete_box_iou_loss
 
 from nets.yolo import MODEL_DATA, head_style, model_family
-from utils.boxes import (CellCache, Cells, box_iou_batched, cxcywh_to_xyxy, decode_boxes, decode_wh, decode_xy,
-                         flatten_levels)
+from utils.boxes import (CellCache, Cells, box_iou_batched, ciou_loss, cxcywh_to_xyxy, decode_boxes, decode_wh,
+                         decode_xy, flatten_levels)
 
 HYP_FILES = {"yolov4-tiny": "hyp.yolov4-tiny.yaml", "yolov5": "hyp.scratch-low.yaml"}
 # neighbour cells YOLOv5 also assigns: centre, left, up, right, down
@@ -104,7 +103,7 @@ class YoloLoss:
         # then has a 0/0 gradient: sizes are kept above MIN_BOX_CELLS (cell units)
         pwh = decode_wh(ps[:, 2:4], anchor_grid, self.head).clamp(min=MIN_BOX_CELLS)
         pbox = torch.cat([decode_xy(ps[:, :2], self.head), pwh], 1)
-        box_loss = complete_box_iou_loss(cxcywh_to_xyxy(pbox), cxcywh_to_xyxy(tbox), reduction="none")
+        box_loss = ciou_loss(pbox, tbox)
         positives = torch.zeros(levels, device=device).index_add_(0, lvl, weight)   # L
         lbox = (torch.zeros(levels, device=device).index_add_(0, lvl, box_loss * weight)
                 / positives.clamp(min=1)).sum()

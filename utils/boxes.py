@@ -5,6 +5,7 @@ Both the loss (nets/yolo_training.py) and inference (yolo.py) decode through
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -118,35 +119,57 @@ def box_iou_batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area_a[..., None] + area_b[..., None, :] - inter + 1e-9)
 
 
+def ciou_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """1 - CIoU of boxes (cx, cy, w, h) [K, 4] x [K, 4] -> [K] (Zheng et al., AAAI 2020).
+
+    CIoU = IoU - centre distance^2 / enclosing diagonal^2 - alpha * v, with v the aspect-ratio
+    term 4/pi^2 (atan(w_b/h_b) - atan(w_a/h_a))^2 and alpha = v / (1 - IoU + v), not differentiated.
+    Plain arithmetic, no masks: nothing waits for the GPU, so it can run inside a captured graph.
+    """
+    (acx, acy, aw, ah), (bcx, bcy, bw, bh) = a.unbind(-1), b.unbind(-1)
+    ax1, ax2, ay1, ay2 = acx - aw / 2, acx + aw / 2, acy - ah / 2, acy + ah / 2
+    bx1, bx2, by1, by2 = bcx - bw / 2, bcx + bw / 2, bcy - bh / 2, bcy + bh / 2
+    inter = ((torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp(min=0)
+             * (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp(min=0))
+    # widths from the corners, as the corners define the boxes the IoU sees
+    aw, ah, bw, bh = ax2 - ax1, ay2 - ay1, bx2 - bx1, by2 - by1
+    iou = inter / (aw * ah + bw * bh - inter + eps)
+    diagonal = ((torch.maximum(ax2, bx2) - torch.minimum(ax1, bx1)) ** 2
+                + (torch.maximum(ay2, by2) - torch.minimum(ay1, by1)) ** 2 + eps)
+    centres = (acx - bcx) ** 2 + (acy - bcy) ** 2
+    v = (4 / math.pi ** 2) * (torch.atan(bw / (bh + eps)) - torch.atan(aw / (ah + eps))) ** 2
+    with torch.no_grad():
+        alpha = v / (1 - iou + v + eps)
+    return 1 - iou + centres / diagonal + alpha * v
+
+
 def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres: float = 0.45,
                         max_det: int = 300, multi_label: bool = False,
                         max_candidates: int = 10000) -> list[torch.Tensor]:
     """Decoded [B, N, 5+C] -> per image [n, 6] (x1, y1, x2, y2, score, class), score = obj * class prob.
 
-    One torchvision batched_nms call covers the whole batch (image index folded into the
-    category). `multi_label` keeps every class above threshold per box, as COCO-style
-    evaluation expects; otherwise only each box's best class.
+    Per image, its candidates above `conf_thres` (at most `max_candidates`, best first) go through
+    one torchvision batched_nms call, classes kept apart. Reading the candidate counts is the one
+    wait for the GPU before NMS; the candidates are a prefix of each image's sorted scores.
+    `multi_label` keeps every class above threshold per box, as COCO-style evaluation expects;
+    otherwise only each box's best class.
     """
-    batch, _, num_out = pred.shape
     scores = pred[..., 5:] * pred[..., 4:5]                     # B,N,C
     boxes = cxcywh_to_xyxy(pred[..., :4])                       # B,N,4
     if multi_label:
         flat = scores.flatten(1)                                # B,N*C
-        k = min(max_candidates, flat.shape[1])
-        top, idx = flat.topk(k, dim=1)
+        top, idx = flat.topk(min(max_candidates, flat.shape[1]), dim=1)
         box_idx, cls = idx // scores.shape[2], idx % scores.shape[2]
     else:
         best, best_cls = scores.max(-1)                         # B,N
-        k = min(max_candidates, best.shape[1])
-        top, box_idx = best.topk(k, dim=1)
+        top, box_idx = best.topk(min(max_candidates, best.shape[1]), dim=1)
         cls = best_cls.gather(1, box_idx)
     cand_boxes = boxes.gather(1, box_idx[..., None].expand(-1, -1, 4))
-    keep = top > conf_thres                                      # B,k
-    img_idx = torch.arange(batch, device=pred.device)[:, None].expand_as(keep)[keep]
-    det = torch.cat([cand_boxes[keep], top[keep, None], cls[keep, None].float()], dim=1)
-    kept = torchvision.ops.batched_nms(det[:, :4], det[:, 4], img_idx * (num_out - 5) + det[:, 5].long(), iou_thres)
-    det, img_idx = det[kept], img_idx[kept]                     # sorted by score, descending
+    det = torch.cat([cand_boxes, top[..., None], cls[..., None].to(top.dtype)], -1)   # B,k,6, by score descending
+    counts = (top > conf_thres).sum(1).tolist()
     out = []
-    for i in range(batch):
-        out.append(det[img_idx == i][:max_det])
+    for image, n in enumerate(counts):
+        d = det[image, :n]
+        kept = torchvision.ops.batched_nms(d[:, :4].float(), d[:, 4].float(), d[:, 5].long(), iou_thres)
+        out.append(d[kept[:max_det]])                           # kept is sorted by score, descending
     return out

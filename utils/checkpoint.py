@@ -49,30 +49,54 @@ def detached_copy(obj: object) -> object:
 
 
 class CheckpointWriter:
-    """Writes checkpoints on a background thread, in order, so the training loop does not wait for the disk."""
+    """Writes checkpoints on a background thread, so the training loop never waits for the disk.
+
+    A new job for a path replaces one still waiting for the same path (only the newest state of
+    last.pt or best.pt matters); `wait()` returns once everything submitted is on disk.
+    """
 
     def __init__(self):
+        self._lock = threading.Lock()
+        self._pending: dict[Path, dict] = {}
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def submit(self, jobs: list[tuple[dict, Path]]) -> None:
         """Queue (checkpoint, path) writes; the checkpoints must already be CPU copies (detached_copy)."""
-        self.wait()
-        self._thread = threading.Thread(target=self._write, args=(jobs,), daemon=False)
-        self._thread.start()
-
-    def _write(self, jobs: list[tuple[dict, Path]]) -> None:
-        try:
+        self._raise_error()
+        with self._lock:
             for checkpoint, path in jobs:
+                self._pending.pop(Path(path), None)     # re-inserted last: paths are written in submission order
+                self._pending[Path(path)] = checkpoint
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, daemon=False)
+                self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending or self._error is not None:
+                    self._pending.clear()
+                    self._thread = None
+                    return
+                path = next(iter(self._pending))
+                checkpoint = self._pending.pop(path)
+            try:
                 save_checkpoint(checkpoint, path)
-        except BaseException as exc:  # reported to the training loop by wait()
-            self._error = exc
+            except BaseException as exc:  # reported to the training loop by submit() / wait()
+                self._error = exc
 
     def wait(self) -> None:
         """Block until the queued writes are on disk; re-raise a failed write."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        while True:
+            with self._lock:
+                thread = self._thread
+            if thread is None:
+                break
+            thread.join()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
             raise error

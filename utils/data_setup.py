@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,11 @@ class TrainData:
         self.on_gpu = args.augment == "gpu" or (args.augment == "auto" and device.type == "cuda" and images is not None)
         if self.on_gpu and images is None:
             raise ValueError("--augment gpu needs the images in memory: add --cache ram or --cache gpu")
+        self._side_stream = None
         if self.on_gpu:
             self.gpu = self._gpu_augmenter(images)
+            if device.type == "cuda":
+                self._side_stream = torch.cuda.Stream(device)
             # half precision halves the bytes the renderer moves; pixel error stays under 0.1 gray level
             self.render_dtype = torch.float16 if device.type == "cuda" else torch.float32
         else:
@@ -87,6 +91,10 @@ class TrainData:
         boxes, labels, counts = padded_boxes(self.train_records, sizes)
         return GpuAugmenter(tensor, sizes, boxes, labels, counts, self.input_shape, self.hyp, self.device)
 
+    def _rng(self, epoch: int, step: int) -> np.random.Generator:
+        """The random draws of one GPU batch: fixed by seed, epoch, rank and step."""
+        return np.random.default_rng([self.args.seed, epoch, self.rank, step])
+
     @property
     def batches_per_epoch(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
@@ -98,9 +106,30 @@ class TrainData:
             yield from self.loader
             return
         order = self.sampler.indices()
-        for step, start in enumerate(range(0, len(order), self.batch_size)):
-            rng = np.random.default_rng([self.args.seed, epoch, self.rank, step])
-            yield self.gpu(order[start:start + self.batch_size], rng, mosaic, self.render_dtype)
+        made = (self.gpu(order[start:start + self.batch_size], self._rng(epoch, i), mosaic, self.render_dtype)
+                for i, start in enumerate(range(0, len(order), self.batch_size)))
+        yield from prefetched(made, self._side_stream) if self._side_stream is not None else made
+
+
+def prefetched(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], side: torch.cuda.Stream):
+    """Make each batch on a side CUDA stream while the one before it trains: augmentation overlaps the step."""
+    device = side.device
+    pending = None
+    while True:
+        with torch.cuda.stream(side):
+            made = next(batches, None)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        if pending is not None:
+            images, targets, done = pending
+            consumer = torch.cuda.current_stream(device)
+            consumer.wait_event(done)
+            images.record_stream(consumer)    # the allocator must not reuse them while the step reads them
+            targets.record_stream(consumer)
+            yield images, targets
+        if made is None:
+            return
+        pending = (*made, ready)
 
 
 def resolved_hyp(hyp: dict, args) -> dict:

@@ -1,18 +1,44 @@
 """Batched augmentation in torch: the GPU renderer for the plans of utils/augment.py.
 
-One `grid_sample` call draws a whole batch: each output image's (up to) four source images
-are stacked as the depth of a 5-D volume, and every output pixel samples its own tile's
-slice at an exact depth, so bilinear in x/y picks one source. Pixels outside every tile
-sample outside the volume, which reads zero, and zero is gray because gray is subtracted first.
-Runs on any device (tests run it on the CPU against the OpenCV renderer).
+A plan's tiles are axis-aligned scalings, so bilinear resampling separates into one matrix per
+axis: tile t of output image b is `Ry[b,t] @ source @ Rx[b,t]^T`, where row o of Rx holds the
+linear-interpolation weights max(0, 1 - |p(o) - i|) of output column o over source columns i
+(zero outside the tile's rectangle). Summing the tiles composes the mosaic, so a whole batch
+is two batched matrix products on tensor cores instead of a gather per output pixel.
+Weights falling outside the source image are dropped (as sampling with zero padding), and
+gray is what shows where weight is missing. Runs on any device (tests run it on the CPU
+against the OpenCV renderer).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from utils.augment import GRAY, Plans, mix_targets, plan_targets, sample_plans, upload
+
+
+def resampling_weights(scale: torch.Tensor, offset: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                       out_size: int, src_size: int, dtype: torch.dtype,
+                       gain: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear weights along one axis for tiles mapping `out = scale * src + offset`, [B,T] each.
+
+    Returns the matrices [B,T,out,src] (x gain, in dtype) and each output pixel's total weight
+    [B,T,out] (1 inside the source, less at its edges, 0 outside the tile's [lo, hi)).
+    Two taps per output pixel are scattered into zeros: the dense matrix is written once.
+    """
+    centres = torch.arange(out_size, device=scale.device, dtype=torch.float32) + 0.5                 # O
+    source = (centres - offset[..., None]) / scale[..., None] - 0.5                                  # B,T,O pixel coords
+    inside = (centres >= lo[..., None]) & (centres < hi[..., None])                                  # B,T,O
+    first = source.floor()
+    upper = source - first
+    taps = torch.stack([first, first + 1], -1)                                                       # B,T,O,2
+    weights = torch.stack([1 - upper, upper], -1) * inside[..., None]
+    weights = weights * ((taps >= 0) & (taps < src_size))                                            # zero padding
+    # column 0 and src_size + 1 of the scatter target catch taps beyond the edges (their weight is 0);
+    # the contiguous copy keeps rows aligned for the fast tensor-core kernels
+    matrix = torch.zeros(*source.shape, src_size + 2, device=scale.device, dtype=dtype)
+    matrix.scatter_(3, taps.clamp(-1, src_size).long() + 1, (weights * gain).to(dtype))
+    return matrix[..., 1:-1].contiguous(), weights.sum(-1)
 
 
 def render_gpu(cache: torch.Tensor, plans: Plans, input_shape: tuple[int, int], device: torch.device,
@@ -27,50 +53,39 @@ def render_gpu(cache: torch.Tensor, plans: Plans, input_shape: tuple[int, int], 
     volume = cache[upload(unique, cache.device)]
     if volume.device.type == "cpu" and device.type == "cuda":
         volume = volume.pin_memory().to(device, non_blocking=True)
-    volume = volume[upload(slot.reshape(src.shape), device)]                              # B,T,3,Hc,Wc
-    volume = (volume.to(dtype) - GRAY).div_(255).transpose(1, 2)                         # B,3,T,Hc,Wc
+    volume = volume[upload(slot.reshape(src.shape), device)].to(dtype)                  # B,T,3,Hc,Wc 0..255
 
-    affine = upload(plans.affine[:, :tiles], device, torch.float32)
-    rect = upload(np.where((src < 0)[..., None], 0.0, plans.rect[:, :tiles]), device, torch.float32)  # unused: empty
-    xs = torch.arange(out_w, device=device, dtype=torch.float32) + 0.5                   # pixel centres
-    ys = torch.arange(out_h, device=device, dtype=torch.float32) + 0.5
-    in_x = (xs >= rect[..., 0, None]) & (xs < rect[..., 2, None])                       # B,T,W
-    in_y = (ys >= rect[..., 1, None]) & (ys < rect[..., 3, None])                       # B,T,H
-    inside = in_y[..., :, None] & in_x[..., None, :]                                     # B,T,H,W
-    tile = inside.to(torch.uint8).argmax(1, keepdim=True)                                # B,1,H,W
-    # source coordinates per tile along each axis, normalised for align_corners=False
-    gx = ((xs - affine[..., 1, None]) / affine[..., 0, None]) * (2 / wc) - 1             # B,T,W
-    gy = ((ys - affine[..., 3, None]) / affine[..., 2, None]) * (2 / hc) - 1             # B,T,H
-    b, t = gx.shape[:2]
-    gx = gx[:, :, None, :].expand(b, t, out_h, out_w).gather(1, tile)[:, 0]              # B,H,W
-    gy = gy[:, :, :, None].expand(b, t, out_h, out_w).gather(1, tile)[:, 0]
-    gz = (2 * tile[:, 0].float() + 1) / t - 1
-    gx = torch.where(inside.any(1), gx, torch.full_like(gx, -2.0))                       # outside -> gray
-    grid = torch.stack([gx, gy, gz], -1)[:, None].to(dtype)                              # B,1,H,W,3
-    out = F.grid_sample(volume, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out[:, :, 0].add_(GRAY / 255).clamp_(0, 1)
+    unused = (src < 0)[..., None]                                                       # identity, empty rectangle
+    affine = upload(np.where(unused, [1.0, 0.0, 1.0, 0.0], plans.affine[:, :tiles]), device, torch.float32)
+    rect = upload(np.where(unused, 0.0, plans.rect[:, :tiles]), device, torch.float32)
+    rx, rx_mass = resampling_weights(affine[..., 0], affine[..., 1], rect[..., 0], rect[..., 2], out_w, wc, dtype)
+    ry, ry_mass = resampling_weights(affine[..., 2], affine[..., 3], rect[..., 1], rect[..., 3], out_h, hc, dtype,
+                                     gain=1 / 255)
+    b = len(src)
+    columns = volume.view(b, tiles, 3 * hc, wc) @ rx.transpose(2, 3)                    # B,T,3*Hc,W
+    painted = (ry[:, :, None] @ columns.view(b, tiles, 3, hc, out_w)).sum(1)            # B,3,H,W in 0..1
+    # weight each output pixel took from sources: 1 inside an image, less at its borders, 0 elsewhere
+    coverage = torch.einsum("bty,btx->byx", ry_mass, rx_mass).to(dtype)                 # B,H,W
+    return painted.sub_(coverage[:, None], alpha=GRAY / 255).add_(GRAY / 255).clamp_(0, 1)
 
 
 def hsv_gpu(images: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     """Scale hue (cyclic), saturation and value of RGB images [B,3,H,W] in 0..1 by gains [B,3]."""
-    r, g, b = images.float().unbind(1)
-    value, _ = torch.stack([r, g, b], 1).max(1)
-    delta = value - torch.minimum(torch.minimum(r, g), b)
-    sat = torch.where(value > 0, delta / value.clamp(min=1e-12), torch.zeros_like(value))
-    safe = delta.clamp(min=1e-12)
-    hue = torch.where(value == r, ((g - b) / safe) % 6,
-                      torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4)) / 6
-    hue = torch.where(delta > 0, hue, torch.zeros_like(hue))
+    x = images.float()
+    value, top = x.max(1, keepdim=True)                                                   # B,1,H,W
+    delta = value - x.amin(1, keepdim=True)
+    sat = delta / value.clamp(min=1e-12)
+    # hue in sixths: measured from the largest channel c, (next - previous channel) / delta + 2c
+    following = x.gather(1, (top + 1) % 3) - x.gather(1, (top + 2) % 3)
+    hue = (following / delta.clamp(min=1e-12) + 2 * top) % 6                              # 0..6, 0 when gray
     gains = gains.to(images.device, torch.float32)[:, :, None, None]
-    hue = (hue * gains[:, 0]) % 1
-    sat = (sat * gains[:, 1]).clamp(0, 1)
-    value = (value * gains[:, 2]).clamp(0, 1)
-    # HSV -> RGB: each channel from its own phase of the hue wheel
-    phase = torch.arange(5.0, 0.0, -2.0, device=images.device)                           # 5, 3, 1 for R, G, B
-    k = (phase[None, :, None, None] + hue[:, None] * 6) % 6
-    weight = torch.clamp(torch.minimum(k, 4 - k), 0, 1)
-    rgb = value[:, None] - value[:, None] * sat[:, None] * weight
-    return rgb.to(images.dtype)
+    hue = hue * gains[:, 0:1] % 6
+    value = (value * gains[:, 2:3]).clamp_(0, 1)
+    chroma = value * (sat * gains[:, 1:2]).clamp_(0, 1)                                   # value x saturation
+    # back to RGB: channel c = value - chroma * clamp(min(k, 4 - k), 0, 1), k = (phase_c + hue) % 6
+    phase = torch.arange(5.0, 0.0, -2.0, device=images.device)[None, :, None, None]      # R, G, B: 5, 3, 1
+    k = (phase + hue) % 6
+    return torch.addcmul(value, chroma, torch.minimum(k, 4 - k).clamp_(0, 1), value=-1).to(images.dtype)
 
 
 class GpuAugmenter:

@@ -46,8 +46,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 class ModelEMA:
     """Exponential moving average of weights; decay ramps up as 1 - exp(-updates / tau) (YOLOv5's schedule).
 
-    Floating-point parameters and buffers (BN running statistics) are averaged with two fused
-    foreach calls; integer buffers (BN batch counters) are not used by the layers here and stay as copied.
+    Floating-point parameters and buffers (BN running statistics) are averaged with fused foreach
+    calls; integer buffers (BN batch counters) are not used by the layers here and stay as copied.
+    `update` = `advance` (host: count, and write this update's blend weight into a device scalar) +
+    `blend` (device only, so a captured CUDA graph can replay it while the weight changes).
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0):
@@ -56,6 +58,7 @@ class ModelEMA:
             p.requires_grad_(False)
         self.decay, self.tau, self.updates = decay, tau, updates
         self._targets = [t for t in self._tensors(self.ema) if t.dtype.is_floating_point]
+        self._weight = torch.zeros((), device=self._targets[0].device)   # share of the new weights
         self._source_of: nn.Module | None = None
         self._sources: list[torch.Tensor] = []
 
@@ -63,16 +66,26 @@ class ModelEMA:
     def _tensors(model: nn.Module) -> list[torch.Tensor]:
         return [*model.parameters(), *model.buffers()]
 
-    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Blend the current weights in."""
+        self.advance()
+        self.blend(model)
+
+    def advance(self) -> None:
+        """Count one update and set its blend weight (1 - decay)."""
         self.updates += 1
-        d = self.decay * (1 - math.exp(-self.updates / self.tau))
+        self._weight.fill_(1 - self.decay * (1 - math.exp(-self.updates / self.tau)))
+
+    @torch.no_grad()
+    def blend(self, model: nn.Module) -> None:
+        """ema += weight * (model - ema), reading the weight from the device."""
         model = unwrap(model)
         if self._source_of is not model:   # the list is rebuilt only if another model is passed
             self._source_of = model
             self._sources = [t for t in self._tensors(model) if t.dtype.is_floating_point]
-        torch._foreach_lerp_(self._targets, self._sources, 1 - d)
+        step = torch._foreach_sub(self._sources, self._targets)
+        torch._foreach_mul_(step, self._weight)
+        torch._foreach_add_(self._targets, step)
 
 
 def distributed_env() -> tuple[int, int, int]:

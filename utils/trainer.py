@@ -5,11 +5,9 @@ import csv
 import math
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nets.yolo import build_model, make_config
@@ -17,13 +15,15 @@ from nets.yolo_training import YoloLoss
 from utils.checkpoint import CheckpointWriter, detached_copy, load_matching, state_dict_from_file
 from utils.data_setup import TrainData
 from utils.evaluate import Evaluator
-from utils.optim import accumulation_steps, build_optimizer, lr_lambda, warmup
+from utils.optim import (accumulation_steps, build_optimizer, hyper_as_floats, hyper_value, lr_lambda,
+                         scheduled_lr, warmup)
 from utils.plots import plot_results
 from utils.torch_utils import ModelEMA, barrier, is_main_process, seed_everything, unwrap
+from utils.train_step import TrainStep, graph_blocker
 from yolo import YOLO
 
 RESULT_FIELDS = ["epoch", "loss", "box_loss", "obj_loss", "cls_loss", "lr", "mAP50", "mAP50-95", "seconds"]
-PLOT_PERIOD = 10   # loss.png / map.png are redrawn every this many epochs and at the end
+PLOT_SECONDS = 30.0   # loss.png / map.png are redrawn at most this often, and after the last epoch
 # detection settings of the evaluation during training (as get_map's defaults)
 EVAL_CONF, EVAL_NMS_IOU = 0.001, 0.5
 
@@ -67,15 +67,21 @@ class Trainer:
         weight_decay = self.hyp["weight_decay"] * args.batch * self.accumulate / args.nbs
         self.optimizer = build_optimizer(self.model, args.optimizer, args.lr, self.hyp["momentum"], weight_decay)
         self.lf = lr_lambda(args.lr_schedule, args.epochs, self.hyp["lrf"])
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf)
         self.ema = ModelEMA(self.model) if args.ema else None
         self.amp = amp_dtype(self.device, args.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.start_epoch, self.best_fitness = 0, -1.0
         self.writer = CheckpointWriter()
         self._eval_yolo: YOLO | None = None
+        self._plotted = time.time()   # the first plot after PLOT_SECONDS
         if resume_ckpt:
             self._restore(resume_ckpt)
+        blocker = graph_blocker(self.device, data.on_gpu, self.scaler.is_enabled(), self.accumulate,
+                                args.sync_bn and world > 1)
+        self.graphs = args.cuda_graph and blocker is None
+        if self.main and self.device.type == "cuda":
+            print("training step: " + ("captured as a CUDA graph" if self.graphs else
+                                       f"eager ({'--no-cuda-graph' if not args.cuda_graph else blocker})"))
         self.evaluator = Evaluator(data.val_records, data.class_names, batch_size=max(data.batch_size, 8),
                                    keep_batches=args.cache != "none", workers=args.workers) if self.main else None
 
@@ -86,23 +92,20 @@ class Trainer:
             self.ema.updates = (ckpt.get("ema") or {}).get("updates", 0)
         if ckpt.get("optimizer"):
             self.optimizer.load_state_dict(ckpt["optimizer"])
+            hyper_as_floats(self.optimizer)   # a graphed run saves them as tensors
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch = int(ckpt["epoch"])
         self.best_fitness = float(ckpt.get("best_fitness", -1.0))
-        # a schedule that has already stepped start_epoch times (the restored groups carry initial_lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf, last_epoch=self.start_epoch - 1)
 
     def _set_frozen(self, frozen: bool) -> None:
         for p in unwrap(self.model).backbone.parameters():
             p.requires_grad_(not frozen)
 
-    def _wrapped(self):
-        """The model as trained this phase (DDP rebuilt when the set of trainable parameters changes)."""
-        if self.world == 1:
-            return self.model
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=ids)
+    def step_runner(self) -> TrainStep:
+        """How this phase's steps run (rebuilt when the set of trainable parameters changes)."""
+        return TrainStep(self.model, self.loss_fn, self.optimizer, self.scaler, self.ema, self.amp, self.device,
+                         self.world, self.graphs)
 
     def run(self) -> dict:
         """Train; returns the final metrics."""
@@ -119,8 +122,9 @@ class Trainer:
             if frozen != (epoch < args.freeze_epochs):
                 frozen = epoch < args.freeze_epochs
                 self._set_frozen(frozen)
-                model = self._wrapped()
-            model.train()
+                step_fn = self.step_runner()
+            self.model.train()
+            scheduled_lr(self.optimizer, self.lf(epoch))
             mosaic = epoch < args.special_aug_ratio * args.epochs
             totals = torch.zeros(4, device=self.device)
             bar = tqdm(self.data.batches(epoch, mosaic), total=nb, desc=f"epoch {epoch + 1}/{args.epochs}",
@@ -130,43 +134,20 @@ class Trainer:
                 step = i + nb * epoch
                 if step <= warmup_steps:
                     warmup(self.optimizer, step, warmup_steps, self.lf(epoch), self.hyp, sgd)
-                loss, parts = self._step(model, images, targets, last=(i + 1) % self.accumulate == 0 or i + 1 == nb)
+                loss, parts = step_fn(images, targets, last=(i + 1) % self.accumulate == 0 or i + 1 == nb)
                 totals += torch.stack([loss.detach() / len(images), parts["box"], parts["obj"], parts["cls"]])
                 if i % 10 == 0 or i + 1 == nb:   # reading the loss back syncs: not every step
                     running = totals[0].item() / (i + 1)
                     if not math.isfinite(running):
                         raise ValueError(f"training diverged (loss {running}) in epoch {epoch + 1}; last.pt keeps "
                                          "the previous epoch: resume with a lower --lr or check the labels")
-                    bar.set_postfix(loss=f"{running:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
+                    bar.set_postfix(loss=f"{running:.4f}", lr=f"{hyper_value(self.optimizer.param_groups[0], 'lr'):.2e}")
+            lr = hyper_value(self.optimizer.param_groups[0], "lr")
             losses = (totals / nb).tolist()
             metrics = self._end_epoch(epoch, losses, lr, t0)
             barrier()
         self.writer.wait()
         return metrics
-
-    def _step(self, model, images, targets, last: bool):
-        if images.dtype == torch.uint8:
-            images = images.to(self.device, non_blocking=True).float().div_(255)
-        elif self.amp is None and images.dtype != torch.float32:   # GPU-rendered half images without AMP
-            images = images.float()
-        if self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
-        with autocast:
-            outputs = model(images)
-        loss, parts = self.loss_fn(outputs, targets)
-        self.scaler.scale(loss * self.world).backward()
-        if last:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(self.model)
-        return loss, parts
 
     def _end_epoch(self, epoch: int, losses: list[float], lr: float, t0: float) -> dict:
         """Evaluate (rank 0), save last/best/periodic checkpoints, append to results.csv, plot."""
@@ -196,8 +177,9 @@ class Trainer:
                f"{metrics['map50_95']:.5f}", f"{seconds:.1f}"]
         with open(self.run_dir / "results.csv", "a", newline="") as f:
             csv.writer(f).writerow(row)
-        if number % PLOT_PERIOD == 0 or number == args.epochs:
+        if time.time() - self._plotted >= PLOT_SECONDS or number == args.epochs:
             plot_results(self.run_dir / "results.csv", self.run_dir)
+            self._plotted = time.time()
         shown = f"mAP50 {metrics['map50']:.4f}  mAP50-95 {metrics['map50_95']:.4f}" if fitness == fitness else ""
         print(f"epoch {number}/{args.epochs}  loss {losses[0]:.4f}  {shown}  {seconds:.1f}s")
         return metrics

@@ -1,0 +1,216 @@
+"""The training step's parts: our Nesterov SGD, device-held hyperparameters, EMA, and the CUDA-graph step.
+
+The CUDA tests run where a GPU is present (the device machine); on CPU they are skipped.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from nets.yolo import build_model, make_config
+from nets.yolo_training import YoloLoss, load_hyp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from utils.boxes import ciou_loss
+from utils.optim import (NesterovSGD, build_optimizer, hyper_as_floats, hyper_on_device, hyper_value, set_hyper,
+                         warmup)
+from utils.torch_utils import ModelEMA
+from utils.train_step import TrainStep, graph_blocker
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_net(seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3))
+
+
+def train_with(make_opt, steps=6, schedule=None):
+    """Parameters after `steps` steps of a fixed regression problem; schedule(opt, i) may change hypers."""
+    net = tiny_net()
+    opt = make_opt(net)
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    for i in range(steps):
+        if schedule:
+            schedule(opt, i)
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+def test_nesterov_sgd_matches_torch_sgd():
+    ours = train_with(lambda n: NesterovSGD(n.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3))
+    ref = train_with(lambda n: torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                                               weight_decay=1e-3))
+    torch.testing.assert_close(ours, ref)
+
+
+def test_tensor_hyperparameters_follow_host_changes():
+    """lr/momentum as device tensors changed in place give the same training as plain floats."""
+    def schedule(opt, i):
+        for group in opt.param_groups:
+            set_hyper(group, "lr", 0.01 * (i + 1))
+            set_hyper(group, "momentum", 0.8 + 0.02 * i)
+
+    def on_device(net):
+        opt = NesterovSGD(net.parameters(), lr=0.1, momentum=0.5)
+        hyper_on_device(opt, torch.device("cpu"))
+        assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+        return opt
+
+    floats = train_with(lambda n: NesterovSGD(n.parameters(), lr=0.1, momentum=0.5), schedule=schedule)
+    tensors = train_with(on_device, schedule=schedule)
+    torch.testing.assert_close(tensors, floats)
+    unchanged = train_with(lambda n: NesterovSGD(n.parameters(), lr=0.1, momentum=0.5))
+    assert not torch.allclose(unchanged, floats)
+
+
+def test_saved_tensor_hyperparameters_load_as_floats():
+    net = tiny_net()
+    opt = build_optimizer(net, "sgd", 0.01, 0.937, 5e-4)
+    hyper_on_device(opt, torch.device("cpu"))
+    warmup(opt, 5, 100, 1.0, {"warmup_bias_lr": 0.1, "warmup_momentum": 0.8, "momentum": 0.937}, sgd=True)
+    state = copy.deepcopy(opt.state_dict())
+    fresh = build_optimizer(tiny_net(), "sgd", 0.01, 0.937, 5e-4)
+    fresh.load_state_dict(state)
+    hyper_as_floats(fresh)
+    for old, new in zip(opt.param_groups, fresh.param_groups):
+        assert type(new["lr"]) is float and new["lr"] == pytest.approx(hyper_value(old, "lr"))
+        assert type(new["momentum"]) is float and new["momentum"] == pytest.approx(0.8 + 0.137 * 5 / 100)
+        assert new["initial_lr"] == 0.01
+
+
+def test_ema_blends_with_the_ramped_decay():
+    net = tiny_net()
+    ema = ModelEMA(net, decay=0.9, tau=2.0)
+    before = [p.clone() for p in ema.ema.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(net)
+    d = 0.9 * (1 - math.exp(-1 / 2.0))
+    for b, e, p in zip(before, ema.ema.parameters(), net.parameters()):
+        torch.testing.assert_close(e, d * b + (1 - d) * p)
+    assert ema.updates == 1
+
+
+def test_graph_blocker_names_the_reason():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert graph_blocker(gpu, True, False, 1, False) is None
+    assert "CUDA" in graph_blocker(cpu, True, False, 1, False)
+    assert "CPU augmentation" in graph_blocker(gpu, False, False, 1, False)
+    assert "fp16" in graph_blocker(gpu, True, True, 1, False)
+    assert "--nbs" in graph_blocker(gpu, True, False, 4, False)
+    assert "--sync-bn" in graph_blocker(gpu, True, False, 1, True)
+
+
+def detector_setup(device, optimizer="sgd"):
+    torch.manual_seed(0)
+    config = make_config("yolov4-tiny", "se", ["a", "b", "c"], (128, 128))
+    model = build_model(config).to(device).to(memory_format=torch.channels_last)
+    hyp = load_hyp("yolov4-tiny")
+    opt = build_optimizer(model, optimizer, 0.01, hyp["momentum"], hyp["weight_decay"])
+    return model, YoloLoss(config, hyp), opt, ModelEMA(model), hyp
+
+
+def batches(device, n, batch=4, rows=12, seed=0):
+    """Fixed-shape random batches (some target rows are padding), the last one shorter."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        b = batch if i < n - 1 else batch - 1
+        images = torch.rand(b, 3, 128, 128, generator=g).half()
+        targets = torch.rand(b * rows, 6, generator=g) * 0.5 + 0.25
+        targets[:, 0] = torch.arange(b * rows) % b
+        targets[:, 1] = torch.randint(0, 3, (b * rows,), generator=g)
+        targets[::3, 0] = -1                                             # padding rows
+        out.append((images.to(device), targets.to(device)))
+    return out
+
+
+def run_steps(device, graphs, optimizer="sgd", epochs=3):
+    model, loss_fn, opt, ema, hyp = detector_setup(device, optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    step = TrainStep(model, loss_fn, opt, scaler, ema, torch.bfloat16, device, 1, graphs)
+    data = batches(device, 3)
+    losses, k = [], 0
+    for _ in range(epochs):
+        for images, targets in data:
+            warmup(opt, k, 20, 1.0, hyp, sgd=optimizer == "sgd")   # host changes lr/momentum every step
+            loss, _ = step(images, targets)
+            losses.append(loss.clone())
+            k += 1
+    weights = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    averaged = torch.cat([p.detach().float().flatten() for p in ema.ema.parameters()])
+    return torch.stack(losses), weights, averaged, step
+
+
+@cuda
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_graphed_steps_train_like_eager_steps(optimizer):
+    device = torch.device("cuda", torch.cuda.current_device())
+    eager_losses, eager_w, eager_ema, _ = run_steps(device, graphs=False, optimizer=optimizer, epochs=6)
+    graph_losses, graph_w, graph_ema, step = run_steps(device, graphs=True, optimizer=optimizer, epochs=6)
+    assert step.captured == 2                 # the full and the short batch shape
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(graph_w, eager_w, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(graph_ema, eager_ema, rtol=2e-3, atol=2e-3)
+
+
+def test_ciou_loss_matches_torchvision():
+    g = torch.Generator().manual_seed(0)
+    a = torch.cat([torch.rand(200, 2, generator=g) * 10, torch.rand(200, 2, generator=g) * 4 + 0.01], 1)
+    b = torch.cat([a[:, :2] + torch.randn(200, 2, generator=g), torch.rand(200, 2, generator=g) * 4 + 0.01], 1)
+    b[:20] = a[:20]                                                      # identical boxes: loss 0
+    xyxy = lambda t: torchvision.ops.box_convert(t, "cxcywh", "xyxy")   # noqa: E731
+    ref = torchvision.ops.complete_box_iou_loss(xyxy(a), xyxy(b), reduction="none")
+    torch.testing.assert_close(ciou_loss(a, b), ref, rtol=1e-4, atol=1e-5)
+    assert ciou_loss(a[:20], b[:20]).abs().max() < 1e-5
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops whose result size depends on tensor values (they make the host wait for the GPU)."""
+
+    VALUE_SHAPED = {"nonzero", "_local_scalar_dense", "masked_select", "_unique2", "unique_dim",
+                    "unique_consecutive", "masked_scatter"}
+    INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        masks = name in self.INDEXING and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                              for i in (args[1] or []))
+        if name in self.VALUE_SHAPED or masks:
+            self.found.append(name + (" with a boolean mask" if masks else ""))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("model_name", ["yolov4-tiny", "yolov5n"])
+def test_training_step_never_reads_values_back(model_name):
+    """What a CUDA graph cannot capture, checked on the CPU: no op of the step sizes its output by tensor values."""
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    config = make_config(model_name, "cbam", ["a", "b", "c"], (128, 128))
+    model = build_model(config)
+    hyp = load_hyp(model_name)
+    opt = build_optimizer(model, "sgd", 0.01, hyp["momentum"], hyp["weight_decay"])
+    hyper_on_device(opt, device)
+    step = TrainStep(model, YoloLoss(config, hyp), opt, torch.amp.GradScaler("cpu", enabled=False), ModelEMA(model),
+                     None, device, 1, graphs=False)
+    images, targets = batches(device, 2)[0]
+    step(images.float(), targets)              # first step: lazily built constants may read values
+    recorder = HostReads()
+    with recorder:
+        loss, parts = step(images.float(), targets)
+    assert recorder.found == []
+    assert torch.isfinite(loss)
