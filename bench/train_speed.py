@@ -4,13 +4,15 @@
       --cache gpu --augment gpu --steps 60 --warmup 15
 
 Times whole training steps (augmentation + forward + loss + backward + optimiser + EMA) with the
-real Trainer on the real data, synchronising the GPU before reading the clock. The full run's wall
+real Trainer on the real data, synchronising the GPU before reading the clock; --repeats windows of
+--steps steps, median reported (each window's figure printed too). The full run's wall
 time is measured separately by timing train.py itself (see bench/RESULTS.md).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--steps", type=int, default=60, help="timed training steps")
     own.add_argument("--warmup", type=int, default=15, help="untimed steps first (cudnn autotuning, caches)")
+    own.add_argument("--repeats", type=int, default=3, help="timed windows of --steps steps; the median is reported")
     own.add_argument("--profile", action="store_true", help="also print where a few steps spend CPU and GPU time")
     own.add_argument("--no-cudnn-benchmark", action="store_true", help="cuDNN heuristics instead of autotuning")
     bench_args, argv = own.parse_known_args(argv)
@@ -85,23 +88,26 @@ def main(argv: list[str] | None = None) -> dict:
     warmup_s = time.perf_counter() - first
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seen, start = 0, time.perf_counter()
-    for _ in range(steps):
-        images, targets = next(stream)
-        step(images, targets)
-        seen += len(images)
-    sync()
-    elapsed = time.perf_counter() - start
+    windows = []
+    for _ in range(bench_args.repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(*next(stream))
+        sync()
+        windows.append(time.perf_counter() - start)
+    elapsed = statistics.median(windows)
+    seen = steps * data.batch_size
     # every rank ran the same number of steps on its share of the global batch
     result = {"model": args.model, "attention": args.phi, "img": args.img, "batch": args.batch, "gpus": world,
               "cudnn_benchmark": torch.backends.cudnn.benchmark, "cuda_graphs": step.captured,
               "augment": "gpu" if data.on_gpu else f"cpu x{args.workers}", "amp": str(trainer.amp),
               "warmup_s": warmup_s, "img_per_s": seen * world / elapsed, "ms_per_step": elapsed / steps * 1000,
-              "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0}
+              "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+              "img_per_s_windows": "/".join(f"{seen * world / w:.0f}" for w in windows)}
     if bench_args.profile:
         profile_steps(step, stream, device)
     if rank == 0:
-            print("train_speed " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+        print("train_speed " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return result
 
 

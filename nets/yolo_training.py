@@ -84,11 +84,13 @@ class YoloLoss:
         return self._cache[key]
 
     def __call__(self, outputs: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """targets: [M,6] rows (image, class, cx, cy, w, h), or per image [B,K,6] (the GPU batches' layout)."""
         device = outputs[0].device
         batch, levels = outputs[0].shape[0], len(outputs)
         cells = self.cells(outputs)
         preds = flatten_levels(outputs, cells.anchors_per_level)                     # B,N,5+C
-        targets = targets.to(device).float()
+        per_image = targets.dim() == 3
+        targets = targets.to(device).float().reshape(-1, 6)
         valid = targets[:, 0] >= 0                                                   # rows of image -1 are padding
         # padding rows get a harmless box so no NaN reaches the (masked) arithmetic
         pad = self._const(("pad", device), lambda: torch.tensor([0, 0, 0.5, 0.5, 0.1, 0.1], device=device))
@@ -122,8 +124,8 @@ class YoloLoss:
         tobj = torch.zeros(preds.shape[:2], device=device)
         tobj.view(-1).scatter_reduce_(0, b * preds.shape[1] + slot, obj_target * weight, reduce="amax")
         obj_bce = F.binary_cross_entropy_with_logits(preds[..., 4], tobj, reduction="none")   # B,N
-        counted = torch.ones_like(obj_bce) if self.ignore_thresh is None else self._not_ignored(preds, cells, targets,
-                                                                                                   valid, tobj)
+        counted = (torch.ones_like(obj_bce) if self.ignore_thresh is None
+                   else self._not_ignored(preds, cells, targets, valid, tobj, per_image))
         per_level = torch.zeros(levels, device=device).index_add_(0, cells.level, (obj_bce * counted).sum(0))
         counts = torch.zeros(levels, device=device).index_add_(0, cells.level, counted.sum(0))
         lobj = (per_level / counts.clamp(min=1) * self._balance(cells, device)).sum()
@@ -206,20 +208,29 @@ class YoloLoss:
         right, down = ((inv % 1 < g) & (inv > 1)).T
         return torch.stack([torch.ones_like(left), left, up, right, down])
 
-    def _not_ignored(self, preds, cells: Cells, targets, valid, tobj) -> torch.Tensor:
-        """1 where the objectness loss counts: positives, and negatives not overlapping a box > ignore_thresh."""
+    def _not_ignored(self, preds, cells: Cells, targets, valid, tobj, per_image: bool) -> torch.Tensor:
+        """1 where the objectness loss counts: positives, and negatives not overlapping a box > ignore_thresh.
+
+        Each prediction's best IoU with the boxes of its own image. Targets laid out per image
+        ([B,K] rows, `per_image`) are compared image by image with no gather; other layouts
+        gather each row's image predictions and take the maximum with a scatter.
+        """
         with torch.no_grad():
-            b = preds.shape[0]
+            b, n = preds.shape[:2]
             size = self._const(("size", preds.device), lambda: torch.tensor(
                 [self.input_shape[1], self.input_shape[0]] * 2, device=preds.device, dtype=torch.float32))
             pred = cxcywh_to_xyxy(decode_boxes(preds, cells, self.head)) / size      # B,N,4 normalised
-            img = targets[:, 0].long().clamp(0, b - 1)
-            boxes = cxcywh_to_xyxy(targets[:, None, 2:6])                            # M,1,4
-            best = torch.zeros(b, pred.shape[1], device=preds.device)
-            # IoU of each box with every prediction of its own image, [chunk, N] at a time
-            chunk = max(1, IGNORE_CHUNK_ELEMENTS // pred.shape[1])
-            for s in range(0, len(targets), chunk):
-                iou = box_iou_batched(boxes[s:s + chunk], pred[img[s:s + chunk]])[:, 0] * valid[s:s + chunk, None]
-                best.scatter_reduce_(0, img[s:s + chunk, None].expand_as(iou), iou, "amax")
+            boxes = cxcywh_to_xyxy(targets[:, 2:6])                                  # M,4
+            if per_image:
+                boxes, valid = boxes.view(b, -1, 4), valid.view(b, -1, 1)            # B,K,4 / B,K,1
+                step = max(1, IGNORE_CHUNK_ELEMENTS // (boxes.shape[1] * n))         # images at a time
+                best = torch.cat([(box_iou_batched(boxes[s:s + step], pred[s:s + step]) * valid[s:s + step]).amax(1)
+                                  for s in range(0, b, step)])                       # B,N
+            else:
+                img = targets[:, 0].long().clamp(0, b - 1)
+                best = torch.zeros(b, n, device=preds.device)
+                chunk = max(1, IGNORE_CHUNK_ELEMENTS // n)
+                for s in range(0, len(targets), chunk):
+                    iou = box_iou_batched(boxes[s:s + chunk, None], pred[img[s:s + chunk]])[:, 0] * valid[s:s + chunk, None]
+                    best.scatter_reduce_(0, img[s:s + chunk, None].expand_as(iou), iou, "amax")
             return ((best <= self.ignore_thresh) | (tobj > 0)).float()
-

@@ -134,6 +134,15 @@ def test_torch_hsv_matches_opencv():
         assert np.abs(cpu - out).mean() < 1.5
 
 
+def test_half_precision_hsv_stays_within_two_gray_levels():
+    """The GPU path runs HSV in fp16: it must agree with the fp32 result far better than OpenCV's 8-bit HSV."""
+    rgb = torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    rgb[0, :, :8] = 0.5                                                     # gray: hue undefined
+    gains = torch.tensor([[1.015, 1.5, 0.7], [0.985, 0.4, 1.3], [1.0, 1.0, 1.0], [1.01, 0.9, 1.1]])
+    diff = (hsv_gpu(rgb, gains) - hsv_gpu(rgb.half(), gains).float()).abs() * 255
+    assert diff.mean() < 0.2 and diff.max() < 2.5
+
+
 def test_transform_boxes_drops_slivers_and_clips():
     boxes = torch.tensor([[[10.0, 10.0, 30.0, 30.0], [0.0, 0.0, 50.0, 3.0], [90.0, 90.0, 200.0, 200.0],
                            [0.0, 0.0, 70.0, 3.0], [5.0, 5.0, 7.0, 40.0]]])
@@ -149,13 +158,14 @@ def test_transform_boxes_drops_slivers_and_clips():
 
 
 def test_mix_targets_copies_partner_boxes():
-    targets = torch.tensor([[0, 1, .5, .5, .1, .1], [1, 2, .2, .2, .1, .1], [1, 0, .3, .3, .1, .1]])
+    pad = [-1, 0, 0, 0, 0, 0]
+    targets = torch.tensor([[[0, 1, .5, .5, .1, .1], pad], [[1, 2, .2, .2, .1, .1], [1, 0, .3, .3, .1, .1]]])
     partner = np.array([1, 0])
     mixed = mix_targets(targets, partner, np.array([True, False]))
-    assert len(mixed) == 6 and (mixed[3:, 0] == -1).sum() == 1     # fixed size: the unmixed copy is padding
-    mixed = mixed[mixed[:, 0] >= 0]
-    added = mixed[3:]
-    assert added[:, 0].tolist() == [0, 0] and added[:, 1].tolist() == [2, 0]
+    assert mixed.shape == (2, 4, 6)                                  # fixed size: the unmixed copy is padding
+    assert (mixed[1, 2:, 0] == -1).all()
+    assert mixed[0, 2:, 0].tolist() == [0, 0] and mixed[0, 2:, 1].tolist() == [2, 0]
+    torch.testing.assert_close(mixed[:, :2], targets)
 
 
 def records_for(images, boxes, tmp_path):
@@ -183,7 +193,7 @@ def test_cpu_and_gpu_paths_have_the_same_box_statistics(tmp_path):
     table, labels, counts = padded_boxes(records, sizes)
     augmenter = GpuAugmenter(image_tensor(images, SHAPE), sizes, table, labels, counts, SHAPE, hyp, torch.device("cpu"))
     gpu_targets = [augmenter(np.arange(12), np.random.default_rng(e), True)[1] for e in range(25)]
-    cpu_all, gpu_all = torch.cat(cpu_targets), torch.cat(gpu_targets)
+    cpu_all, gpu_all = torch.cat(cpu_targets), torch.cat([t.reshape(-1, 6) for t in gpu_targets])
     gpu_all = gpu_all[gpu_all[:, 0] >= 0]            # the GPU path pads to a fixed size
     # boxes per image and mean box size agree within sampling noise (300 images each)
     assert abs(len(cpu_all) - len(gpu_all)) / len(gpu_all) < 0.15

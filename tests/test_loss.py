@@ -300,7 +300,9 @@ def test_ignore_threshold_matches_inference_decode():
     tobj[b, (a * 13 + gj) * 13 + gi] = 1
     exact = (2 * 13 + 4) * 13 + 6
     assert tobj[0, exact] == 0
-    weight = crit._not_ignored(preds, cells, target, target[:, 0] >= 0, tobj)
+    weight = crit._not_ignored(preds, cells, target, target[:, 0] >= 0, tobj, per_image=False)
+    per_image = crit._not_ignored(preds, cells, target, target[:, 0] >= 0, tobj, per_image=True)
+    assert torch.equal(weight, per_image)
     assert weight[0, exact] == 0
     decoded = decode_outputs([raw], cells, "yolov4")[0]                               # 507, 6
     iou = box_iou(cxcywh_to_xyxy(decoded[:, :4]), cxcywh_to_xyxy(target[:, 2:] * 416)).squeeze(1)
@@ -322,6 +324,25 @@ def test_padding_rows_change_nothing(head):
     torch.testing.assert_close(a, b)
     grads = torch.autograd.grad(b, outputs)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("head", ["yolov4", "yolov5"])
+def test_per_image_targets_give_the_same_loss(head):
+    """The GPU batches' layout [B,K,6] (row group b holds image b's boxes or padding) equals the flat rows."""
+    torch.manual_seed(0)
+    config = make_config("yolov4-tiny", 0, ["a", "b", "c"], (128, 128), head=head)
+    crit = YoloLoss(config, load_hyp("yolov4-tiny"))
+    outputs = [torch.randn(3, 24, 4, 4, requires_grad=True), torch.randn(3, 24, 8, 8, requires_grad=True)]
+    grouped = torch.rand(3, 5, 6) * 0.5 + 0.25
+    grouped[..., 0] = torch.arange(3.0)[:, None]
+    grouped[..., 1] = torch.randint(0, 3, (3, 5)).float()
+    grouped[0, 3:, 0] = -1                                    # padding rows
+    grouped[2, :, 0] = -1                                     # an image without boxes
+    a, parts_a = crit(outputs, grouped)
+    b, parts_b = crit(outputs, grouped.reshape(-1, 6))
+    torch.testing.assert_close(a, b)
+    for key in parts_a:
+        torch.testing.assert_close(parts_a[key], parts_b[key])
 
 
 def test_flattened_loss_equals_a_per_level_reference():

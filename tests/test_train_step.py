@@ -121,16 +121,17 @@ def detector_setup(device, optimizer="sgd"):
 
 
 def batches(device, n, batch=4, rows=12, seed=0):
-    """Fixed-shape random batches (some target rows are padding), the last one shorter."""
+    """Fixed-shape random batches with per-image targets [B,rows,6] (some rows padding), as the GPU
+    augmenter makes them; the last batch is shorter."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         b = batch if i < n - 1 else batch - 1
         images = torch.rand(b, 3, 128, 128, generator=g).half()
-        targets = torch.rand(b * rows, 6, generator=g) * 0.5 + 0.25
-        targets[:, 0] = torch.arange(b * rows) % b
-        targets[:, 1] = torch.randint(0, 3, (b * rows,), generator=g)
-        targets[::3, 0] = -1                                             # padding rows
+        targets = torch.rand(b, rows, 6, generator=g) * 0.5 + 0.25
+        targets[..., 0] = torch.arange(b)[:, None]
+        targets[..., 1] = torch.randint(0, 3, (b, rows), generator=g)
+        targets[:, ::3, 0] = -1                                          # padding rows
         out.append((images.to(device), targets.to(device)))
     return out
 

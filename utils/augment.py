@@ -184,19 +184,18 @@ def plan_targets(plans: Plans, boxes: torch.Tensor, labels: torch.Tensor, counts
 
 
 def mix_targets(targets: torch.Tensor, partner: np.ndarray, mixup: np.ndarray) -> torch.Tensor:
-    """Add to each mixed image i the boxes of image partner[i]; `partner` is a permutation of the batch.
+    """Give each mixed image i the boxes of image partner[i] too: per-image targets [B,K,6] -> [B,2K,6].
 
-    The copies of rows whose image is not mixed into another get image -1 (fixed size, no waiting).
+    Fixed size, so nothing waits for the GPU: the copies given to unmixed images are padding (image -1).
     """
     if not mixup.any():
         return targets
-    dst_of = np.full(len(partner), -1, dtype=np.int64)
-    dst_of[partner[mixup]] = np.flatnonzero(mixup)
-    img = targets[:, 0].long()
-    dst = upload(dst_of, targets.device)[img.clamp(min=0)]
-    extra = targets.clone()
-    extra[:, 0] = torch.where(img >= 0, dst, -1).to(targets.dtype)
-    return torch.cat([targets, extra], 0)
+    device = targets.device
+    extra = targets[upload(partner, device)].clone()                                   # B,K,6
+    owner = torch.arange(len(partner), device=device, dtype=targets.dtype)[:, None].expand_as(extra[..., 0])
+    keep = upload(mixup, device)[:, None] & (extra[..., 0] >= 0)
+    extra[..., 0] = torch.where(keep, owner, -1)
+    return torch.cat([targets, extra], 1)
 
 
 def render_cpu(sources: list[np.ndarray | None], affine: np.ndarray, rect: np.ndarray,
