@@ -36,8 +36,8 @@ def test_newest_state_per_path_wins_and_wait_flushes(tmp_path, monkeypatch):
     writer.wait()
     assert written[0] == ("last.pt", 1)           # already being written when the rest arrived
     assert sorted(written[1:]) == [("best.pt", 4), ("last.pt", 5)]
-    assert torch.load(tmp_path / "last.pt")["epoch"] == 5
-    assert torch.load(tmp_path / "best.pt")["epoch"] == 4
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 5
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 4
 
 
 def test_a_failed_write_is_raised(tmp_path, monkeypatch):

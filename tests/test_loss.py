@@ -310,13 +310,18 @@ def test_ignore_threshold_matches_inference_decode():
     assert torch.equal(weight, expected)
 
 
+def small_loss_and_outputs(head: str, batch: int):
+    """A 3-class YOLOv4-tiny loss at 128 px and random raw outputs (4x4 and 8x8) that need gradients."""
+    torch.manual_seed(0)
+    config = make_config("yolov4-tiny", 0, ["a", "b", "c"], (128, 128), head=head)
+    outputs = [torch.randn(batch, 24, 4, 4, requires_grad=True), torch.randn(batch, 24, 8, 8, requires_grad=True)]
+    return YoloLoss(config, load_hyp("yolov4-tiny")), outputs
+
+
 @pytest.mark.parametrize("head", ["yolov4", "yolov5"])
 def test_padding_rows_change_nothing(head):
     """Rows with image index -1 (the fixed-size targets of GPU augmentation) are ignored exactly."""
-    torch.manual_seed(0)
-    config = make_config("yolov4-tiny", 0, ["a", "b", "c"], (128, 128), head=head)
-    crit = YoloLoss(config, load_hyp("yolov4-tiny"))
-    outputs = [torch.randn(2, 24, 4, 4, requires_grad=True), torch.randn(2, 24, 8, 8, requires_grad=True)]
+    crit, outputs = small_loss_and_outputs(head, batch=2)
     targets = torch.tensor([[0, 1, .5, .5, .3, .4], [1, 2, .2, .7, .2, .1]])
     padded = torch.cat([targets[:1], torch.tensor([[-1, 0, 0, 0, 0, 0.0]] * 3), targets[1:]])
     a, _ = crit(outputs, targets)
@@ -329,10 +334,7 @@ def test_padding_rows_change_nothing(head):
 @pytest.mark.parametrize("head", ["yolov4", "yolov5"])
 def test_per_image_targets_give_the_same_loss(head):
     """The GPU batches' layout [B,K,6] (row group b holds image b's boxes or padding) equals the flat rows."""
-    torch.manual_seed(0)
-    config = make_config("yolov4-tiny", 0, ["a", "b", "c"], (128, 128), head=head)
-    crit = YoloLoss(config, load_hyp("yolov4-tiny"))
-    outputs = [torch.randn(3, 24, 4, 4, requires_grad=True), torch.randn(3, 24, 8, 8, requires_grad=True)]
+    crit, outputs = small_loss_and_outputs(head, batch=3)
     grouped = torch.rand(3, 5, 6) * 0.5 + 0.25
     grouped[..., 0] = torch.arange(3.0)[:, None]
     grouped[..., 1] = torch.randint(0, 3, (3, 5)).float()
