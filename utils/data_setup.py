@@ -68,7 +68,8 @@ class TrainData:
             self.gpu = self._gpu_augmenter(images)
             if device.type == "cuda":
                 self._side_stream = torch.cuda.Stream(device)
-            # half precision halves the bytes the renderer moves; pixel error stays under 0.1 gray level
+            # half precision halves the bytes the renderer and HSV move; measured against fp32: render error
+            # mean 0.04, max 0.36 gray levels; HSV mean under 0.2, max under 2.5 (tests/test_augment.py)
             self.render_dtype = torch.float16 if device.type == "cuda" else torch.float32
         else:
             dataset = TrainDataset(self.train_records, self.input_shape, hyp, images)

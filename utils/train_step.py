@@ -23,7 +23,7 @@ from utils.torch_utils import ModelEMA
 
 # eager steps of a shape before it is captured: lazy initialisation (cuBLAS/cuDNN handles, the
 # loss's constant cache) must happen outside capture; DDP needs 11 to settle its buckets
-EAGER_BEFORE_CAPTURE = {1: 3, "ddp": 11}
+EAGER_BEFORE_CAPTURE, EAGER_BEFORE_CAPTURE_DDP = 3, 11
 MAX_GRAPHS = 4          # distinct input shapes captured; others run eagerly
 MAX_GRAD_NORM = 10.0
 
@@ -58,7 +58,7 @@ class TrainStep:
             self.model = DistributedDataParallel(model, device_ids=ids) if world > 1 else model
         if graphs:
             hyper_on_device(optimizer, device)
-        self.eager_before_capture = EAGER_BEFORE_CAPTURE["ddp" if world > 1 else 1]
+        self.eager_before_capture = EAGER_BEFORE_CAPTURE_DDP if world > 1 else EAGER_BEFORE_CAPTURE
         self._graphs: dict[tuple, _CapturedStep] = {}
         self._seen: dict[tuple, int] = {}
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
