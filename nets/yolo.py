@@ -1,27 +1,31 @@
-"""Detector bodies and the config that rebuilds them.
+"""Detector bodies and the model config that rebuilds them.
 
-A config is the plain dict a checkpoint carries (DESIGN.md, contract 5); `build_model(config)`
-is the only place a config becomes a network.
+A checkpoint stores a `utils.config.ModelConfig` as a plain dict; `build_model(config)` is the only
+place a config becomes a network, and `model_config(...)` the one place family defaults
+(anchors, masks, backbone, head) are filled in.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from nets.attention import attention_name, attention_phi, build_attention
+from nets.attention import attention_name, attention_placement, build_point
 from nets.common import init_detection_bias
 from nets.CSPdarknet53_tiny import CSPDarknet53Tiny, basic_conv
+from utils.config import MODEL_NAMES, ModelConfig
 
 MODEL_DATA = Path(__file__).resolve().parent.parent / "model_data"
 YOLOV5_SIZES = ("n", "s", "m", "l", "x")
-MODEL_NAMES = ("yolov4-tiny", *(f"yolov5{s}" for s in YOLOV5_SIZES))
-# anchors file and masks (coarsest level first) per family
-FAMILY_ANCHORS = {
-    "yolov4-tiny": ("yolov4_tiny_anchors.txt", [[3, 4, 5], [1, 2, 3]]),
-    "yolov5": ("yolov5_anchors.txt", [[6, 7, 8], [3, 4, 5], [0, 1, 2]]),
+# per family: anchors file, masks (coarsest level first), backbone, head style
+FAMILY_DEFAULTS = {
+    "yolov4-tiny": ("yolov4_tiny_anchors.txt", [[3, 4, 5], [1, 2, 3]], "cspdarknet53-tiny", "yolov4"),
+    "yolov5": ("yolov5_anchors.txt", [[6, 7, 8], [3, 4, 5], [0, 1, 2]], "cspdarknet-v5", "yolov5"),
 }
+# what a checkpoint's config must hold to rebuild its network
+REQUIRED_KEYS = ("model", "attention", "class_names", "anchors", "anchors_mask", "input_shape")
 
 
 def model_family(model: str) -> str:
@@ -31,12 +35,10 @@ def model_family(model: str) -> str:
     return "yolov4-tiny" if model == "yolov4-tiny" else "yolov5"
 
 
-HEADS = ("yolov4", "yolov5")
-
-
-def head_style(config: dict) -> str:
+def head_style(config: ModelConfig | dict) -> str:
     """How raw outputs become boxes and targets are assigned: 'yolov4' or 'yolov5' (default: the family's)."""
-    return config.get("head") or ("yolov4" if model_family(config["model"]) == "yolov4-tiny" else "yolov5")
+    config = as_model_config(config)
+    return config.head or FAMILY_DEFAULTS[config.family][3]
 
 
 def read_anchors(path: str | Path) -> list[list[float]]:
@@ -47,31 +49,41 @@ def read_anchors(path: str | Path) -> list[list[float]]:
     return [values[i:i + 2] for i in range(0, len(values), 2)]
 
 
-def make_config(model: str = "yolov4-tiny", phi: int | str = 0, class_names: list[str] | tuple = (),
-                input_shape: tuple[int, int] = (416, 416), anchors: list | None = None,
-                head: str | None = None) -> dict:
-    """The self-describing model config stored in every checkpoint."""
-    family = model_family(model)
-    anchors_file, anchors_mask = FAMILY_ANCHORS[family]
-    anchors = anchors or read_anchors(MODEL_DATA / anchors_file)
-    if not class_names:
-        raise ValueError("the model needs at least one class name")
-    if head is not None and head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
-    if any(s % 32 for s in input_shape):
-        raise ValueError(f"input size {tuple(input_shape)} must be a multiple of 32")
-    return {
-        "model": model,
-        "attention": attention_name(phi),
-        "phi": attention_phi(phi),
-        "backbone": "cspdarknet53-tiny" if family == "yolov4-tiny" else "cspdarknet-v5",
-        "num_classes": len(class_names),
-        "class_names": list(class_names),
-        "anchors": [[float(w), float(h)] for w, h in anchors],
-        "anchors_mask": anchors_mask,
-        "input_shape": [int(input_shape[0]), int(input_shape[1])],
-        "head": head or ("yolov4" if family == "yolov4-tiny" else "yolov5"),
-    }
+def complete_model_config(config: ModelConfig) -> ModelConfig:
+    """Family defaults filled in, block names made canonical; checked (a bad value raises ValueError)."""
+    model_family(config.model)
+    anchors_file, anchors_mask, backbone, head = FAMILY_DEFAULTS[config.family]
+    placed = {point: {**spec, "type": attention_name(spec.get("type"))} for point, spec in config.attention_points.items()}
+    config = dataclasses.replace(
+        config, attention=attention_name(config.attention), attention_points=placed, head=config.head or head,
+        backbone=config.backbone or backbone, anchors=[[float(w), float(h)] for w, h in
+                                                       (config.anchors or read_anchors(MODEL_DATA / anchors_file))],
+        anchors_mask=config.anchors_mask or [list(m) for m in anchors_mask])
+    return config.validate()
+
+
+def model_config(model: str = "yolov4-tiny", phi: int | str = 0, class_names: list[str] | tuple = (),
+                 input_shape: tuple[int, int] = (416, 416), anchors: list | None = None, head: str | None = None,
+                 attention_points: dict | None = None) -> ModelConfig:
+    """A complete, checked ModelConfig: `phi` at every point, `attention_points` overriding single points."""
+    return complete_model_config(ModelConfig(model=model, attention=str(phi), attention_points=attention_points or {},
+                                             head=head, input_shape=[int(s) for s in input_shape],
+                                             class_names=list(class_names), anchors=anchors))
+
+
+def make_config(*args, **kwargs) -> dict:
+    """`model_config(...)` in the plain-dict form a checkpoint stores."""
+    return model_config(*args, **kwargs).to_dict()
+
+
+def as_model_config(config: ModelConfig | dict) -> ModelConfig:
+    """A ModelConfig from a checkpoint's dict (checked, version-upgraded), or the object itself."""
+    if isinstance(config, ModelConfig):
+        return config
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"model config lacks {', '.join(missing)}")
+    return complete_model_config(ModelConfig.from_dict(config))
 
 
 def yolo_head(channels: tuple[int, int], in_channels: int) -> nn.Sequential:
@@ -91,12 +103,18 @@ class Upsample(nn.Module):
 
 
 class YoloBody(nn.Module):
-    """YOLOv4-tiny with attention at `feat1`, `feat2` and `upsample`; returns [P5 (13x13), P4 (26x26)] raw maps."""
+    """YOLOv4-tiny with attention at `feat1`, `feat2` and `upsample`; returns [P5 (13x13), P4 (26x26)] raw maps.
+
+    `attention`: one block for every point (phi or name), or {point: {"type": name, **options}}.
+    """
 
     strides = (32, 16)
+    # insertion point -> (channels, stride)
+    POINTS = {"feat1": (256, 16), "feat2": (512, 32), "upsample": (128, 16)}
 
-    def __init__(self, anchors_mask: list[list[int]], num_classes: int, phi: int | str = 0):
+    def __init__(self, anchors_mask: list[list[int]], num_classes: int, attention: int | str | dict = 0):
         super().__init__()
+        place = attention_placement(attention, tuple(self.POINTS))
         self.backbone = CSPDarknet53Tiny()
         out5 = len(anchors_mask[0]) * (5 + num_classes)
         out4 = len(anchors_mask[1]) * (5 + num_classes)
@@ -104,9 +122,9 @@ class YoloBody(nn.Module):
         self.yolo_headP5 = yolo_head((512, out5), 256)
         self.upsample = Upsample(256, 128)
         self.yolo_headP4 = yolo_head((256, out4), 384)
-        self.feat1_att = build_attention(phi, 256)
-        self.feat2_att = build_attention(phi, 512)
-        self.upsample_att = build_attention(phi, 128)
+        self.feat1_att = build_point(place["feat1"], 256)
+        self.feat2_att = build_point(place["feat2"], 512)
+        self.upsample_att = build_point(place["upsample"], 128)
         init_detection_bias(self.yolo_headP5[1], len(anchors_mask[0]), num_classes, 32)
         init_detection_bias(self.yolo_headP4[1], len(anchors_mask[1]), num_classes, 16)
 
@@ -114,9 +132,9 @@ class YoloBody(nn.Module):
         """The named insertion points and the block at each."""
         return {"feat1": self.feat1_att, "feat2": self.feat2_att, "upsample": self.upsample_att}
 
-    def backbone_parameters(self):
-        """Parameters frozen during --freeze-epochs."""
-        return self.backbone.parameters()
+    def attention_layout(self, input_size: int) -> dict[str, tuple[int, int, int]]:
+        """Each point's feature map at a square input: (channels, height, width)."""
+        return {p: (c, input_size // s, input_size // s) for p, (c, s) in self.POINTS.items()}
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         # 416,416,3 -> feat1 26,26,256 and feat2 13,13,512
@@ -134,16 +152,22 @@ class YoloBody(nn.Module):
         return [out0, out1]
 
 
-REQUIRED_KEYS = ("model", "attention", "num_classes", "anchors", "anchors_mask", "input_shape")
-
-
-def build_model(config: dict) -> nn.Module:
-    """The network described by a config from make_config / a checkpoint."""
-    missing = [k for k in REQUIRED_KEYS if k not in config]
-    if missing:
-        raise ValueError(f"model config lacks {', '.join(missing)}")
-    family = model_family(config["model"])
-    if family == "yolov4-tiny":
-        return YoloBody(config["anchors_mask"], config["num_classes"], config["attention"])
+def build_model(config: ModelConfig | dict) -> nn.Module:
+    """The network a (checkpoint's) model config describes."""
+    config = as_model_config(config)
+    place = {p: config.block_at(p) for p in _points(config)}
+    if config.family == "yolov4-tiny":
+        return YoloBody(config.anchors_mask, config.num_classes, place)
     from nets.yolov5 import YoloV5Body  # noqa: PLC0415 (kept lazy: most runs build one family)
-    return YoloV5Body(config["model"][-1], config["anchors_mask"], config["num_classes"], config["attention"])
+    return YoloV5Body(config.model[-1], config.anchors_mask, config.num_classes, place)
+
+
+def _points(config: ModelConfig) -> tuple[str, ...]:
+    """The insertion points of a config's model; a per-point spec naming another point is an error."""
+    if config.family == "yolov4-tiny":
+        points = tuple(YoloBody.POINTS)
+    else:
+        from nets.yolov5 import YoloV5Body  # noqa: PLC0415
+        points = YoloV5Body.POINT_NAMES
+    attention_placement(config.attention_points, points)      # raises for unknown points
+    return points

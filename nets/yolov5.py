@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nets.attention import build_attention
+from nets.attention import attention_placement, build_point
 from nets.common import ConvBNAct, init_detection_bias
 from nets.CSPdarknet import C3, CSPDarknet, scale_depth, scale_width
 
@@ -13,12 +13,18 @@ SIZES = {"n": (0.33, 0.25), "s": (0.33, 0.50), "m": (0.67, 0.75), "l": (1.0, 1.0
 
 
 class YoloV5Body(nn.Module):
-    """PANet neck and three heads; returns raw maps [P5 (s32), P4 (s16), P3 (s8)], coarsest first."""
+    """PANet neck and three heads; returns raw maps [P5 (s32), P4 (s16), P3 (s8)], coarsest first.
+
+    `attention`: one block for every point (phi or name), or {point: {"type": name, **options}}.
+    """
 
     strides = (32, 16, 8)
+    POINT_NAMES = ("p3", "p4", "p5", "up5", "up4")
+    POINT_STRIDES = {"p3": 8, "p4": 16, "p5": 32, "up5": 16, "up4": 8}
 
-    def __init__(self, size: str, anchors_mask: list[list[int]], num_classes: int, phi: int | str = 0):
+    def __init__(self, size: str, anchors_mask: list[list[int]], num_classes: int, attention: int | str | dict = 0):
         super().__init__()
+        place = attention_placement(attention, self.POINT_NAMES)
         if size not in SIZES:
             raise ValueError(f"unknown YOLOv5 size {size!r}; choose one of {', '.join(SIZES)}")
         gd, gw = SIZES[size]
@@ -26,12 +32,13 @@ class YoloV5Body(nn.Module):
         n = scale_depth(3, gd)
         self.backbone = CSPDarknet(gd, gw)
         # attention on the backbone outputs that feed the neck, and after each neck upsample
-        self.p3_att, self.p4_att, self.p5_att = (build_attention(phi, c) for c in self.backbone.out_channels)
+        self.p3_att, self.p4_att, self.p5_att = (build_point(place[p], c)
+                                                 for p, c in zip(("p3", "p4", "p5"), self.backbone.out_channels))
         self.lateral5 = ConvBNAct(w(1024), w(512), 1)
-        self.up5_att = build_attention(phi, w(512))
+        self.up5_att = build_point(place["up5"], w(512))
         self.c3_p4 = C3(w(1024), w(512), n, shortcut=False)
         self.lateral4 = ConvBNAct(w(512), w(256), 1)
-        self.up4_att = build_attention(phi, w(256))
+        self.up4_att = build_point(place["up4"], w(256))
         self.c3_p3 = C3(w(512), w(256), n, shortcut=False)
         self.down3 = ConvBNAct(w(256), w(256), 3, 2)
         self.c3_n4 = C3(w(512), w(512), n, shortcut=False)
@@ -46,6 +53,12 @@ class YoloV5Body(nn.Module):
     def attention_points(self) -> dict[str, nn.Module]:
         """The named insertion points and the block at each."""
         return {"p3": self.p3_att, "p4": self.p4_att, "p5": self.p5_att, "up5": self.up5_att, "up4": self.up4_att}
+
+    def attention_layout(self, input_size: int) -> dict[str, tuple[int, int, int]]:
+        """Each point's feature map at a square input: (channels, height, width)."""
+        channels = dict(zip(("p3", "p4", "p5"), self.backbone.out_channels))
+        channels.update(up5=self.lateral5.conv.out_channels, up4=self.lateral4.conv.out_channels)
+        return {p: (channels[p], input_size // s, input_size // s) for p, s in self.POINT_STRIDES.items()}
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         p3, p4, p5 = self.backbone(x)

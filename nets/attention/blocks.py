@@ -1,4 +1,4 @@
-"""Attention blocks and the one registry that maps `phi` / names to them.
+"""The eleven published attention blocks, registered in phi order (nets/attention/registry.py).
 
 Every block is `Block(channels, **kw)`, keeps the input shape, follows the
 paper's official code (deviations are named in the block's docstring), and is
@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nets.attention.registry import register_attention
 
 
 def _no_autocast(x: torch.Tensor) -> torch.autocast:
@@ -33,6 +35,7 @@ class BatchNormSingle1d(nn.BatchNorm1d):
         return super().forward(x)
 
 
+@register_attention("se")
 class SE(nn.Module):
     """Squeeze-and-Excitation (Hu et al., 2018): avg pool -> 1x1 conv C/r -> ReLU -> 1x1 conv C -> sigmoid."""
 
@@ -52,6 +55,7 @@ class SE(nn.Module):
         return x * self.fc(x)
 
 
+@register_attention("cbam")
 class CBAM(nn.Module):
     """CBAM (Woo et al., 2018): channel gate (shared MLP on avg+max pool), then spatial gate (7x7 conv + BN)."""
 
@@ -79,6 +83,7 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
     return t if t % 2 else t + 1
 
 
+@register_attention("eca")
 class ECA(nn.Module):
     """Efficient Channel Attention (Wang et al., 2020): avg pool -> 1D conv over channels (no bias) -> sigmoid."""
 
@@ -100,6 +105,7 @@ class HSwish(nn.Module):
         return x * F.relu6(x + 3.0) / 6.0
 
 
+@register_attention("ca", "coord")
 class CoordAttention(nn.Module):
     """Coordinate Attention (Hou et al., 2021): pooling along H and W, shared 1x1 conv, two direction gates."""
 
@@ -130,6 +136,7 @@ def _divisor_groups(channels: int, groups: int, factor: int) -> int:
     return groups
 
 
+@register_attention("sa", "shuffle")
 class ShuffleAttention(nn.Module):
     """Shuffle Attention (Zhang & Yang, 2021): per group, a channel half and a spatial (GroupNorm) half, then shuffle."""
 
@@ -154,6 +161,7 @@ class ShuffleAttention(nn.Module):
         return out.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
 
 
+@register_attention("sge")
 class SGE(nn.Module):
     """Spatial Group-wise Enhance (Li et al., 2019): per group, similarity to the group's mean vector, normalised."""
 
@@ -178,6 +186,7 @@ class SGE(nn.Module):
         return (g * gate.to(g.dtype)).reshape(b, c, h, w)
 
 
+@register_attention("bam")
 class BAM(nn.Module):
     """Bottleneck Attention Module (Park et al., 2018): x * (1 + sigmoid(Mc + Ms)).
 
@@ -203,6 +212,7 @@ class BAM(nn.Module):
         return x * (1 + torch.sigmoid(mc + ms))
 
 
+@register_attention("psa")
 class PolarizedSelfAttention(nn.Module):
     """Polarized Self-Attention, parallel layout (Liu et al., 2021), as the authors' PSA_p code.
 
@@ -238,6 +248,7 @@ class PolarizedSelfAttention(nn.Module):
         return x * channel_gate + x * spatial_gate
 
 
+@register_attention("gam")
 class GAM(nn.Module):
     """Global Attention Mechanism (Liu et al., 2021), rate 4: per-pixel channel MLP gate, then 7x7 conv spatial gate.
 
@@ -303,6 +314,7 @@ class ChannelAttention(nn.Module):
         return self.gamma.to(x.dtype) * out.to(x.dtype) + x
 
 
+@register_attention("danet")
 class DANet(nn.Module):
     """Dual Attention (Fu et al., 2019): position and channel attention modules, each with its residual, summed."""
 
@@ -334,6 +346,7 @@ class CrissCrossAttention(_SelfAttention):
         return self.gamma.to(x.dtype) * out.to(x.dtype) + x
 
 
+@register_attention("ccnet")
 class CCNet(nn.Module):
     """Recurrent criss-cross attention (R=2, shared weights): two passes give every pixel full-image context."""
 
@@ -346,46 +359,3 @@ class CCNet(nn.Module):
         for _ in range(self.recurrence):
             x = self.cca(x)
         return x
-
-
-# phi order is part of the public interface: 1-4 keep the meaning users know from the tutorials.
-ATTENTION_BLOCKS: dict[str, type[nn.Module]] = {
-    "se": SE,
-    "cbam": CBAM,
-    "eca": ECA,
-    "ca": CoordAttention,
-    "sa": ShuffleAttention,
-    "sge": SGE,
-    "bam": BAM,
-    "psa": PolarizedSelfAttention,
-    "gam": GAM,
-    "danet": DANet,
-    "ccnet": CCNet,
-}
-ATTENTION_NAMES: tuple[str, ...] = ("none", *ATTENTION_BLOCKS)
-ALIASES = {"coord": "ca", "shuffle": "sa", "0": "none", "": "none"}
-
-
-def attention_name(phi_or_name: int | str | None) -> str:
-    """Canonical block name for a phi integer, a digit string, a name or an alias."""
-    key = "none" if phi_or_name is None else str(phi_or_name).strip().lower()
-    key = ALIASES.get(key, key)
-    if key.isdigit() and int(key) < len(ATTENTION_NAMES):
-        key = ATTENTION_NAMES[int(key)]
-    if key not in ATTENTION_NAMES:
-        choices = ", ".join(f"{i}={n}" for i, n in enumerate(ATTENTION_NAMES))
-        raise ValueError(f"unknown attention {phi_or_name!r}; choose a phi or name from: {choices}")
-    return key
-
-
-def attention_phi(phi_or_name: int | str | None) -> int:
-    """The phi integer (0-11) for a phi, name or alias."""
-    return ATTENTION_NAMES.index(attention_name(phi_or_name))
-
-
-def build_attention(phi_or_name: int | str | None, channels: int, **kw) -> nn.Module:
-    """The attention block for `phi_or_name` at `channels`, or nn.Identity() for 0/'none'."""
-    name = attention_name(phi_or_name)
-    if name == "none":
-        return nn.Identity()
-    return ATTENTION_BLOCKS[name](channels, **kw)

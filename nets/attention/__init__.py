@@ -1,0 +1,15 @@
+"""Attention blocks and their registry: `build_attention(phi_or_name, channels, **options)`."""
+from nets.attention.registry import (ALIASES, ATTENTION_BLOCKS, attention_name, attention_phi, attention_placement,
+                                     build_attention, build_point, load_plugin, register_attention)
+from nets.attention.blocks import (BAM, CBAM, CCNet, DANet, ECA, GAM, SE, SGE, BatchNormSingle1d,  # noqa: E402
+                                   ChannelAttention, CoordAttention, CrissCrossAttention, HSwish,
+                                   PolarizedSelfAttention, PositionAttention, ShuffleAttention, eca_kernel_size)
+from utils.config import PHI_NAMES as ATTENTION_NAMES  # noqa: E402
+
+# the built-ins registered themselves in phi order on import
+assert tuple(ATTENTION_BLOCKS)[:len(ATTENTION_NAMES) - 1] == ATTENTION_NAMES[1:], "built-in blocks out of phi order"
+
+__all__ = ["ALIASES", "ATTENTION_BLOCKS", "ATTENTION_NAMES", "BAM", "CBAM", "CCNet", "DANet", "ECA", "GAM", "SE",
+           "SGE", "BatchNormSingle1d", "ChannelAttention", "CoordAttention", "CrissCrossAttention", "HSwish",
+           "PolarizedSelfAttention", "PositionAttention", "ShuffleAttention", "attention_name", "attention_phi", "attention_placement", "build_point",
+           "build_attention", "eca_kernel_size", "load_plugin", "register_attention"]

@@ -1,0 +1,330 @@
+"""The run configuration: every setting with its default, help text and valid range, written once.
+
+`ModelConfig` describes the network (a checkpoint stores it as a plain dict, `build_model` rebuilds
+the network from it alone); `DataConfig` says where the images come from; `TrainConfig` how to
+train. train.py's flags are generated from these fields (`add_flags`), so a default or a range
+lives in exactly one place. This module is a leaf: it imports nothing from the project, and names
+that need a registry (attention blocks, plugins) are checked where they become modules.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+MODEL_NAMES = ("yolov4-tiny", "yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x")
+HEADS = ("yolov4", "yolov5")
+MAX_INPUT_SIZE = 4096          # larger inputs are a typo, not a detector setting
+MODEL_CONFIG_VERSION = 2       # 1: the flat dict of the first checkpoints (attention by name only)
+# the built-in blocks in phi order: part of the public interface (1-4 keep the tutorials' meaning)
+PHI_NAMES = ("none", "se", "cbam", "eca", "ca", "sa", "sge", "bam", "psa", "gam", "danet", "ccnet")
+
+
+def setting(default: Any, help: str, *, flag: str | None = None, type: Any = None, choices: tuple | None = None,
+            low: float | None = None, high: float | None = None, above: float | None = None,
+            multiple: int | None = None, resume: bool = False, cli: bool = True, shown: str | None = None,
+            metavar: str | None = None) -> Any:
+    """A dataclass field with what its command-line flag needs.
+
+    flag: the flag's name when it differs from the field's; type: the value parser (default: the
+    default's type); low/high: inclusive bounds, above: exclusive lower bound; multiple: the value
+    (or each element) must be a multiple of it; resume: a resumed run may change it; cli: False for
+    fields filled from data, never from a flag; shown: the default as the help text says it.
+    """
+    meta = dict(help=help, flag=flag, type=type, choices=choices, low=low, high=high, above=above,
+                multiple=multiple, resume=resume, cli=cli, shown=shown, metavar=metavar)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: _copy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of nested lists and dicts (defaults must not be shared between instances)."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The command-line spelling of a field: `--freeze-epochs` for freeze_epochs."""
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def check_ranges(config: Any) -> None:
+    """Every field's bounds and choices; a bad value raises ValueError naming the flag and the valid range."""
+    for f in fields(config):
+        value, m = getattr(config, f.name), f.metadata
+        if value is None or isinstance(value, bool) or not m:
+            continue
+        name = flag_name(f)
+        if m.get("choices") and value not in m["choices"]:
+            raise ValueError(f"{name} {value}: choose one of {', '.join(map(str, m['choices']))}")
+        for v in (value if isinstance(value, list) else [value]):
+            if not isinstance(v, (int, float)):
+                continue
+            if m.get("low") is not None and v < m["low"] or m.get("high") is not None and v > m["high"]:
+                raise ValueError(f"{name} {v}: must be between {m.get('low', '-inf')} and {m.get('high', 'inf')}")
+            if m.get("above") is not None and v <= m["above"]:
+                raise ValueError(f"{name} {v}: must be greater than {m['above']}")
+            if m.get("multiple") and v % m["multiple"]:
+                near = max(m["multiple"], round(v / m["multiple"]) * m["multiple"])
+                raise ValueError(f"{name} {v}: must be a multiple of {m['multiple']} (e.g. {near})")
+
+
+@dataclass
+class ModelConfig:
+    """The network: family and size, attention per point, head style, classes, anchors, input size."""
+
+    model: str = setting("yolov4-tiny", "detector", choices=MODEL_NAMES)
+    attention: str = setting("none", "attention block at every point: a phi 0-11 or a block name", flag="phi",
+                             shown="0 = none", metavar="PHI")
+    attention_points: dict = setting({}, "blocks placed per point, with options, e.g. "
+                                         "'feat1=ca,feat2=cbam:reduction=8,upsample=none' (YOLOv4-tiny points: feat1 "
+                                         "feat2 upsample; YOLOv5: p3 p4 p5 up5 up4); points not named get --phi",
+                                     flag="attention", type=lambda s: parse_attention_spec(s), shown="none",
+                                     metavar="SPEC")
+    head: str | None = setting(None, "box decoding and target assignment: yolov4 (best anchor in the centre cell, "
+                                     "exp sizes) or yolov5 (ratio-matched anchors in 3 cells, bounded sizes)",
+                               choices=HEADS, type=str, shown="the model's own")
+    input_shape: list = setting([416, 416], "input size, a multiple of 32", flag="img", type=lambda s: [int(s)] * 2,
+                                low=32, high=MAX_INPUT_SIZE, multiple=32, shown="416", metavar="SIZE")
+    backbone: str | None = setting(None, "feature extractor", cli=False)
+    class_names: list = setting([], "class names, in label order", cli=False)
+    anchors: list | None = setting(None, "anchor sizes [[w, h], ...] in input pixels", cli=False)
+    anchors_mask: list | None = setting(None, "anchor indices of each level, coarsest first", cli=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def family(self) -> str:
+        """'yolov4-tiny' or 'yolov5'."""
+        return "yolov4-tiny" if self.model == "yolov4-tiny" else "yolov5"
+
+    def block_at(self, point: str) -> dict:
+        """The block spec {"type": name, **options} placed at `point`."""
+        return dict(self.attention_points.get(point) or {"type": self.attention})
+
+    def uniform_attention(self) -> str | None:
+        """The block name when every point has the same block without options, else None."""
+        specs = [s for s in self.attention_points.values()]
+        if all(s == {"type": self.attention} for s in specs):
+            return self.attention
+        return None
+
+    def validate(self) -> ModelConfig:
+        """Types, ranges and consistency; raises ValueError naming the field."""
+        check_ranges(self)
+        if not self.class_names or not all(isinstance(n, str) and n.strip() for n in self.class_names):
+            raise ValueError("class_names: the model needs at least one class, each a non-empty name")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"class_names: duplicate names in {self.class_names}")
+        if len(self.input_shape) != 2:
+            raise ValueError(f"input_shape {self.input_shape}: expected [height, width]")
+        if self.anchors is not None:
+            if not self.anchors or not all(len(a) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in a)
+                                           for a in self.anchors):
+                raise ValueError(f"anchors: expected a list of positive [w, h] pairs, got {self.anchors}")
+        if self.anchors_mask is not None and self.anchors is not None:
+            flat = [i for level in self.anchors_mask for i in level]
+            if not flat or not all(isinstance(i, int) and 0 <= i < len(self.anchors) for i in flat):
+                raise ValueError(f"anchors_mask {self.anchors_mask}: indices must lie in 0..{len(self.anchors) - 1}")
+        for point, spec in self.attention_points.items():
+            if not isinstance(point, str) or not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+                raise ValueError(f"attention_points: {point!r} needs a spec {{'type': name, ...}}, got {spec!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        """The plain dict a checkpoint stores (readable with torch.load(weights_only=True))."""
+        d = dataclasses.asdict(self)
+        d["num_classes"] = self.num_classes        # for readers of the file; from_dict checks it
+        uniform = self.uniform_attention()
+        d["phi"] = PHI_NAMES.index(uniform) if uniform in PHI_NAMES else None   # informative only
+        d["version"] = MODEL_CONFIG_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """A checkpoint's config dict (any version) -> a validated ModelConfig; bad fields raise ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"model config: expected a dict, got {type(d).__name__}")
+        d = upgrade_model_dict(d)
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"num_classes", "version", "phi"}
+        if unknown:
+            raise ValueError(f"model config: unknown fields {', '.join(sorted(unknown))}")
+        expected_types = {"model": str, "attention": str, "attention_points": dict, "input_shape": list,
+                          "class_names": list}
+        for key, kind in expected_types.items():
+            if key in d and not isinstance(d[key], kind):
+                raise ValueError(f"model config: {key} must be a {kind.__name__}, got {type(d[key]).__name__}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in d.get("input_shape", [0])):
+            raise ValueError(f"model config: input_shape {d.get('input_shape')} must hold integers")
+        config = cls(**{k: _copy(v) for k, v in d.items() if k in known}).validate()
+        if "num_classes" in d and d["num_classes"] != config.num_classes:
+            raise ValueError(f"model config: num_classes {d['num_classes']} != {config.num_classes} class names")
+        return config
+
+
+def upgrade_model_dict(d: dict) -> dict:
+    """A version-1 config (attention by name, 'phi' beside it, no per-point placement) in today's fields."""
+    if d.get("version", 1) >= MODEL_CONFIG_VERSION:
+        return d
+    d = dict(d)
+    d.pop("phi", None)
+    d.setdefault("attention", "none")
+    d.setdefault("attention_points", {})
+    d["version"] = MODEL_CONFIG_VERSION
+    return d
+
+
+def parse_attention_spec(spec: str) -> dict[str, dict]:
+    """'feat1=ca,feat2=cbam:reduction=8' -> {'feat1': {'type': 'ca'}, 'feat2': {'type': 'cbam', 'reduction': 8}}."""
+    placed: dict[str, dict] = {}
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        point, sep, block = item.partition("=")
+        if not sep or not point.strip() or not block.strip():
+            raise ValueError(f"--attention {spec!r}: expected POINT=BLOCK[:OPTION=VALUE...] items, got {item!r}")
+        name, *options = block.split(":")
+        entry: dict[str, Any] = {"type": name.strip().lower()}
+        for option in options:
+            key, sep, value = option.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--attention {spec!r}: block options are KEY=VALUE, got {option!r}")
+            entry[key.strip()] = _literal(value.strip())
+        if point.strip() in placed:
+            raise ValueError(f"--attention {spec!r}: point {point.strip()!r} is named twice")
+        placed[point.strip()] = entry
+    return placed
+
+
+def _literal(text: str) -> int | float | bool | str:
+    """An option value: int, float, true/false, else the string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+@dataclass
+class DataConfig:
+    """Where the training and validation images come from and how they are loaded."""
+
+    data: str = setting("VOCdevkit/VOC2007", "VOC folder with Annotations/, JPEGImages/, ImageSets/Main/, or "
+                                             "'sample' (the built-in sample set)", resume=True)
+    classes: str | None = setting(None, "class-names file, one per line", type=str,
+                                  shown="DATA/classes.txt, else the names found")
+    train_split: str = setting("train", "ImageSets/Main split to train on", shown="train, else trainval")
+    val_split: str = setting("val", "split to evaluate on after each epoch", shown="val, else test")
+    cache: str = setting("none", "keep decoded images in memory", choices=("none", "ram", "gpu"))
+    augment: str = setting("auto", "where augmentation runs; auto = gpu when on CUDA with --cache, else cpu workers",
+                           choices=("auto", "cpu", "gpu"))
+    workers: int = setting(4, "data-loading processes per GPU", low=0, resume=True)
+
+
+@dataclass
+class TrainConfig:
+    """How to train: schedule, optimiser, augmentation strengths, precision, saving, devices."""
+
+    epochs: int = setting(100, "total epochs; with --resume, extends a finished run", low=1, resume=True)
+    batch: int = setting(16, "global batch size, split over GPUs with torchrun", low=1)
+    nbs: int = setting(64, "nominal batch: gradients are accumulated to about this many images per step, and "
+                           "weight decay scaled to it", low=1)
+    optimizer: str = setting("sgd", "optimiser", choices=("sgd", "adam"))
+    lr: float | None = setting(None, "initial learning rate", type=float, above=0.0,
+                               shown="from the hyp file: 0.01 sgd, 0.001 adam")
+    lr_schedule: str = setting("cos", "cosine to lr*lrf, or x0.1 at 70%% and 90%%", choices=("cos", "step"))
+    label_smoothing: float | None = setting(None, "class label smoothing eps", type=float, low=0.0, high=0.5,
+                                            shown="from the hyp file: 0")
+    mosaic: float | None = setting(None, "mosaic probability", type=float, low=0.0, high=1.0,
+                                   shown="from the hyp file: 1.0")
+    mixup: float | None = setting(None, "mixup probability", type=float, low=0.0, high=1.0,
+                                  shown="from the hyp file: 0.0")
+    special_aug_ratio: float = setting(0.7, "mosaic only in this first share of epochs", low=0.0, high=1.0)
+    freeze_epochs: int = setting(0, "epochs with the backbone frozen before it is trained", low=0)
+    weights: str | None = setting(None, "initialise from a checkpoint or state dict where names and shapes match",
+                                  type=str, shown="none")
+    hyp: str | None = setting(None, "hyperparameter YAML", type=str, shown="model_data/hyp.<family>.yaml")
+    amp: bool | None = setting(None, "mixed precision", type=bool, shown="on with CUDA")
+    ema: bool = setting(True, "exponential moving average of weights")
+    sync_bn: bool = setting(False, "synchronised BatchNorm across GPUs")
+    cuda_graph: bool = setting(True, "replay each training step as one CUDA graph where possible (needs GPU "
+                                     "augmentation, bf16 or fp32, --batch >= --nbs)", resume=True)
+    eval_period: int = setting(1, "evaluate on the val split every N epochs", low=1)
+    save_period: int = setting(0, "also keep epochN.pt every N epochs (0 = off)", low=0)
+    seed: int = setting(0, "random seed")
+    device: str | None = setting(None, "cuda, cuda:N, N or cpu", type=str, shown="cuda when present", resume=True)
+    save_dir: str = setting("logs", "parent folder of runs")
+    name: str | None = setting(None, "run folder name", type=str, shown="<model>_<attention>, numbered if taken")
+    exist_ok: bool = setting(False, "reuse --name's folder instead of numbering a new one")
+    resume: str | None = setting(None, "continue a run from its last.pt", type=str, shown="none")
+    plugin: list = setting([], "Python file(s) of your own attention blocks (@register_attention); give them "
+                               "again to resume or predict", type=str, resume=True, metavar="FILE")
+
+    def validate(self) -> TrainConfig:
+        """Ranges of each field and the rules between them."""
+        check_ranges(self)
+        if self.freeze_epochs > self.epochs:
+            raise ValueError(f"--freeze-epochs {self.freeze_epochs}: must not exceed --epochs {self.epochs}")
+        return self
+
+
+@dataclass
+class RunConfig:
+    """One training run: the three parts together."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+
+    def flat(self) -> dict:
+        """Data and training settings as one flat dict (a checkpoint's `train_args`)."""
+        return {**dataclasses.asdict(self.data), **dataclasses.asdict(self.train)}
+
+
+def add_flags(parser: argparse.ArgumentParser, *classes: type) -> None:
+    """One flag per command-line field of each dataclass; values not given stay absent from the namespace."""
+    for cls in classes:
+        group = parser.add_argument_group(cls.__doc__.split(":")[0].strip().lower() if cls.__doc__ else cls.__name__)
+        for f in fields(cls):
+            m = f.metadata
+            if not m.get("cli", True):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = m.get("shown") or ("none" if default is None else default)
+            kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
+                                          help=f"{m['help']} (default {shown})")
+            if m.get("metavar"):
+                kwargs["metavar"] = m["metavar"]
+            kind = m.get("type") or type(default)
+            if kind is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif isinstance(default, list) and m.get("type") is str:
+                kwargs.update(action="append", type=str)         # repeatable: --plugin a.py --plugin b.py
+            else:
+                kwargs["type"] = kind
+                if m.get("choices"):
+                    kwargs["choices"] = m["choices"]
+            group.add_argument(flag_name(f), **kwargs)
+
+
+def split_given(given: dict, *classes: type) -> list[dict]:
+    """The given flag values grouped per dataclass, by field name."""
+    return [{f.name: given[f.name] for f in fields(cls) if f.name in given} for cls in classes]
+
+
+def from_flat(cls: type, values: dict) -> Any:
+    """An instance of a dataclass from a flat dict holding (at least) some of its fields; others keep defaults."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: _copy(v) for k, v in values.items() if k in names})
+
+
+def resume_flags(*classes: type) -> set[str]:
+    """Fields a resumed run may change."""
+    return {f.name for cls in classes for f in fields(cls) if f.metadata.get("resume")}
