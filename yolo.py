@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nets.common import fuse_conv_bn
-from nets.yolo import build_model, head_style
+from nets.heads import build_head
+from nets.yolo import build_model
 from utils.augment import letterbox
-from utils.boxes import CellCache, decode_outputs, non_max_suppression, split_level
+from utils.boxes import CellCache, non_max_suppression, split_level
 from utils.checkpoint import load_checkpoint
 from utils.dataset import load_image
 from utils.plots import draw_detections
@@ -86,7 +87,7 @@ class YOLO:
         self.config = config
         self.class_names = list(config.get("class_names") or [str(i) for i in range(config["num_classes"])])
         self.input_shape = tuple(config["input_shape"])
-        self.head = head_style(config)
+        self.head = build_head(config)
         anchors = torch.tensor(config["anchors"], dtype=torch.float32)
         self.cells = CellCache([anchors[mask] for mask in config["anchors_mask"]], self.input_shape[0])
         self.conf, self.nms_iou, self.letterbox = conf, nms_iou, letterbox
@@ -151,7 +152,7 @@ class YOLO:
     @torch.no_grad()
     def postprocess(self, outputs: list[torch.Tensor], metas: np.ndarray) -> list[np.ndarray]:
         """Raw outputs -> per image [N,6] (x1, y1, x2, y2, score, class) in original pixels."""
-        pred = decode_outputs(outputs, self.cells(outputs), self.head)
+        pred = self.head.decode_outputs(outputs, self.cells(outputs))
         dets = non_max_suppression(pred, self.conf, self.nms_iou, self.max_det, self.multi_label)
         # one copy to the host for the whole batch
         flat = torch.cat(dets).float().cpu().numpy() if dets else np.zeros((0, 6), np.float32)

@@ -31,12 +31,9 @@ def model_family(model: str) -> str:
     return "yolov4-tiny" if model == "yolov4-tiny" else "yolov5"
 
 
-HEADS = ("yolov4", "yolov5")
-
-
-def head_style(config: dict) -> str:
-    """How raw outputs become boxes and targets are assigned: 'yolov4' or 'yolov5' (default: the family's)."""
-    return config.get("head") or ("yolov4" if model_family(config["model"]) == "yolov4-tiny" else "yolov5")
+# each family's own head style (nets/heads.py turns a style name into a head)
+FAMILY_HEAD = {"yolov4-tiny": "yolov4", "yolov5": "yolov5"}
+HEADS = tuple(FAMILY_HEAD.values())
 
 
 def read_anchors(path: str | Path) -> list[list[float]]:
@@ -70,7 +67,7 @@ def make_config(model: str = "yolov4-tiny", phi: int | str = 0, class_names: lis
         "anchors": [[float(w), float(h)] for w, h in anchors],
         "anchors_mask": anchors_mask,
         "input_shape": [int(input_shape[0]), int(input_shape[1])],
-        "head": head or ("yolov4" if family == "yolov4-tiny" else "yolov5"),
+        "head": head or FAMILY_HEAD[family],
     }
 
 

@@ -9,6 +9,7 @@ from nets.attention import ATTENTION_NAMES, CoordAttention
 from nets.yolo import build_model, make_config
 from nets.yolo_training import YoloLoss, load_hyp
 from utils.checkpoint import save_checkpoint
+from utils.loader import per_image_targets
 from yolo import YOLO
 
 # ultralytics YOLOv5 v6/v7 parameter counts
@@ -52,7 +53,7 @@ def test_a_training_step_lowers_the_loss(size):
     model = build_model(config)
     loss_fn = YoloLoss(config, load_hyp(config["model"]))
     images = torch.rand(2, 3, 128, 128)
-    targets = torch.tensor([[0, 0, 0.5, 0.5, 0.4, 0.3], [1, 1, 0.3, 0.6, 0.2, 0.4]])
+    targets = per_image_targets(torch.tensor([[0, 0, 0.5, 0.5, 0.4, 0.3], [1, 1, 0.3, 0.6, 0.2, 0.4]]), 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9)
     losses = []
     for _ in range(15):
