@@ -111,9 +111,8 @@ def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int) -> 
     print(f"{len(paths) - len(skipped)} images, {found} objects ({summary}) -> {outputs.out}")
 
 
-def predict_video(yolo: YOLO, source: Source, outputs: Outputs) -> None:
+def predict_video(yolo: YOLO, source: Source, cap: cv2.VideoCapture, outputs: Outputs) -> None:
     """Annotated copy of a video or webcam stream: same size and frame rate, every frame, measured FPS drawn."""
-    cap = open_video(source)
     fps_in = cap.get(cv2.CAP_PROP_FPS) or 30.0
     size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
     name = f"webcam{source.webcam}" if source.kind == "webcam" else source.paths[0].stem
@@ -170,6 +169,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     if args.mode == "fps":
         run_fps(yolo, source, args.fps_iters)
         return None
+    # inputs are checked before the output folder exists: a failed run leaves nothing behind
+    cap = open_video(source) if source.kind != "images" else None
+    if source.kind == "images" and len(source.paths) == 1:
+        load_image(source.paths[0])     # a single unreadable image is an error, not a skipped file
     out = Path(args.out) if args.out else numbered_dir(Path("img_out") / "exp")
     out.mkdir(parents=True, exist_ok=True)
     print_config("predict.py", {"weights": args.weights, "model": yolo.config["model"],
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     if source.kind == "images":
         predict_images(yolo, source, outputs, args.batch)
     else:
-        predict_video(yolo, source, outputs)
+        predict_video(yolo, source, cap, outputs)
     outputs.finish()
     return out
 

@@ -76,12 +76,13 @@ def test_overfits_one_batch_deterministically():
     losses = [h[0] for h in history]
     assert all(math.isfinite(v) for v in losses)
     first, last5 = losses[0], losses[-5:]
-    # measured over seeds 0-3: min of the last five is 0.31-0.39 of the first
+    # measured over seeds 0-3: min of the last five is 0.31-0.39 of the first; 0.35 / 0.35 with 1 / 2 threads
     assert min(last5) < 0.5 * first, losses
     assert max(last5) < 0.7 * first, losses
-    # every part learns
+    # every part learns: the mean of the last five steps (one step's value wanders with the thread count's
+    # rounding; measured 0.23-0.45 of the first for box and cls, 0.87 for obj, with 1 and 2 threads)
     for part in ("box", "obj", "cls"):
-        assert history[-1][1][part] < history[0][1][part], part
+        assert sum(h[1][part] for h in history[-5:]) / 5 < history[0][1][part], part
     # same seed, same numbers
     again = train_steps(3)
     assert [h[0] for h in again] == losses[:3]

@@ -124,8 +124,9 @@ def one_line_error(capsys, main, argv) -> str:
     return err
 
 
-def test_cli_errors_are_one_line(run, data, tmp_path, capsys):
+def test_cli_errors_are_one_line(run, data, tmp_path, capsys, monkeypatch):
     weights = str(run / "best.pt")
+    monkeypatch.chdir(tmp_path)          # default output folders (img_out/, map_out/, logs/) would land here
     assert "nothere.jpg" in one_line_error(capsys, predict.main, ["--weights", weights, "--source", "nothere.jpg"])
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
@@ -140,6 +141,8 @@ def test_cli_errors_are_one_line(run, data, tmp_path, capsys):
     assert "unknown attention" in one_line_error(capsys, train.main, ["--data", str(data), "--phi", "foo"])
     assert "--data sample" in one_line_error(capsys, train.main, ["--data", str(tmp_path / "empty")])
     assert "not found" in one_line_error(capsys, get_map.main, ["--weights", str(tmp_path / "none.pt")])
+    # a failed run creates no output folder
+    assert not any((tmp_path / d).exists() for d in ("img_out", "map_out", "logs"))
 
 
 def test_torchrun_two_cpu_processes_train_and_resume(data, tmp_path):

@@ -48,22 +48,29 @@ def test_attention_points_follow_the_width():
 
 @pytest.mark.parametrize("size", ["n", "s"])
 def test_a_training_step_lowers_the_loss(size):
+    """One small step along the negative gradient lowers the loss by about what the gradient predicts.
+
+    A step of length eta along -g/|g| changes the loss by -eta*|g| to first order; asserting half of that
+    leaves a wide margin for the float rounding of other thread counts (a few optimiser steps would not).
+    """
     torch.manual_seed(0)
     config = make_config(f"yolov5{size}", 4, names(2), (128, 128))
-    model = build_model(config)
+    model = build_model(config).eval()         # fixed BatchNorm statistics: the same function before and after
     loss_fn = YoloLoss(config, load_hyp(config["model"]))
     images = torch.rand(2, 3, 128, 128)
     targets = per_image_targets(torch.tensor([[0, 0, 0.5, 0.5, 0.4, 0.3], [1, 1, 0.3, 0.6, 0.2, 0.4]]), 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9)
-    losses = []
-    for _ in range(15):
-        loss, parts = loss_fn(model(images), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert all(np.isfinite(losses)) and min(losses[-5:]) < 0.9 * losses[0]
+    loss, _ = loss_fn(model(images), targets)
+    loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+    grads = [p.grad for p in model.parameters()]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+    eta = 1e-3 * loss.item() / norm            # predicted decrease: 0.1 % of the loss
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads):
+            p -= eta * g / norm
+        after, _ = loss_fn(model(images), targets)
+    predicted = eta * norm
+    assert np.isfinite(after.item()) and loss.item() - after.item() > 0.5 * predicted, (loss.item(), after.item())
 
 
 def test_checkpoint_round_trip_through_yolo(tmp_path):
