@@ -91,11 +91,11 @@ class Head:
     def candidates(self, gxy: torch.Tensor, gwh: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor,
                    stride: float, mask: list[int], anchors: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One level's assignment of boxes (grid units gxy, gwh [M,2]; valid [M]) given the grid size `scale` [2],
-        its stride, anchor indices `mask` and all anchors [nA,2] in input pixels.
+        """One level's candidates: matched anchors [A,M], cell offsets tried [O,2], offsets usable per box [O,M].
 
-        Returns which of the level's anchors each box matches [A,M], the cell offsets tried [O,2]
-        (subtracted from the centre), and which offsets are usable per box [O,M].
+        Boxes in grid units (gxy, gwh [M,2]; valid [M]), the grid size `scale` (w, h) [2], the level's
+        stride, its anchor indices `mask` and all anchors [nA,2] in input pixels. An offset is
+        subtracted from a box's centre to pick the cell.
         """
         raise NotImplementedError
 
@@ -105,7 +105,10 @@ class Head:
 
     def counted(self, preds: torch.Tensor, cells: Cells, targets: torch.Tensor, valid: torch.Tensor,
                 tobj: torch.Tensor, input_shape: tuple[int, int]) -> torch.Tensor:
-        """Weight [B,N] of each prediction in the objectness loss: 1 everywhere unless the head ignores some."""
+        """Weight [B,N] of each prediction in the objectness loss: 1 everywhere unless the head ignores some.
+
+        targets [B,K,6] (padding rows hold a harmless box), valid [B,K], tobj [B,N] the objectness targets.
+        """
         return torch.ones_like(tobj)
 
 
