@@ -4,8 +4,9 @@ predict.py, get_map.py, the evaluation during training, fps and heatmap modes al
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+import dataclasses
 import os
+from contextlib import nullcontext
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -18,10 +19,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nets.common import fuse_conv_bn
-from nets.yolo import build_model, head_style
+from nets.heads import build_head
+from nets.yolo import as_model_config, build_model
 from utils.augment import letterbox
-from utils.boxes import CellCache, decode_outputs, non_max_suppression, split_level
+from utils.boxes import CellCache, non_max_suppression, split_level
 from utils.checkpoint import load_checkpoint
+from utils.config import ModelConfig
 from utils.dataset import load_image
 from utils.plots import draw_detections
 from utils.torch_utils import CudaGraphForward, select_device
@@ -55,20 +58,18 @@ class YOLO:
                  max_det: int = 300, multi_label: bool = False, img: int | None = None,
                  cuda_graph: bool | None = None):
         ckpt = load_checkpoint(weights)
-        model = build_model(ckpt["config"])
+        config = as_model_config(ckpt["config"])
+        model = build_model(config)
         model.load_state_dict(ckpt["model"])
-        config = dict(ckpt["config"])
         if img is not None:
-            if img % 32 or img <= 0:
-                raise ValueError(f"--img {img}: the input size must be a positive multiple of 32")
-            config["input_shape"] = [img, img]
+            config = dataclasses.replace(config, input_shape=[img, img]).validate()
         self._setup(model, config, device, conf, nms_iou, letterbox, half, max_det, multi_label)
         self.weights = str(weights)
         self.owns_model = True
         self._optimise_owned_model(cuda_graph)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, config: dict, device: str | torch.device | None = None,
+    def from_model(cls, model: torch.nn.Module, config: ModelConfig | dict, device: str | torch.device | None = None,
                    **kwargs) -> YOLO:
         """Wrap a model already in memory (the trainer's EMA model) without copying weights."""
         self = cls.__new__(cls)
@@ -81,14 +82,16 @@ class YOLO:
         return self
 
     def _setup(self, model, config, device, conf, nms_iou, letterbox, half, max_det, multi_label) -> None:
+        config = as_model_config(config)
         self.device = select_device(device)
         self.model = model.to(self.device).eval()
-        self.config = config
-        self.class_names = list(config.get("class_names") or [str(i) for i in range(config["num_classes"])])
-        self.input_shape = tuple(config["input_shape"])
-        self.head = head_style(config)
-        anchors = torch.tensor(config["anchors"], dtype=torch.float32)
-        self.cells = CellCache([anchors[mask] for mask in config["anchors_mask"]], self.input_shape[0])
+        self.model_config = config
+        self.config = config.to_dict()       # the checkpoint's plain form, for display and saving
+        self.class_names = list(config.class_names)
+        self.input_shape = tuple(config.input_shape)
+        self.head = build_head(config)
+        anchors = torch.tensor(config.anchors, dtype=torch.float32)
+        self.cells = CellCache([anchors[mask] for mask in config.anchors_mask], self.input_shape[0])
         self.conf, self.nms_iou, self.letterbox = conf, nms_iou, letterbox
         self.max_det, self.multi_label = max_det, multi_label
         self.half = (self.device.type == "cuda") if half is None else bool(half and self.device.type == "cuda")
@@ -151,7 +154,7 @@ class YOLO:
     @torch.no_grad()
     def postprocess(self, outputs: list[torch.Tensor], metas: np.ndarray) -> list[np.ndarray]:
         """Raw outputs -> per image [N,6] (x1, y1, x2, y2, score, class) in original pixels."""
-        pred = decode_outputs(outputs, self.cells(outputs), self.head)
+        pred = self.head.decode_outputs(outputs, self.cells(outputs))
         dets = non_max_suppression(pred, self.conf, self.nms_iou, self.max_det, self.multi_label)
         # one copy to the host for the whole batch
         flat = torch.cat(dets).float().cpu().numpy() if dets else np.zeros((0, 6), np.float32)
@@ -181,7 +184,7 @@ class YOLO:
         batch, metas = self.preprocess([bgr])
         h, w = self.input_shape
         heat = torch.zeros(h, w, device=self.device)
-        for raw, mask in zip(self.forward(batch), self.config["anchors_mask"]):
+        for raw, mask in zip(self.forward(batch), self.model_config.anchors_mask):
             obj = split_level(raw.float(), len(mask))[0, ..., 4].sigmoid().amax(0)          # H',W'
             heat = torch.maximum(heat, F.interpolate(obj[None, None], size=(h, w), mode="bilinear")[0, 0])
         rx, ry, px, py, w0, h0 = metas[0]

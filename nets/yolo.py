@@ -35,12 +35,6 @@ def model_family(model: str) -> str:
     return "yolov4-tiny" if model == "yolov4-tiny" else "yolov5"
 
 
-def head_style(config: ModelConfig | dict) -> str:
-    """How raw outputs become boxes and targets are assigned: 'yolov4' or 'yolov5' (default: the family's)."""
-    config = as_model_config(config)
-    return config.head or FAMILY_DEFAULTS[config.family][3]
-
-
 def read_anchors(path: str | Path) -> list[list[float]]:
     """Anchors file 'w,h, w,h, ...' -> [[w, h], ...] in input pixels."""
     values = [float(v) for v in Path(path).read_text().replace("\n", ",").split(",") if v.strip()]

@@ -1,12 +1,8 @@
-"""Target assignment and loss for both families, vectorised over the batch's targets [M, 6].
+"""Target assignment and loss for both head styles, vectorised over the batch's targets [B, K, 6].
 
-YOLOv4-tiny: each box goes to its best-IoU anchor (and any anchor above `anchor_iou_thresh`)
-in the cell holding its centre; objectness target 1, with the predictions that already
-overlap a box by more than `ignore_thresh` left out of the objectness loss.
-YOLOv5: a box goes to every anchor whose width/height ratio is within `anchor_t`, in its cell
-and the two nearest neighbouring cells; objectness target = the detached IoU.
-Both: CIoU box loss, BCE objectness and classes, label smoothing,
-per-level balance, gains scaled by levels, classes and image size.
+What differs between styles - decode, which anchors and cells a box goes to, the objectness
+target, the ignore rule - is the head's (nets/heads.py). Shared here: CIoU box loss, BCE
+objectness and classes, label smoothing, per-level balance, gains scaled by levels, classes and image size.
 """
 from __future__ import annotations
 
@@ -16,16 +12,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from nets.yolo import MODEL_DATA, head_style, model_family
-from utils.boxes import (CellCache, Cells, box_iou_batched, ciou_loss, cxcywh_to_xyxy, decode_boxes, decode_wh,
-                         decode_xy, flatten_levels)
+from nets.heads import build_head
+from nets.yolo import MODEL_DATA, as_model_config, model_family
+from utils.boxes import CellCache, Cells, ciou_loss, flatten_levels
+from utils.config import ModelConfig
 
 HYP_FILES = {"yolov4-tiny": "hyp.yolov4-tiny.yaml", "yolov5": "hyp.scratch-low.yaml"}
-# neighbour cells YOLOv5 also assigns: centre, left, up, right, down
+# smallest predicted box side (cell units) the CIoU sees: see YoloLoss.__call__
 MIN_BOX_CELLS = 1e-3
-# bound on the (targets x predictions) IoU block of the ignore mask, to cap its memory
-IGNORE_CHUNK_ELEMENTS = 2**24
-NEIGHBOUR_OFFSETS = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], dtype=torch.float32)
 
 
 def load_hyp(model: str, path: str | Path | None = None) -> dict:
@@ -39,41 +33,32 @@ def load_hyp(model: str, path: str | Path | None = None) -> dict:
     return hyp
 
 
-def wh_iou(wh1: torch.Tensor, wh2: torch.Tensor) -> torch.Tensor:
-    """IoU of boxes sharing a centre: [M, 2] x [K, 2] -> [M, K]."""
-    inter = torch.minimum(wh1[:, None], wh2[None]).prod(-1)
-    return inter / (wh1.prod(-1)[:, None] + wh2.prod(-1)[None] - inter + 1e-9)
-
-
 def smooth_targets(label_smoothing: float) -> tuple[float, float]:
     """BCE targets (positive, negative) with label smoothing eps: 1 - eps/2 and eps/2."""
     return 1.0 - 0.5 * label_smoothing, 0.5 * label_smoothing
 
 
 class YoloLoss:
-    """Callable: (raw outputs coarsest first, targets [M, 6]) -> (loss, parts).
+    """Callable: (raw outputs coarsest first, targets [B, K, 6]) -> (loss, parts).
 
     All levels are handled as one flattened tensor [B, N, 5+C] (utils.boxes.flatten_levels), and
     the assignment is dense (fixed shapes): a training step issues few kernels and never waits
-    for the GPU. Rows of `targets` with image index -1 are padding and are ignored.
+    for the GPU. Row group b of `targets` holds image b's boxes; rows with image index -1 are padding.
     """
 
-    def __init__(self, config: dict, hyp: dict):
-        self.head = head_style(config)
-        self.anchors = torch.tensor(config["anchors"], dtype=torch.float32)       # nA,2 input pixels
-        self.anchors_mask = config["anchors_mask"]
-        self.num_classes = config["num_classes"]
-        self.input_shape = config["input_shape"]                                   # h, w
+    def __init__(self, config: ModelConfig | dict, hyp: dict):
+        config = as_model_config(config)
+        self.head = build_head(config, hyp)
+        self.anchors = torch.tensor(config.anchors, dtype=torch.float32)          # nA,2 input pixels
+        self.anchors_mask = config.anchors_mask
+        self.num_classes = config.num_classes
+        self.input_shape = config.input_shape                                      # h, w
         num_levels = len(self.anchors_mask)
         self.box_gain = hyp["box"] * 3 / num_levels
         self.cls_gain = hyp["cls"] * self.num_classes / 80 * 3 / num_levels
         self.obj_gain = hyp["obj"] * (max(self.input_shape) / 640) ** 2 * 3 / num_levels
         self.balance_by_stride = {int(k): float(v) for k, v in hyp["balance"].items()}
         self.cls_pos, self.cls_neg = smooth_targets(hyp.get("label_smoothing", 0.0))
-        self.anchor_t = hyp.get("anchor_t", 4.0)
-        self.anchor_iou_thresh = hyp.get("anchor_iou_thresh", 1.0)
-        # the ignore threshold belongs to YOLOv4's objectness target of 1; YOLOv5's target is the IoU itself
-        self.ignore_thresh = hyp.get("ignore_thresh") if self.head == "yolov4" else None
         self.cells = CellCache([self.anchors[m] for m in self.anchors_mask], self.input_shape[0])
         self._cache: dict = {}
 
@@ -84,13 +69,13 @@ class YoloLoss:
         return self._cache[key]
 
     def __call__(self, outputs: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """targets: [M,6] rows (image, class, cx, cy, w, h), or per image [B,K,6] (the GPU batches' layout)."""
+        """targets: [B,K,6] rows (image, class, cx, cy, w, h) per image, padded with image index -1."""
         device = outputs[0].device
         batch, levels = outputs[0].shape[0], len(outputs)
+        check_targets(targets, batch)
         cells = self.cells(outputs)
         preds = flatten_levels(outputs, cells.anchors_per_level)                     # B,N,5+C
-        per_image = targets.dim() == 3
-        targets = targets.to(device).float().reshape(-1, 6)
+        targets = targets.to(device).float().reshape(-1, 6)                         # B*K,6
         valid = targets[:, 0] >= 0                                                   # rows of image -1 are padding
         # padding rows get a harmless box so no NaN reaches the (masked) arithmetic
         pad = self._const(("pad", device), lambda: torch.tensor([0, 0, 0.5, 0.5, 0.1, 0.1], device=device))
@@ -103,8 +88,8 @@ class YoloLoss:
         anchor_grid = cells.anchors[slot] / cells.stride[slot]
         # a box narrower than float32 can resolve after centre +- half size has x2 == x1, and CIoU's w / h
         # then has a 0/0 gradient: sizes are kept above MIN_BOX_CELLS (cell units)
-        pwh = decode_wh(ps[:, 2:4], anchor_grid, self.head).clamp(min=MIN_BOX_CELLS)
-        pbox = torch.cat([decode_xy(ps[:, :2], self.head), pwh], 1)
+        pwh = self.head.decode_wh(ps[:, 2:4], anchor_grid).clamp(min=MIN_BOX_CELLS)
+        pbox = torch.cat([self.head.decode_xy(ps[:, :2]), pwh], 1)
         box_loss = ciou_loss(pbox, tbox)
         positives = torch.zeros(levels, device=device).index_add_(0, lvl, weight)   # L
         lbox = (torch.zeros(levels, device=device).index_add_(0, lvl, box_loss * weight)
@@ -118,14 +103,14 @@ class YoloLoss:
             lcls = (torch.zeros(levels, device=device).index_add_(0, lvl, bce * weight)
                     / (positives * self.num_classes).clamp(min=1)).sum()
 
-        # objectness: target 1 (YOLOv4) or the IoU (YOLOv5) at positives; several boxes may claim
-        # one slot, so keep the best whatever their order
-        obj_target = (1.0 - box_loss).detach().clamp(0) if self.head == "yolov5" else torch.ones_like(box_loss)
+        # objectness: the head's target at positives; several boxes may claim one slot, so keep the
+        # best whatever their order
+        obj_target = self.head.objectness_target(box_loss)
         tobj = torch.zeros(preds.shape[:2], device=device)
         tobj.view(-1).scatter_reduce_(0, b * preds.shape[1] + slot, obj_target * weight, reduce="amax")
         obj_bce = F.binary_cross_entropy_with_logits(preds[..., 4], tobj, reduction="none")   # B,N
-        counted = (torch.ones_like(obj_bce) if self.ignore_thresh is None
-                   else self._not_ignored(preds, cells, targets, valid, tobj, per_image))
+        counted = self.head.counted(preds, cells, targets.view(batch, -1, 6), valid.view(batch, -1), tobj,
+                                    self.input_shape)                                # B,N
         per_level = torch.zeros(levels, device=device).index_add_(0, cells.level, (obj_bce * counted).sum(0))
         counts = torch.zeros(levels, device=device).index_add_(0, cells.level, counted.sum(0))
         lobj = (per_level / counts.clamp(min=1) * self._balance(cells, device)).sum()
@@ -143,10 +128,11 @@ class YoloLoss:
     def positives(self, outputs: list[torch.Tensor], targets: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
         """Per level, the positive samples compacted: (batch, anchor, row, col, target box in cell units, class).
 
-        For inspection and tests; the loss itself uses the dense form of `_assign`.
+        `targets` [B,K,6] as for the loss. For inspection and tests; the loss itself uses the dense form of `_assign`.
         """
+        check_targets(targets, outputs[0].shape[0])
         cells = self.cells(outputs)
-        targets = targets.float()
+        targets = targets.float().reshape(-1, 6)
         b, slot, tbox, tcls, weight, lvl = self._assign(targets, targets[:, 0] >= 0, cells)
         result = []
         for level, ((h, w), start) in enumerate(zip(cells.shapes, cells.offsets)):
@@ -170,19 +156,8 @@ class YoloLoss:
             scale = self._const(("scale", w, h, device), lambda: torch.tensor([w, h], device=device, dtype=torch.float32))
             gxy = targets[:, 2:4] * scale                                           # M,2 grid units
             gwh = targets[:, 4:6] * scale
-            if self.head == "yolov5":
-                level_anchors = self._const(("level", tuple(mask), device), lambda: anchors[mask])
-                local_anchors = level_anchors / stride                               # A,2 grid units
-                ratio = gwh[None] / local_anchors[:, None]                           # A,M,2
-                match = torch.maximum(ratio, 1 / ratio).amax(2) < self.anchor_t      # A,M
-                offsets = self._const(("offsets", device), lambda: NEIGHBOUR_OFFSETS.to(device) * 0.5)
-                usable = self._neighbours(gxy, scale)                                # O,M
-            else:
-                iou = wh_iou(gwh * stride, anchors)                                  # M,nA
-                mask_t = self._const(("mask", tuple(mask), device), lambda: torch.tensor(mask, device=device))
-                match = (iou.argmax(1)[None] == mask_t[:, None]) | (iou.index_select(1, mask_t).T > self.anchor_iou_thresh)
-                offsets = self._const(("no_offset", device), lambda: torch.zeros(1, 2, device=device))
-                usable = valid[None]
+            # A,M matched anchors; O,2 cell offsets; O,M usable
+            match, offsets, usable = self.head.candidates(gxy, gwh, valid, scale, stride, mask, anchors)
             num_o, num_a, num_m = len(offsets), len(mask), len(gxy)
             weight = (usable[:, None] & match[None] & valid[None, None]).float()     # O,A,M
             cell = (gxy[None] - offsets[:, None]).long()                             # O,M,2
@@ -199,38 +174,9 @@ class YoloLoss:
                             torch.full((num_o * num_a * num_m,), level, device=device)))
         return tuple(torch.cat(parts) for parts in zip(*columns))
 
-    @staticmethod
-    def _neighbours(gxy: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """YOLOv5's cells: the centre and the two neighbours nearest the centre -> usable [5, M] (NEIGHBOUR_OFFSETS order)."""
-        g = 0.5
-        inv = scale - gxy
-        left, up = ((gxy % 1 < g) & (gxy > 1)).T
-        right, down = ((inv % 1 < g) & (inv > 1)).T
-        return torch.stack([torch.ones_like(left), left, up, right, down])
 
-    def _not_ignored(self, preds, cells: Cells, targets, valid, tobj, per_image: bool) -> torch.Tensor:
-        """1 where the objectness loss counts: positives, and negatives not overlapping a box > ignore_thresh.
-
-        Each prediction's best IoU with the boxes of its own image. Targets laid out per image
-        ([B,K] rows, `per_image`) are compared image by image with no gather; other layouts
-        gather each row's image predictions and take the maximum with a scatter.
-        """
-        with torch.no_grad():
-            b, n = preds.shape[:2]
-            size = self._const(("size", preds.device), lambda: torch.tensor(
-                [self.input_shape[1], self.input_shape[0]] * 2, device=preds.device, dtype=torch.float32))
-            pred = cxcywh_to_xyxy(decode_boxes(preds, cells, self.head)) / size      # B,N,4 normalised
-            boxes = cxcywh_to_xyxy(targets[:, 2:6])                                  # M,4
-            if per_image:
-                boxes, valid = boxes.view(b, -1, 4), valid.view(b, -1, 1)            # B,K,4 / B,K,1
-                step = max(1, IGNORE_CHUNK_ELEMENTS // (boxes.shape[1] * n))         # images at a time
-                best = torch.cat([(box_iou_batched(boxes[s:s + step], pred[s:s + step]) * valid[s:s + step]).amax(1)
-                                  for s in range(0, b, step)])                       # B,N
-            else:
-                img = targets[:, 0].long().clamp(0, b - 1)
-                best = torch.zeros(b, n, device=preds.device)
-                chunk = max(1, IGNORE_CHUNK_ELEMENTS // n)
-                for s in range(0, len(targets), chunk):
-                    iou = box_iou_batched(boxes[s:s + chunk, None], pred[img[s:s + chunk]])[:, 0] * valid[s:s + chunk, None]
-                    best.scatter_reduce_(0, img[s:s + chunk, None].expand_as(iou), iou, "amax")
-            return ((best <= self.ignore_thresh) | (tobj > 0)).float()
+def check_targets(targets: torch.Tensor, batch: int) -> None:
+    """Refuse anything but per-image targets [B,K,6] for a batch of B images (shapes only: no device sync)."""
+    if targets.dim() != 3 or targets.shape[0] != batch or targets.shape[2] != 6:
+        raise ValueError(f"targets must be per image [B={batch}, K, 6] (image, class, cx, cy, w, h; padding rows "
+                         f"image -1), got {list(targets.shape)}; utils.loader.per_image_targets converts flat rows")

@@ -9,7 +9,7 @@ from utils.augment import (GRAY, letterbox, load_resized, mix_targets, plan_targ
                            transform_boxes, hsv_cpu)
 from utils.dataset import Record
 from utils.gpu_augment import GpuAugmenter, hsv_gpu, render_gpu
-from utils.loader import AugmentSampler, TrainDataset, collate, image_tensor, loaded_sizes, padded_boxes
+from utils.loader import AugmentSampler, TrainDataset, collate, flat_targets, image_tensor, loaded_sizes, padded_boxes
 
 PAINT = np.array([30, 200, 90], dtype=np.uint8)   # BGR of the painted boxes
 HYP = dict(mosaic=0.5, mixup=0.0, scale=0.5, aspect=0.2, translate=0.1, fliplr=0.5,
@@ -188,7 +188,7 @@ def test_cpu_and_gpu_paths_have_the_same_box_statistics(tmp_path):
     cpu_targets = []
     for epoch in range(25):
         sampler.set_epoch(epoch, True)
-        cpu_targets.append(collate([dataset[item] for item in sampler])[1])
+        cpu_targets.append(flat_targets(collate([dataset[item] for item in sampler])[1]))
     sizes = loaded_sizes(records, SHAPE)
     table, labels, counts = padded_boxes(records, sizes)
     augmenter = GpuAugmenter(image_tensor(images, SHAPE), sizes, table, labels, counts, SHAPE, hyp, torch.device("cpu"))

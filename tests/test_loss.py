@@ -7,7 +7,8 @@ from torchvision.ops import box_iou
 
 from nets.yolo import YoloBody, make_config
 from nets.yolo_training import YoloLoss, load_hyp, smooth_targets
-from utils.boxes import cxcywh_to_xyxy, decode_outputs, flatten_levels, split_level
+from utils.boxes import cxcywh_to_xyxy, flatten_levels, split_level
+from utils.loader import flat_targets, per_image_targets
 
 V4_MASK = [[3, 4, 5], [1, 2, 3]]
 
@@ -23,7 +24,7 @@ def positives_at(crit, targets, level):
     strides = [32, 16] if len(crit.anchors_mask) == 2 else [32, 16, 8]
     outputs = [torch.zeros(int(targets[:, 0].max()) + 1, len(m) * (5 + crit.num_classes), size // s, size // s)
                for m, s in zip(crit.anchors_mask, strides)]
-    return crit.positives(outputs, targets)[level]
+    return crit.positives(outputs, per_image_targets(targets, len(outputs[0])))[level]
 
 
 def random_outputs(num_classes=3, size=128, batch=2, seed=0, scale=1.0):
@@ -58,6 +59,7 @@ def train_steps(steps, seed=0):
     model = YoloBody(V4_MASK, 2, 0).train()
     criterion = v4_loss(num_classes=2)
     images, targets = draw_batch()
+    targets = per_image_targets(targets, len(images))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     history = []
     for _ in range(steps):
@@ -91,13 +93,13 @@ def test_overfits_one_batch_deterministically():
 def test_loss_parts_and_scaling():
     crit = v4_loss()
     out = random_outputs()
-    loss, parts = crit(out, TARGETS_128)
+    loss, parts = crit(out, per_image_targets(TARGETS_128, 2))
     assert set(parts) == {"box", "obj", "cls"}
     assert all(v > 0 and not v.requires_grad for v in parts.values())
     # total = (box + obj + cls) * batch size
     assert torch.allclose(loss, (parts["box"] + parts["obj"] + parts["cls"]) * 2, rtol=1e-6)
     # the same call again gives the same number
-    assert crit(out, TARGETS_128)[0].item() == loss.item()
+    assert crit(out, per_image_targets(TARGETS_128, 2))[0].item() == loss.item()
     # gains as documented: box*3/levels, cls*nc/80*3/levels, obj*(img/640)^2*3/levels
     assert crit.box_gain == pytest.approx(0.05 * 1.5)
     assert crit.cls_gain == pytest.approx(0.5 * 3 / 80 * 1.5)
@@ -108,8 +110,8 @@ def test_label_smoothing_changes_class_targets():
     assert smooth_targets(0.1) == pytest.approx((0.95, 0.05))
     assert smooth_targets(0.0) == (1.0, 0.0)
     out = random_outputs()
-    _, plain = v4_loss(label_smoothing=0.0)(out, TARGETS_128)
-    _, smooth = v4_loss(label_smoothing=0.1)(out, TARGETS_128)
+    _, plain = v4_loss(label_smoothing=0.0)(out, per_image_targets(TARGETS_128, 2))
+    _, smooth = v4_loss(label_smoothing=0.1)(out, per_image_targets(TARGETS_128, 2))
     assert plain["cls"] != pytest.approx(smooth["cls"].item(), rel=1e-3)
     assert plain["box"] == smooth["box"] and plain["obj"] == smooth["obj"]
 
@@ -123,9 +125,9 @@ def test_label_smoothing_penalises_perfect_confidence():
         p = split_level(raw, 3)
         p[..., 5:] = -30.0
         p[..., 6] = 30.0
-    _, plain = v4_loss(label_smoothing=0.0)(out, targets)
+    _, plain = v4_loss(label_smoothing=0.0)(out, per_image_targets(targets, 2))
     crit = v4_loss(label_smoothing=0.1)
-    _, smooth = crit(out, targets)
+    _, smooth = crit(out, per_image_targets(targets, 2))
     assert plain["cls"] < 1e-9
     # BCE(+-30, 0.95 | 0.05) = 0.05 * 30 per logit, on both levels
     assert smooth["cls"].item() == pytest.approx(2 * 1.5 * crit.cls_gain, rel=1e-4)
@@ -134,14 +136,14 @@ def test_label_smoothing_penalises_perfect_confidence():
 def test_single_class_without_smoothing_has_no_class_loss():
     targets = TARGETS_128.clone()
     targets[:, 1] = 0
-    _, parts = v4_loss(num_classes=1)(random_outputs(num_classes=1), targets)
+    _, parts = v4_loss(num_classes=1)(random_outputs(num_classes=1), per_image_targets(targets, 2))
     assert parts["cls"] == 0
 
 
 def test_image_without_boxes_trains():
     out = [o.requires_grad_() for o in random_outputs()]
     targets = TARGETS_128[TARGETS_128[:, 0] == 0]
-    loss, parts = v4_loss()(out, targets)
+    loss, parts = v4_loss()(out, per_image_targets(targets, 2))
     assert torch.isfinite(loss) and all(v > 0 for v in parts.values())
     loss.backward()
     for raw in out:
@@ -155,7 +157,7 @@ def test_image_without_boxes_trains():
 
 def test_all_empty_targets():
     out = [o.requires_grad_() for o in random_outputs()]
-    loss, parts = v4_loss()(out, torch.zeros(0, 6))
+    loss, parts = v4_loss()(out, per_image_targets(torch.zeros(0, 6), 2))
     assert torch.isfinite(loss)
     assert parts["box"] == 0 and parts["cls"] == 0 and parts["obj"] > 0
     loss.backward()
@@ -168,7 +170,7 @@ def test_all_empty_targets():
 def test_empty_targets_with_a_model():
     torch.manual_seed(0)
     model = YoloBody(V4_MASK, 3, 0).train()
-    loss, _ = v4_loss(size=64)(model(torch.rand(2, 3, 64, 64)), torch.zeros(0, 6))
+    loss, _ = v4_loss(size=64)(model(torch.rand(2, 3, 64, 64)), per_image_targets(torch.zeros(0, 6), 2))
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
@@ -178,10 +180,10 @@ def test_loss_is_invariant_to_target_order():
     out = random_outputs(seed=3)
     targets = torch.cat([TARGETS_128, torch.tensor([[1, 2, 0.52, 0.53, 0.40, 0.45]])])  # shares cells with row 2
     crit = v4_loss()
-    loss, parts = crit(out, targets)
+    loss, parts = crit(out, per_image_targets(targets, 2))
     for seed in range(3):
         perm = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
-        loss_p, parts_p = crit(out, targets[perm])
+        loss_p, parts_p = crit(out, per_image_targets(targets[perm], 2))
         assert loss_p.item() == pytest.approx(loss.item(), abs=1e-6)
         for k in parts:
             assert parts_p[k].item() == pytest.approx(parts[k].item(), abs=1e-6)
@@ -199,7 +201,7 @@ def test_box_loss_vanishes_for_exact_predictions():
         xy = ((tbox[:, :2] + 0.025) / 1.05).logit()                   # inverse of the v4 xy decode
         wh = (tbox[:, 2:] / (crit.anchors[mask][a] / stride)).log()
         p[b, a, gj, gi, :4] = torch.cat([xy, wh], 1)
-    _, parts = crit(out, TARGETS_128)
+    _, parts = crit(out, per_image_targets(TARGETS_128, 2))
     assert parts["box"] < 1e-6
 
 
@@ -275,7 +277,7 @@ def test_v5_loss_runs_on_constructed_outputs():
     g = torch.Generator().manual_seed(0)
     out = [torch.randn(2, 3 * 7, 640 // s, 640 // s, generator=g, requires_grad=True) for s in (32, 16, 8)]
     targets = torch.tensor([[0, 1, 0.3, 0.4, 0.25, 0.3], [1, 0, 0.6, 0.5, 0.05, 0.08]])
-    loss, parts = crit(out, targets)
+    loss, parts = crit(out, per_image_targets(targets, 2))
     assert torch.isfinite(loss) and all(v > 0 for v in parts.values())
     loss.backward()
     assert all(torch.isfinite(o.grad).all() for o in out)
@@ -285,7 +287,7 @@ def test_v5_loss_runs_on_constructed_outputs():
 
 def test_ignore_threshold_matches_inference_decode():
     """The objectness weight is 0 exactly where a non-positive prediction overlaps a box by > 0.5,
-    with predictions decoded by the inference path (utils.boxes.decode_outputs)."""
+    with predictions decoded by the inference path (Head.decode_outputs)."""
     crit = v4_loss(num_classes=1, size=416)
     target = torch.tensor([[0, 0, 200 / 416, 150 / 416, 135 / 416, 169 / 416]])
     g = torch.Generator().manual_seed(0)
@@ -294,18 +296,21 @@ def test_ignore_threshold_matches_inference_decode():
     # anchor 5 (344x319) at the centre cell predicts the box exactly: it is not a positive (IoU 0.208 < 0.213)
     xy = ((torch.tensor([0.25, 0.6875]) + 0.025) / 1.05).logit()
     p[0, 2, 4, 6, :4] = torch.cat([xy, torch.tensor([135 / 344, 169 / 319]).log()])
-    (b, a, gj, gi, _, _), = crit.positives([raw], target)        # the P5 level only
+    (b, a, gj, gi, _, _), = crit.positives([raw], per_image_targets(target, 1))   # the P5 level only
     cells = crit.cells([raw])
     preds = flatten_levels([raw], cells.anchors_per_level)          # 1,507,6
     tobj = torch.zeros(1, 507)
     tobj[b, (a * 13 + gj) * 13 + gi] = 1
     exact = (2 * 13 + 4) * 13 + 6
     assert tobj[0, exact] == 0
-    weight = crit._not_ignored(preds, cells, target, target[:, 0] >= 0, tobj, per_image=False)
-    per_image = crit._not_ignored(preds, cells, target, target[:, 0] >= 0, tobj, per_image=True)
+    grouped = per_image_targets(target, 1)                                           # 1,1,6
+    weight = crit.head.counted(preds, cells, grouped, grouped[..., 0] >= 0, tobj, crit.input_shape)
+    # padding rows (image -1, as in a batch where another image has more boxes) change nothing
+    padded = torch.cat([grouped, torch.tensor([[[-1, 0, 0.5, 0.5, 0.9, 0.9]] * 2])], 1)   # 1,3,6
+    per_image = crit.head.counted(preds, cells, padded, padded[..., 0] >= 0, tobj, crit.input_shape)
     assert torch.equal(weight, per_image)
     assert weight[0, exact] == 0
-    decoded = decode_outputs([raw], cells, "yolov4")[0]                               # 507, 6
+    decoded = crit.head.decode_outputs([raw], cells)[0]                               # 507, 6
     iou = box_iou(cxcywh_to_xyxy(decoded[:, :4]), cxcywh_to_xyxy(target[:, 2:] * 416)).squeeze(1)
     expected = ((iou <= 0.5) | (tobj.flatten() > 0)).float().view(1, 507)
     assert torch.equal(weight, expected)
@@ -323,8 +328,8 @@ def small_loss_and_outputs(head: str, batch: int):
 def test_padding_rows_change_nothing(head):
     """Rows with image index -1 (the fixed-size targets of GPU augmentation) are ignored exactly."""
     crit, outputs = small_loss_and_outputs(head, batch=2)
-    targets = torch.tensor([[0, 1, .5, .5, .3, .4], [1, 2, .2, .7, .2, .1]])
-    padded = torch.cat([targets[:1], torch.tensor([[-1, 0, 0, 0, 0, 0.0]] * 3), targets[1:]])
+    targets = per_image_targets(torch.tensor([[0, 1, .5, .5, .3, .4], [1, 2, .2, .7, .2, .1]]), 2)   # 2,1,6
+    padded = torch.cat([targets, torch.tensor([[[-1, 0, 0, 0, 0, 0.0]] * 3] * 2)], 1)                 # 2,4,6
     a, _ = crit(outputs, targets)
     b, _ = crit(outputs, padded)
     torch.testing.assert_close(a, b)
@@ -332,27 +337,37 @@ def test_padding_rows_change_nothing(head):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+def test_per_image_targets_round_trip():
+    """per_image_targets lays flat rows out as the batches do ([B,K,6], -1 padding); flat_targets undoes it."""
+    flat = torch.cat([TARGETS_128, torch.tensor([[3, 1, 0.5, 0.5, 0.2, 0.2], [-1, 0, 0, 0, 0, 0]])])
+    grouped = per_image_targets(flat, 5)
+    assert grouped.shape == (5, 2, 6) and grouped.dtype == torch.float32
+    assert (grouped[..., 0] == torch.tensor([[0, 0], [1, 1], [-1, -1], [3, -1], [-1, -1]])).all()
+    torch.testing.assert_close(flat_targets(grouped), flat[:-1])
+    assert per_image_targets(torch.zeros(0, 6), 2).shape == (2, 1, 6)
+    with pytest.raises(ValueError, match="image 3"):
+        per_image_targets(flat, 3)
+
+
 @pytest.mark.parametrize("head", ["yolov4", "yolov5"])
-def test_per_image_targets_give_the_same_loss(head):
-    """The GPU batches' layout [B,K,6] (row group b holds image b's boxes or padding) equals the flat rows."""
-    crit, outputs = small_loss_and_outputs(head, batch=3)
-    grouped = torch.rand(3, 5, 6) * 0.5 + 0.25
-    grouped[..., 0] = torch.arange(3.0)[:, None]
-    grouped[..., 1] = torch.randint(0, 3, (3, 5)).float()
-    grouped[0, 3:, 0] = -1                                    # padding rows
-    grouped[2, :, 0] = -1                                     # an image without boxes
-    a, parts_a = crit(outputs, grouped)
-    b, parts_b = crit(outputs, grouped.reshape(-1, 6))
-    torch.testing.assert_close(a, b)
-    for key in parts_a:
-        torch.testing.assert_close(parts_a[key], parts_b[key])
+def test_only_per_image_targets_are_accepted(head):
+    """The loss takes the one batch layout [B,K,6]; flat rows or a wrong batch size are refused clearly."""
+    crit, outputs = small_loss_and_outputs(head, batch=2)
+    flat = torch.tensor([[0, 1, .5, .5, .3, .4], [1, 2, .2, .7, .2, .1]])
+    for bad in (flat, per_image_targets(flat, 3), torch.zeros(2, 3, 5)):
+        with pytest.raises(ValueError, match=r"\[B=2, K, 6\]"):
+            crit(outputs, bad)
+        with pytest.raises(ValueError, match=r"\[B=2, K, 6\]"):
+            crit.positives(outputs, bad)
+    loss, _ = crit(outputs, per_image_targets(flat, 2))
+    assert torch.isfinite(loss)
 
 
 def test_flattened_loss_equals_a_per_level_reference():
     """The one-pass loss equals the sum of per-level YOLOv5-style means computed by hand."""
     crit = v4_loss()
     out = random_outputs()
-    loss, parts = crit(out, TARGETS_128)
+    loss, parts = crit(out, per_image_targets(TARGETS_128, 2))
     box_terms = []
     for level, (raw, mask) in enumerate(zip(out, crit.anchors_mask)):
         p = split_level(raw, 3)
@@ -374,6 +389,6 @@ def test_vanishing_predicted_boxes_keep_gradients_finite():
     for o in outputs:
         o.view(2, 3, 7, *o.shape[2:])[:, :, 2:4] = -30.0          # sigmoid ~ 1e-13: zero-size boxes
         o.requires_grad_(True)
-    loss, _ = crit(outputs, TARGETS_128[:, :6].clamp(max=1))
+    loss, _ = crit(outputs, per_image_targets(TARGETS_128[:, :6].clamp(max=1), 2))
     grads = torch.autograd.grad(loss, outputs)
     assert torch.isfinite(loss) and all(torch.isfinite(gr).all() for gr in grads)

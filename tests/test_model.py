@@ -6,6 +6,7 @@ from torch import nn
 from nets.attention import ATTENTION_NAMES, CBAM, CoordAttention
 from nets.yolo import MODEL_NAMES, YoloBody, build_model, make_config
 from nets.yolo_training import YoloLoss, load_hyp
+from utils.loader import per_image_targets
 
 MASK = [[3, 4, 5], [1, 2, 3]]
 CLASSES20 = [f"c{i}" for i in range(20)]
@@ -107,7 +108,7 @@ def test_backward_reaches_every_parameter(phi):
     config = make_config("yolov4-tiny", phi, CLASSES20, input_shape=(64, 64))
     criterion = YoloLoss(config, load_hyp("yolov4-tiny"))
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(phi))
-    loss, parts = criterion(model(x), _targets())
+    loss, parts = criterion(model(x), per_image_targets(_targets(), 2))
     assert torch.isfinite(loss) and loss > 0
     assert all(float(v) > 0 for v in parts.values()), parts
     loss.backward()

@@ -9,6 +9,7 @@ from nets.attention import ATTENTION_NAMES, CoordAttention
 from nets.yolo import build_model, make_config
 from nets.yolo_training import YoloLoss, load_hyp
 from utils.checkpoint import save_checkpoint
+from utils.loader import per_image_targets
 from yolo import YOLO
 
 # ultralytics YOLOv5 v6/v7 parameter counts
@@ -57,7 +58,7 @@ def test_a_training_step_lowers_the_loss(size):
     model = build_model(config).eval()         # fixed BatchNorm statistics: the same function before and after
     loss_fn = YoloLoss(config, load_hyp(config["model"]))
     images = torch.rand(2, 3, 128, 128)
-    targets = torch.tensor([[0, 0, 0.5, 0.5, 0.4, 0.3], [1, 1, 0.3, 0.6, 0.2, 0.4]])
+    targets = per_image_targets(torch.tensor([[0, 0, 0.5, 0.5, 0.4, 0.3], [1, 1, 0.3, 0.6, 0.2, 0.4]]), 2)
     loss, _ = loss_fn(model(images), targets)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())

@@ -1,7 +1,7 @@
-"""Box decoding, IoU and NMS: the one place raw head outputs become boxes.
+"""Style-free box ops: the flattened prediction layout and its cells, box conversion, IoU, CIoU and NMS.
 
-Both the loss (nets/yolo_training.py) and inference (yolo.py) decode through
-`decode_xy` / `decode_wh`, so training and prediction can never disagree.
+Decoding raw outputs into boxes is the head's (nets/heads.py): the loss and inference both
+decode through it, so training and prediction can never disagree.
 """
 from __future__ import annotations
 
@@ -10,25 +10,6 @@ from dataclasses import dataclass
 
 import torch
 import torchvision
-
-# Darknet's yolov4-tiny.cfg scale_x_y: lets a centre reach the cell border.
-V4_XY_SCALE = 1.05
-# |t| beyond this is a box 3000x larger or smaller than its anchor; clamping keeps exp finite and non-zero.
-V4_MAX_LOG_WH = 8.0
-
-
-def decode_xy(t_xy: torch.Tensor, head: str) -> torch.Tensor:
-    """Raw xy logits -> centre offset inside the cell (grid units)."""
-    if head == "yolov5":
-        return t_xy.sigmoid() * 2.0 - 0.5
-    return t_xy.sigmoid() * V4_XY_SCALE - 0.5 * (V4_XY_SCALE - 1.0)
-
-
-def decode_wh(t_wh: torch.Tensor, anchors: torch.Tensor, head: str) -> torch.Tensor:
-    """Raw wh logits -> box size, in the units of `anchors`."""
-    if head == "yolov5":
-        return (t_wh.sigmoid() * 2.0) ** 2 * anchors
-    return t_wh.clamp(-V4_MAX_LOG_WH, V4_MAX_LOG_WH).exp() * anchors
 
 
 def split_level(raw: torch.Tensor, num_anchors: int) -> torch.Tensor:
@@ -89,19 +70,6 @@ class CellCache:
         if key not in self._cells:
             self._cells[key] = Cells.build(shapes, self.level_anchors, self.input_height, outputs[0].device)
         return self._cells[key]
-
-
-def decode_boxes(preds: torch.Tensor, cells: Cells, head: str) -> torch.Tensor:
-    """Flattened raw predictions [B, N, >=4] -> boxes (cx, cy, w, h) in input pixels [B, N, 4]."""
-    xy = (decode_xy(preds[..., :2], head) + cells.grid) * cells.stride
-    wh = decode_wh(preds[..., 2:4], cells.anchors, head)
-    return torch.cat([xy, wh], -1)
-
-
-def decode_outputs(outputs: list[torch.Tensor], cells: Cells, head: str) -> torch.Tensor:
-    """Raw outputs -> [B, N, 5+C]: (cx, cy, w, h) in input pixels, objectness and class probabilities."""
-    preds = flatten_levels(outputs, cells.anchors_per_level)
-    return torch.cat([decode_boxes(preds, cells, head), preds[..., 4:].sigmoid()], -1)
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:

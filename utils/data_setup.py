@@ -12,7 +12,7 @@ import torch
 from utils.dataset import DatasetError, load_voc, read_class_names
 from utils.gpu_augment import GpuAugmenter
 from utils.loader import (AugmentSampler, TrainDataset, cpu_loader, decode_all, image_tensor, loaded_sizes,
-                          padded_boxes)
+                          padded_boxes, to_training_batch)
 from utils.sample_data import DEFAULT_ROOT, ensure_sample_dataset
 
 DEFAULT_DATA = "VOCdevkit/VOC2007"
@@ -64,13 +64,14 @@ class TrainData:
         if self.on_gpu and images is None:
             raise ValueError("--augment gpu needs the images in memory: add --cache ram or --cache gpu")
         self._side_stream = None
+        # half precision halves the bytes the renderer and HSV move; measured against fp32: render error
+        # mean 0.04, max 0.36 gray levels; HSV mean under 0.2, max under 2.5 (tests/test_augment.py).
+        # CPU batches are converted to it too, so both paths hand the step the same batch
+        self.render_dtype = torch.float16 if device.type == "cuda" else torch.float32
         if self.on_gpu:
             self.gpu = self._gpu_augmenter(images)
             if device.type == "cuda":
                 self._side_stream = torch.cuda.Stream(device)
-            # half precision halves the bytes the renderer and HSV move; measured against fp32: render error
-            # mean 0.04, max 0.36 gray levels; HSV mean under 0.2, max under 2.5 (tests/test_augment.py)
-            self.render_dtype = torch.float16 if device.type == "cuda" else torch.float32
         else:
             dataset = TrainDataset(self.train_records, self.input_shape, hyp, images)
             self.loader = cpu_loader(dataset, self.sampler, self.batch_size, args.workers, device.type == "cuda")
@@ -101,10 +102,10 @@ class TrainData:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def batches(self, epoch: int, mosaic: bool):
-        """(images, targets) batches of one epoch; images uint8 (CPU path) or float 0..1 on the device (GPU path)."""
+        """(images, targets) batches of one epoch on the device: images 0..1 in render_dtype, targets [B,K,6]."""
         self.sampler.set_epoch(epoch, mosaic)
         if not self.on_gpu:
-            yield from self.loader
+            yield from (to_training_batch(*batch, self.device, self.render_dtype) for batch in self.loader)
             return
         order = self.sampler.indices()
         made = (self.gpu(order[start:start + self.batch_size], self._rng(epoch, i), mosaic, self.render_dtype)

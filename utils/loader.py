@@ -115,10 +115,54 @@ class TrainDataset(Dataset):
 
 
 def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images [B,3,H,W] and targets [M,6] with the image index first."""
+    """uint8 images [B,3,H,W] and per-image targets [B,K,6] float32 (K = most boxes of an image, at least 1).
+
+    Row group b holds image b's boxes (image index first), then padding rows of image index -1:
+    the layout of the GPU batches. Images stay uint8 so workers pin and copy 4x fewer bytes.
+    """
     images = torch.stack([b[0] for b in batch])
-    targets = [torch.cat([torch.full((len(t), 1), float(i)), t], 1) for i, (_, t) in enumerate(batch)]
-    return images, torch.cat(targets, 0) if targets else torch.zeros(0, 6)
+    k = max([1, *(len(t) for _, t in batch)])
+    targets = torch.zeros(len(batch), k, 6)
+    targets[..., 0] = -1
+    for i, (_, t) in enumerate(batch):
+        targets[i, :len(t), 0] = i
+        targets[i, :len(t), 1:] = t
+    return images, targets
+
+
+def per_image_targets(flat: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Flat rows [M,6] (image index first; rows of image -1 dropped) -> per image [B,K,6] as `collate` lays them out.
+
+    A host-side helper (for tests and tools): sizing K reads the values.
+    """
+    flat = flat[flat[:, 0] >= 0].float()
+    image = flat[:, 0].long()
+    if len(image) and int(image.max()) >= batch_size:
+        raise ValueError(f"targets name image {int(image.max())} but the batch has {batch_size} images")
+    counts = torch.bincount(image, minlength=batch_size)                                  # B
+    order = torch.argsort(image, stable=True)                                             # keeps each image's order
+    image = image[order]
+    rank = torch.arange(len(image)) - (counts.cumsum(0) - counts)[image]                  # position inside its image
+    targets = torch.zeros(batch_size, max(1, int(counts.max()) if batch_size else 1), 6)
+    targets[..., 0] = -1
+    targets[image, rank] = flat[order]
+    return targets
+
+
+def flat_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Per-image targets [B,K,6] -> the rows that are boxes [M,6] (padding dropped; reads values, host-side)."""
+    rows = targets.reshape(-1, 6)
+    return rows[rows[:, 0] >= 0]
+
+
+def to_training_batch(images: torch.Tensor, targets: torch.Tensor, device: torch.device,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CPU batch (uint8 images, targets [B,K,6]) -> on `device`: images 0..1 in `dtype`, targets float32.
+
+    The same batch the GPU renderer makes; uint8 is copied (a quarter of the bytes) and converted there.
+    """
+    images = images.to(device, non_blocking=True).to(dtype).div_(255)                    # B,3,H,W
+    return images, targets.to(device, non_blocking=True).float()
 
 
 def _init_worker(_: int) -> None:

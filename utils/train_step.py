@@ -84,10 +84,9 @@ class TrainStep:
         return len(self._graphs)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (CPU workers) or float (GPU renderer) -> float on the device, channels_last on CUDA."""
-        if images.dtype == torch.uint8:
-            images = images.to(self.device, non_blocking=True).float().div_(255)
-        elif self.amp is None and images.dtype != torch.float32:   # GPU-rendered half images without AMP
+        """Float 0..1 images (both data paths, utils/loader.py) -> on the device, channels_last on CUDA."""
+        images = images.to(self.device, non_blocking=True)
+        if self.amp is None and images.dtype != torch.float32:   # half images (CUDA batches) without AMP
             images = images.float()
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
