@@ -11,7 +11,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from utils.coco_map import IOU_THRESHOLDS, coco_map, coco_precision
-from utils.metrics import GroundTruth, coco_detections, coco_ground_truth, evaluate_coco, evaluate_voc
+from utils.evaluate import quick_metrics
+from utils.metrics import GroundTruth, coco_detections, coco_ground_truth, evaluate, evaluate_coco, evaluate_voc
 
 A, B = [10, 10, 50, 50], [100, 100, 160, 150]
 ELSEWHERE = [300, 300, 340, 340]  # overlaps nothing
@@ -175,6 +176,16 @@ def test_agrees_with_pycocotools(seed):
     assert 0.05 < ours["map50_95"] < ours["map50"] < 0.95  # non-trivial
     np.testing.assert_allclose(coco_precision(detections, truths, nc), pycocotools_precision(detections, truths, nc),
                                atol=1e-12, rtol=0)
+
+
+def test_epoch_metrics_equal_get_map_summary():
+    # Evaluator.quick (every epoch) and Evaluator.full (get_map.py) give the same numbers under the same names.
+    detections, truths, nc = random_case(5)
+    quick = quick_metrics(detections, truths, nc)
+    summary, _, _ = evaluate(detections, truths, [f"c{k}" for k in range(nc)])
+    assert set(quick) == {"map50", "map50_95", "map50_voc"}
+    for key in quick:
+        assert quick[key] == pytest.approx(summary[key], abs=1e-12)
 
 
 def test_fast_enough_for_every_epoch():
