@@ -24,17 +24,13 @@ from typing import Sequence
 
 import numpy as np
 
-from utils.metrics import GroundTruth, _check_lengths, _det_array, _gt_arrays
+from utils.metrics import GroundTruth, _check_lengths, _det_array, _gt_arrays, _xywh
 
 # Built as COCOeval's Params builds them, so thresholds compare bit for bit (0.9 is 0.8999999999999999).
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
 RECALL_POINTS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
 MAX_DETS = 100
 AREA_ALL = (0.0, 1e5**2)  # COCOeval's "all" range: boxes of negative area fall outside it
-
-
-def _xywh(boxes: np.ndarray) -> np.ndarray:
-    return np.concatenate([boxes[:, :2], boxes[:, 2:4] - boxes[:, :2]], axis=1)
 
 
 def _pair_iou(d: np.ndarray, g: np.ndarray, crowd: np.ndarray) -> np.ndarray:
@@ -62,16 +58,20 @@ def _flatten(detections: Sequence, ground_truths: Sequence, num_classes: int) ->
         g_box.append(boxes)
         g_lab.append(labels)
         g_diff.append(difficult)
-    dets = np.concatenate(d_rows) if d_rows else np.zeros((0, 6))
-    cat = (lambda parts, dtype, shape=(0,): np.concatenate(parts).astype(dtype) if parts else np.zeros(shape, dtype))
-    return (cat(d_img, np.int64), dets, cat(g_img, np.int64), cat(g_box, np.float64, (0, 4)),
-            cat(g_lab, np.int64), cat(g_diff, bool))
+    return (_cat(d_img, np.int64), _cat(d_rows, np.float64, (0, 6)), _cat(g_img, np.int64),
+            _cat(g_box, np.float64, (0, 4)), _cat(g_lab, np.int64), _cat(g_diff, bool))
+
+
+def _cat(parts: list, dtype, empty_shape: tuple = (0,)) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(empty_shape, dtype)
 
 
 def _group_starts(keys: np.ndarray) -> np.ndarray:
     """For sorted keys: the index of the first element with each element's key."""
-    first = np.r_[True, keys[1:] != keys[:-1]] if len(keys) else np.zeros(0, bool)
-    return np.maximum.accumulate(np.where(first, np.arange(len(keys)), 0)) if len(keys) else np.zeros(0, np.int64)
+    if not len(keys):
+        return np.zeros(0, np.int64)
+    first = np.r_[True, keys[1:] != keys[:-1]]
+    return np.maximum.accumulate(np.where(first, np.arange(len(keys)), 0))
 
 
 def _match(d_key: np.ndarray, d_box: np.ndarray, g_key: np.ndarray, g_box: np.ndarray, crowd: np.ndarray,
@@ -152,7 +152,7 @@ def coco_precision(
     d_key, d_cls, d_score, d_box, d_img, d_rank = (x[keep] for x in (d_key, d_cls, d_score, d_box, d_img, d_rank))
     # Objects: COCOeval puts the ignored ones of an image and category last, otherwise in input order.
     g_order = np.lexsort((np.arange(len(g_key)), ignore, g_key))
-    g_key, g_box, crowd, ignore, g_lab = g_key[g_order], g_box[g_order], g_diff[g_order], ignore[g_order], g_lab[g_order]
+    g_key, g_box, crowd, ignore, g_lab = (x[g_order] for x in (g_key, g_box, g_diff, ignore, g_lab))
 
     matched, matched_ignored = _match(d_key, d_box, g_key, g_box, crowd, ignore, IOU_THRESHOLDS)
     d_area = d_box[:, 2] * d_box[:, 3]
