@@ -8,22 +8,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils.coco_map import coco_map
 from utils.dataset import ImageReadError, Record, load_image
-from utils.metrics import GroundTruth, evaluate, evaluate_voc_thresholds
-
-COCO_IOUS = np.linspace(0.5, 0.95, 10)
+from utils.metrics import GroundTruth, evaluate, evaluate_voc
 
 
 def ground_truth(record: Record) -> GroundTruth:
-    """A record's objects as metrics.GroundTruth (difficult flags kept for VOC rules)."""
+    """A record's objects as metrics.GroundTruth (difficult flags kept: ignored by VOC, crowd for COCO)."""
     return GroundTruth(record.boxes, record.labels, record.difficult, record.height, record.width, record.image_id)
 
 
-def voc_map_range(detections: list[np.ndarray], truths: list[GroundTruth], num_classes: int) -> tuple[float, float]:
-    """(mAP@0.5, mean over IoU 0.5:0.95 of mAP) with VOC all-point AP: quick enough for every epoch."""
-    ap = evaluate_voc_thresholds(detections, truths, num_classes, COCO_IOUS)     # T,C
-    maps = [float(np.nanmean(row)) if np.isfinite(row).any() else 0.0 for row in ap]
-    return maps[0], float(np.mean(maps))
+def quick_metrics(detections: list[np.ndarray], truths: list[GroundTruth], num_classes: int) -> dict:
+    """COCO map50 / map50_95 (as pycocotools and get_map.py) and VOC map50_voc; NaN where no class has objects."""
+    coco = coco_map(detections, truths, num_classes)
+    voc = evaluate_voc(detections, truths, num_classes)
+    map50_voc = float(np.nanmean(voc)) if np.isfinite(voc).any() else float("nan")
+    return {"map50": coco["map50"], "map50_95": coco["map50_95"], "map50_voc": map50_voc}
 
 
 class Evaluator:
@@ -82,10 +82,9 @@ class Evaluator:
         return detections, used
 
     def quick(self, yolo) -> dict:
-        """mAP50 and mAP50-95 (VOC all-point AP at each IoU), for the evaluation after each epoch."""
+        """map50, map50_95 (COCO, equal to full()'s) and map50_voc without pycocotools: for every epoch."""
         detections, used = self.detect(yolo)
-        map50, map50_95 = voc_map_range(detections, [ground_truth(r) for r in used], len(self.class_names))
-        return {"map50": map50, "map50_95": map50_95}
+        return quick_metrics(detections, [ground_truth(r) for r in used], len(self.class_names))
 
     def full(self, yolo, score_threshold: float = 0.5, progress: bool = True) -> tuple[dict, dict, list]:
         """VOC and COCO (pycocotools) metrics: (summary, COCO ground truth, COCO detections)."""

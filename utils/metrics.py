@@ -1,5 +1,8 @@
 """Detection metrics: VOC mAP@0.5 (all-point), P/R/F1 at a score threshold, COCO mAP via pycocotools.
 
+Names: map50 / map50_95 are always COCO (101-point, as pycocotools; utils/coco_map.py computes the same
+without it), a _voc suffix always VOC all-point AP.
+
 Inputs, one entry per image and in the same order:
   detections     numpy [N,6] = (x1, y1, x2, y2, score, class) in original-image pixels
   ground_truths  GroundTruth (or a dict with the same keys)
@@ -184,15 +187,6 @@ def evaluate_voc(
 ) -> np.ndarray:
     """Per-class VOC AP (all-point) at one IoU threshold; NaN for classes without non-difficult objects."""
     return _ap_per_class(_match(detections, ground_truths, num_classes, iou_threshold), num_classes)
-
-
-def evaluate_voc_thresholds(
-    detections: Sequence[np.ndarray], ground_truths: Sequence[GroundTruth], num_classes: int,
-    iou_thresholds: Sequence[float],
-) -> np.ndarray:
-    """Per-class VOC AP at several IoU thresholds, [T, C]: the IoU pass is shared by all thresholds."""
-    c = _candidates(detections, ground_truths, num_classes)
-    return np.stack([_ap_per_class(_claim(c, t), num_classes) for t in iou_thresholds])
 
 
 def precision_recall_f1(
