@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 
 from utils.checkpoint import load_checkpoint
-from utils.cli import print_config, run_cli
-from utils.data_setup import DEFAULT_DATA, resolve_data_root
+from utils.cli import add_plugin_flag, detect_config, print_config, run_cli
+from nets.attention import load_plugin
+from utils.config import EVAL_DETECTION, DataConfig, DetectConfig, add_flags
+from utils.data_setup import resolve_data_root
 from utils.dataset import load_voc
 from utils.evaluate import Evaluator
 from utils.metrics import format_table
@@ -26,32 +28,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", help="VOC folder or 'sample' (default: the folder the run trained on)")
     p.add_argument("--split", default="test", help="ImageSets/Main split to evaluate (default test, else val)")
     p.add_argument("--out", default="map_out", help="folder for detections.json, ground_truth.json, summary.json")
-    p.add_argument("--conf", type=float, default=0.001, help="score threshold of the detection pass (default 0.001)")
-    p.add_argument("--nms-iou", type=float, default=0.5, help="NMS IoU threshold (default 0.5)")
+    add_flags(p, DetectConfig, defaults=EVAL_DETECTION)
+    add_plugin_flag(p)
     p.add_argument("--score-threshold", type=float, default=0.5, help="score for precision/recall/F1 (default 0.5)")
     p.add_argument("--batch", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default cuda when present)")
     p.add_argument("--half", action=argparse.BooleanOptionalAction, help="fp16 on CUDA (default on with CUDA)")
     p.add_argument("--workers", type=int, default=4, help="image-decoding threads (default 4)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.detect = detect_config(args, EVAL_DETECTION)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    detect = args.detect
     ckpt = load_checkpoint(args.weights)
-    data = args.data or (ckpt.get("train_args") or {}).get("data") or DEFAULT_DATA
+    data = args.data or (ckpt.get("train_args") or {}).get("data") or DataConfig().data
     root = resolve_data_root(data)
     class_names = ckpt["config"]["class_names"]
     records, _ = load_voc(root, args.split, class_names, fallback="val")
-    yolo = YOLO(args.weights, device=args.device, conf=args.conf, nms_iou=args.nms_iou, half=args.half)
+    yolo = YOLO(args.weights, device=args.device, conf=detect.conf, nms_iou=detect.nms_iou, half=args.half)
     print_config("get_map.py", {"weights": args.weights, "model": ckpt["config"]["model"],
                                 "attention": ckpt["config"]["attention"], "data": root, "split": args.split,
                                 "images": len(records), "classes": ", ".join(class_names),
                                 "input": "x".join(map(str, yolo.input_shape)), "device": yolo.device,
-                                "conf": args.conf, "nms_iou": args.nms_iou})
+                                "conf": detect.conf, "nms_iou": detect.nms_iou})
     evaluator = Evaluator(records, class_names, batch_size=args.batch, workers=args.workers)
     summary, coco_gt, coco_dets = evaluator.full(yolo, args.score_threshold)
-    summary.update(weights=str(args.weights), data=str(root), split=args.split, conf=args.conf, nms_iou=args.nms_iou)
+    summary.update(weights=str(args.weights), data=str(root), split=args.split, conf=detect.conf,
+                   nms_iou=detect.nms_iou)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "detections.json").write_text(json.dumps(coco_dets))

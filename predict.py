@@ -18,7 +18,9 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from utils.cli import numbered_dir, print_config, run_cli
+from nets.attention import load_plugin
+from utils.cli import add_plugin_flag, detect_config, numbered_dir, print_config, run_cli
+from utils.config import DetectConfig, add_flags
 from utils.dataset import ImageReadError, load_image
 from utils.predict_io import (class_counts, draw_fps, json_entries, keep_classes, parse_class_filter, save_crops,
                               yolo_label_lines)
@@ -32,8 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--source", required=True, help="image, folder, glob, video file or webcam index (0)")
     p.add_argument("--mode", default="predict", choices=("predict", "fps", "heatmap"),
                    help="predict (default), fps (timing on the first image), heatmap (objectness overlay)")
-    p.add_argument("--conf", type=float, default=0.5, help="score threshold (default 0.5)")
-    p.add_argument("--nms-iou", type=float, default=0.3, help="NMS IoU threshold (default 0.3)")
+    add_flags(p, DetectConfig)
+    add_plugin_flag(p)
     p.add_argument("--img", type=int, help="input size, a multiple of 32 (default: the checkpoint's)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default cuda when present)")
     p.add_argument("--half", action=argparse.BooleanOptionalAction, help="fp16 on CUDA (default on with CUDA)")
@@ -46,7 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--classes", help="keep only these classes: names or indices, comma-separated")
     p.add_argument("--show", action="store_true", help="show results in a window (where a display exists)")
     p.add_argument("--fps-iters", type=int, default=100, help="timed iterations in fps mode (default 100)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.detect = detect_config(args)
+    return args
 
 
 class Outputs:
@@ -165,7 +169,11 @@ def run_heatmap(yolo: YOLO, source: Source, out: Path) -> None:
 def main(argv: list[str] | None = None) -> Path | None:
     args = parse_args(argv)
     source = resolve_source(args.source)
-    yolo = YOLO(args.weights, device=args.device, conf=args.conf, nms_iou=args.nms_iou, half=args.half, img=args.img)
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    detect = args.detect
+    yolo = YOLO(args.weights, device=args.device, conf=detect.conf, nms_iou=detect.nms_iou, half=args.half,
+                img=args.img)
     if args.mode == "fps":
         run_fps(yolo, source, args.fps_iters)
         return None
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     print_config("predict.py", {"weights": args.weights, "model": yolo.config["model"],
                                 "attention": yolo.config["attention"], "source": args.source, "mode": args.mode,
                                 "input": "x".join(map(str, yolo.input_shape)), "device": yolo.device,
-                                "conf": args.conf, "nms_iou": args.nms_iou, "out": out})
+                                "conf": detect.conf, "nms_iou": detect.nms_iou, "out": out})
     if args.mode == "heatmap":
         run_heatmap(yolo, source, out)
         return out

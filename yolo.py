@@ -24,7 +24,7 @@ from nets.yolo import as_model_config, build_model
 from utils.augment import letterbox
 from utils.boxes import CellCache, non_max_suppression, split_level
 from utils.checkpoint import load_checkpoint
-from utils.config import ModelConfig
+from utils.config import PREDICT_DETECTION, ModelConfig
 from utils.dataset import load_image
 from utils.plots import draw_detections
 from utils.torch_utils import CudaGraphForward, select_device
@@ -53,8 +53,9 @@ def to_bgr(image: ImageLike) -> np.ndarray:
 class YOLO:
     """Detector built from a checkpoint's config alone: no phi, classes or anchors to repeat."""
 
-    def __init__(self, weights: str | Path, device: str | torch.device | None = None, conf: float = 0.5,
-                 nms_iou: float = 0.3, letterbox: bool = True, half: bool | None = None,
+    def __init__(self, weights: str | Path, device: str | torch.device | None = None,
+                 conf: float = PREDICT_DETECTION.conf, nms_iou: float = PREDICT_DETECTION.nms_iou,
+                 letterbox: bool = True, half: bool | None = None,
                  max_det: int = 300, multi_label: bool = False, img: int | None = None,
                  cuda_graph: bool | None = None):
         ckpt = load_checkpoint(weights)
@@ -73,7 +74,8 @@ class YOLO:
                    **kwargs) -> YOLO:
         """Wrap a model already in memory (the trainer's EMA model) without copying weights."""
         self = cls.__new__(cls)
-        defaults = dict(conf=0.5, nms_iou=0.3, letterbox=True, half=None, max_det=300, multi_label=False)
+        defaults = dict(conf=PREDICT_DETECTION.conf, nms_iou=PREDICT_DETECTION.nms_iou, letterbox=True, half=None,
+                        max_det=300, multi_label=False)
         defaults.update(kwargs)
         self._setup(model, config, device, **defaults)
         self.weights = None

@@ -21,11 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import train  # noqa: E402
-from nets.yolo_training import load_hyp  # noqa: E402
-from utils.data_setup import TrainData, resolved_hyp  # noqa: E402
-from utils.torch_utils import distributed_env, init_distributed, select_device  # noqa: E402
-from utils.trainer import Trainer  # noqa: E402
+from utils.data_setup import TrainData  # noqa: E402
+from utils.run import parse_train_flags, prepare_run, resolve_run, train_parser  # noqa: E402
 
 
 def batches_forever(data: TrainData):
@@ -63,17 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
     own.add_argument("--no-cudnn-benchmark", action="store_true", help="cuDNN heuristics instead of autotuning")
     bench_args, argv = own.parse_known_args(argv)
     steps, warmup = bench_args.steps, bench_args.warmup
-    args, _ = train.resolve(train.parse_args(argv + ["--eval-period", "1000"]))
-    rank, local_rank, world = distributed_env()
-    device = select_device(args.device)
-    if world > 1 and device.type == "cuda":
-        device = select_device(f"cuda:{local_rank}")
-    init_distributed(device)
-    args.amp = device.type == "cuda" if args.amp is None else args.amp
-    hyp = resolved_hyp(load_hyp(args.model, args.hyp), args)
-    args.lr = hyp["lr0"]
-    data = TrainData(args, hyp, device, rank, world, progress=False)
-    trainer = Trainer(args, data, Path("/tmp/train_speed"), None, rank, world)
+    resolved = resolve_run(parse_train_flags(argv + ["--eval-period", "1000"], train_parser()))
+    run = prepare_run(resolved, folder=Path("/tmp/train_speed"), progress=False)
+    data, trainer, device, config = run.data, run.trainer, run.device, run.config
+    rank, world = trainer.rank, trainer.world
     if bench_args.no_cudnn_benchmark:
         torch.backends.cudnn.benchmark = False
     step = trainer.step_runner()
@@ -98,9 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = statistics.median(windows)
     seen = steps * data.batch_size
     # every rank ran the same number of steps on its share of the global batch
-    result = {"model": args.model, "attention": args.phi, "img": args.img, "batch": args.batch, "gpus": world,
+    result = {"model": config.model.model, "attention": config.model.uniform_attention() or "mixed",
+              "img": config.model.input_shape[0], "batch": config.train.batch, "gpus": world,
               "cudnn_benchmark": torch.backends.cudnn.benchmark, "cuda_graphs": step.captured,
-              "augment": "gpu" if data.on_gpu else f"cpu x{args.workers}", "amp": str(trainer.amp),
+              "augment": "gpu" if data.on_gpu else f"cpu x{config.data.workers}", "amp": str(trainer.amp),
               "warmup_s": warmup_s, "img_per_s": seen * world / elapsed, "ms_per_step": elapsed / steps * 1000,
               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
               "img_per_s_windows": "/".join(f"{seen * world / w:.0f}" for w in windows)}

@@ -53,6 +53,7 @@ def complete_model_config(config: ModelConfig) -> ModelConfig:
         backbone=config.backbone or backbone, anchors=[[float(w), float(h)] for w, h in
                                                        (config.anchors or read_anchors(MODEL_DATA / anchors_file))],
         anchors_mask=config.anchors_mask or [list(m) for m in anchors_mask])
+    _points(config)                     # a per-point spec naming a point this model lacks is an error
     return config.validate()
 
 

@@ -1,9 +1,13 @@
 """What every script shares: one-line errors for user mistakes and the resolved-config table."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from utils.config import DetectConfig, TrainConfig, check_ranges
 
 # Mistakes in flags, files or data: printed as one line, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
@@ -42,3 +46,17 @@ def numbered_dir(base: Path, exist_ok: bool = False) -> Path:
     while path.exists() and not exist_ok:
         path, n = base.with_name(f"{base.name}{n}"), n + 1
     return path
+
+
+def add_plugin_flag(parser: argparse.ArgumentParser) -> None:
+    """--plugin FILE (repeatable), with train.py's help text."""
+    help_text = next(f.metadata["help"] for f in dataclasses.fields(TrainConfig) if f.name == "plugin")
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE", help=help_text)
+
+
+def detect_config(args: argparse.Namespace, defaults: DetectConfig | None = None) -> DetectConfig:
+    """The --conf / --nms-iou flags given (else `defaults`), range-checked."""
+    base = defaults or DetectConfig()
+    config = DetectConfig(**{f.name: getattr(args, f.name, getattr(base, f.name)) for f in dataclasses.fields(DetectConfig)})
+    check_ranges(config)
+    return config

@@ -84,12 +84,12 @@ class ModelConfig:
     attention_points: dict = setting({}, "blocks placed per point, with options, e.g. "
                                          "'feat1=ca,feat2=cbam:reduction=8,upsample=none' (YOLOv4-tiny points: feat1 "
                                          "feat2 upsample; YOLOv5: p3 p4 p5 up5 up4); points not named get --phi",
-                                     flag="attention", type=lambda s: parse_attention_spec(s), shown="none",
+                                     flag="attention", type=str, shown="none",
                                      metavar="SPEC")
     head: str | None = setting(None, "box decoding and target assignment: yolov4 (best anchor in the centre cell, "
                                      "exp sizes) or yolov5 (ratio-matched anchors in 3 cells, bounded sizes)",
                                choices=HEADS, type=str, shown="the model's own")
-    input_shape: list = setting([416, 416], "input size, a multiple of 32", flag="img", type=lambda s: [int(s)] * 2,
+    input_shape: list = setting([416, 416], "input size, a multiple of 32", flag="img", type=lambda s: square(s),
                                 low=32, high=MAX_INPUT_SIZE, multiple=32, shown="416", metavar="SIZE")
     backbone: str | None = setting(None, "feature extractor", cli=False)
     class_names: list = setting([], "class names, in label order", cli=False)
@@ -202,6 +202,11 @@ def parse_attention_spec(spec: str) -> dict[str, dict]:
     return placed
 
 
+def square(text: str) -> list[int]:
+    """--img 416 -> [416, 416]."""
+    return [int(text)] * 2
+
+
 def _literal(text: str) -> int | float | bool | str:
     """An option value: int, float, true/false, else the string."""
     for kind in (int, float):
@@ -276,6 +281,19 @@ class TrainConfig:
 
 
 @dataclass
+class DetectConfig:
+    """Which detections are kept: score threshold and NMS overlap."""
+
+    conf: float = setting(0.5, "score threshold", low=0.0, high=1.0)
+    nms_iou: float = setting(0.3, "NMS IoU threshold", low=0.0, high=1.0)
+
+
+PREDICT_DETECTION = DetectConfig()
+# mAP counts every detection: get_map.py and the evaluation after each epoch
+EVAL_DETECTION = DetectConfig(conf=0.001, nms_iou=0.5)
+
+
+@dataclass
 class RunConfig:
     """One training run: the three parts together."""
 
@@ -288,8 +306,11 @@ class RunConfig:
         return {**dataclasses.asdict(self.data), **dataclasses.asdict(self.train)}
 
 
-def add_flags(parser: argparse.ArgumentParser, *classes: type) -> None:
-    """One flag per command-line field of each dataclass; values not given stay absent from the namespace."""
+def add_flags(parser: argparse.ArgumentParser, *classes: type, defaults: Any = None) -> None:
+    """One flag per command-line field of each dataclass; values not given stay absent from the namespace.
+
+    `defaults`: an instance whose values the help text shows instead of the class defaults.
+    """
     for cls in classes:
         group = parser.add_argument_group(cls.__doc__.split(":")[0].strip().lower() if cls.__doc__ else cls.__name__)
         for f in fields(cls):
@@ -297,7 +318,9 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type) -> None:
             if not m.get("cli", True):
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = m.get("shown") or ("none" if default is None else default)
+            if isinstance(defaults, cls):
+                default = getattr(defaults, f.name)
+            shown = (m.get("shown") if not isinstance(defaults, cls) else None) or ("none" if default is None else default)
             kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
                                           help=f"{m['help']} (default {shown})")
             if m.get("metavar"):

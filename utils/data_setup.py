@@ -2,20 +2,21 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from utils.config import DataConfig
 from utils.dataset import DatasetError, load_voc, read_class_names
 from utils.gpu_augment import GpuAugmenter
 from utils.loader import (AugmentSampler, TrainDataset, cpu_loader, decode_all, image_tensor, loaded_sizes,
                           padded_boxes, to_training_batch)
+from utils.log import get_logger
 from utils.sample_data import DEFAULT_ROOT, ensure_sample_dataset
 
-DEFAULT_DATA = "VOCdevkit/VOC2007"
+log = get_logger(__name__)
 # keep the GPU image cache under this share of free GPU memory; the rest is for training
 GPU_CACHE_SHARE = 0.4
 
@@ -32,35 +33,36 @@ def resolve_data_root(data: str) -> Path:
     return root
 
 
-def load_splits(args) -> tuple[list, list, list[str]]:
+def load_splits(data: DataConfig) -> tuple[list, list, list[str]]:
     """Train and validation records with one class list (the train split's)."""
-    root = resolve_data_root(args.data)
-    names = read_class_names(args.classes) if args.classes else None
-    train, names = load_voc(root, args.train_split, names, fallback="trainval")
-    val, _ = load_voc(root, args.val_split, names, fallback="test")
+    root = resolve_data_root(data.data)
+    names = read_class_names(data.classes) if data.classes else None
+    train, names = load_voc(root, data.train_split, names, fallback="trainval")
+    val, _ = load_voc(root, data.val_split, names, fallback="test")
     return train, val, names
 
 
 class TrainData:
     """Training batches for each epoch (CPU workers or batched GPU augmentation) plus the validation records."""
 
-    def __init__(self, args, hyp: dict, device: torch.device, rank: int = 0, world: int = 1,
-                 progress: bool = True):
-        self.args, self.hyp, self.device = args, hyp, device
-        self.rank, self.batch_size = rank, args.batch // world   # --batch is the global batch
-        self.input_shape = (args.img, args.img)
-        self.train_records, self.val_records, self.class_names = load_splits(args)
+    def __init__(self, data: DataConfig, input_shape: tuple[int, int], batch_size: int, seed: int, hyp: dict,
+                 device: torch.device, rank: int = 0, world: int = 1, progress: bool = True):
+        """batch_size: this process's share of the global batch."""
+        self.config, self.hyp, self.device, self.seed = data, hyp, device, seed
+        self.rank, self.batch_size = rank, batch_size
+        self.input_shape = tuple(input_shape)
+        self.train_records, self.val_records, self.class_names = load_splits(data)
         images = None
-        if args.cache != "none":
-            images, failed = decode_all(self.train_records, self.input_shape, max(args.workers, 1), progress)
+        if data.cache != "none":
+            images, failed = decode_all(self.train_records, self.input_shape, max(data.workers, 1), progress)
             if failed:
-                print(f"warning: skipped {len(failed)} training images that cannot be decoded "
-                      f"(first: {self.train_records[failed[0]].image_path})", file=sys.stderr)
+                log.warning("skipped %d training images that cannot be decoded (first: %s)", len(failed),
+                            self.train_records[failed[0]].image_path)
                 keep = [i for i in range(len(images)) if images[i] is not None]
                 self.train_records = [self.train_records[i] for i in keep]
                 images = [images[i] for i in keep]
-        self.sampler = AugmentSampler(len(self.train_records), args.seed, rank, world)
-        self.on_gpu = args.augment == "gpu" or (args.augment == "auto" and device.type == "cuda" and images is not None)
+        self.sampler = AugmentSampler(len(self.train_records), seed, rank, world)
+        self.on_gpu = data.augment == "gpu" or (data.augment == "auto" and device.type == "cuda" and images is not None)
         if self.on_gpu and images is None:
             raise ValueError("--augment gpu needs the images in memory: add --cache ram or --cache gpu")
         self._side_stream = None
@@ -74,28 +76,29 @@ class TrainData:
                 self._side_stream = torch.cuda.Stream(device)
         else:
             dataset = TrainDataset(self.train_records, self.input_shape, hyp, images)
-            self.loader = cpu_loader(dataset, self.sampler, self.batch_size, args.workers, device.type == "cuda")
+            self.loader = cpu_loader(dataset, self.sampler, self.batch_size, data.workers, device.type == "cuda")
 
     def _gpu_augmenter(self, images: list[np.ndarray]) -> GpuAugmenter:
         tensor = image_tensor(images, self.input_shape)
         where = "RAM"
-        if self.args.cache == "gpu" and self.device.type == "cuda":
+        if self.config.cache == "gpu" and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             if tensor.numel() < GPU_CACHE_SHARE * free:
                 tensor, where = tensor.to(self.device), "GPU memory"
             else:
-                print(f"note: {tensor.numel() / 2**30:.1f} GiB of images do not fit in "
-                      f"{GPU_CACHE_SHARE:.0%} of free GPU memory; caching them in RAM instead", file=sys.stderr)
+                log.warning("%.1f GiB of images do not fit in %.0f%% of free GPU memory; caching them in RAM instead",
+                            tensor.numel() / 2**30, GPU_CACHE_SHARE * 100)
         if tensor.device.type == "cpu" and self.device.type == "cuda":
             tensor, where = tensor.pin_memory(), "pinned RAM"
-        print(f"cached {len(images)} images ({tensor.numel() / 2**20:.0f} MiB) in {where}; augmenting on {self.device}")
+        log.info("cached %d images (%.0f MiB) in %s; augmenting on %s", len(images), tensor.numel() / 2**20, where,
+                 self.device)
         sizes = loaded_sizes(self.train_records, self.input_shape)
         boxes, labels, counts = padded_boxes(self.train_records, sizes)
         return GpuAugmenter(tensor, sizes, boxes, labels, counts, self.input_shape, self.hyp, self.device)
 
     def _rng(self, epoch: int, step: int) -> np.random.Generator:
         """The random draws of one GPU batch: fixed by seed, epoch, rank and step."""
-        return np.random.default_rng([self.args.seed, epoch, self.rank, step])
+        return np.random.default_rng([self.seed, epoch, self.rank, step])
 
     @property
     def batches_per_epoch(self) -> int:
@@ -132,18 +135,3 @@ def prefetched(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], side: torch
         if made is None:
             return
         pending = (*made, ready)
-
-
-def resolved_hyp(hyp: dict, args) -> dict:
-    """The family's YAML hyperparameters with the command-line overrides applied."""
-    hyp = dict(hyp)
-    if args.optimizer == "adam":
-        hyp["lr0"] = hyp.get("lr0_adam", 0.001)
-        hyp["warmup_bias_lr"] = 0.0
-    if args.lr is not None:
-        hyp["lr0"] = args.lr
-    for key in ("mosaic", "mixup", "label_smoothing"):
-        if getattr(args, key) is not None:
-            hyp[key] = getattr(args, key)
-    return hyp
-

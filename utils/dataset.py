@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +12,10 @@ import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from utils.log import get_logger
+
+log = get_logger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 # What PIL may raise on a truncated, corrupt or hostile header.
@@ -301,7 +304,7 @@ def load_voc(
             records.append(_to_record(p, index, report))
     report.num_records = len(records)
     for line in report.warnings(root):
-        print(line, file=sys.stderr)
+        log.warning(line.removeprefix("warning: "))
     if not records:
         raise DatasetError(f"no readable images for the {len(ids)} ids in {report.split_file}; "
                            f"put the images in {img_dir}")

@@ -10,7 +10,10 @@ from tqdm import tqdm
 
 from utils.coco_map import coco_map
 from utils.dataset import ImageReadError, Record, load_image
+from utils.log import get_logger
 from utils.metrics import GroundTruth, evaluate, evaluate_voc
+
+log = get_logger(__name__)
 
 
 def ground_truth(record: Record) -> GroundTruth:
@@ -70,8 +73,7 @@ class Evaluator:
         if kept is not None:
             self._batches = kept
         if self.skipped:
-            print(f"warning: skipped {len(self.skipped)} unreadable images in evaluation "
-                  f"(first: {self.skipped[0]})", file=sys.stderr)
+            log.warning("skipped %d unreadable images in evaluation (first: %s)", len(self.skipped), self.skipped[0])
 
     def detect(self, yolo, progress: bool = False) -> tuple[list[np.ndarray], list[Record]]:
         """Detections for every readable record, and those records, in the same order."""

@@ -18,6 +18,9 @@ from tqdm import tqdm
 
 from utils.augment import fitted_size, hsv_cpu, load_resized, plan_targets, render_cpu, sample_plans
 from utils.dataset import ImageReadError, Record, load_image
+from utils.log import get_logger
+
+log = get_logger(__name__)
 
 
 def loaded_sizes(records: list[Record], input_shape: tuple[int, int]) -> np.ndarray:
@@ -87,8 +90,8 @@ class TrainDataset(Dataset):
         except ImageReadError:
             if path not in self.failed:
                 self.failed.add(path)
-                print(f"warning: cannot decode {path}; it is left blank ({len(self.failed)} such images "
-                      "so far in this worker)", file=sys.stderr)
+                log.warning("cannot decode %s; it is left blank (%d such images so far in this worker)", path,
+                            len(self.failed))
             return None
 
     def _render(self, plans) -> tuple[np.ndarray, torch.Tensor]:

@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nets.yolo import build_model, make_config
+from nets.yolo import build_model
 from nets.yolo_training import YoloLoss
 from utils.checkpoint import CheckpointWriter, detached_copy, load_matching, state_dict_from_file
+from utils.config import EVAL_DETECTION, RunConfig
 from utils.data_setup import TrainData
 from utils.evaluate import Evaluator
+from utils.log import get_logger
 from utils.optim import (accumulation_steps, build_optimizer, hyper_as_floats, hyper_value, lr_lambda,
                          scheduled_lr, warmup)
 from utils.plots import plot_results
@@ -22,10 +24,12 @@ from utils.torch_utils import ModelEMA, barrier, is_main_process, seed_everythin
 from utils.train_step import TrainStep, graph_blocker
 from yolo import YOLO
 
-RESULT_FIELDS = ["epoch", "loss", "box_loss", "obj_loss", "cls_loss", "lr", "mAP50", "mAP50-95", "seconds"]
+log = get_logger(__name__)
+# mAP50 / mAP50-95: COCO definitions (what get_map.py reports); mAP50_voc: VOC all-point AP at IoU 0.5
+RESULT_FIELDS = ["epoch", "loss", "box_loss", "obj_loss", "cls_loss", "lr", "mAP50", "mAP50-95", "mAP50_voc",
+                 "seconds"]
+NOT_EVALUATED = {"map50": float("nan"), "map50_95": float("nan"), "map50_voc": float("nan")}
 PLOT_SECONDS = 30.0   # loss.png / map.png are redrawn at most this often, and after the last epoch
-# detection settings of the evaluation during training (as get_map's defaults)
-EVAL_CONF, EVAL_NMS_IOU = 0.001, 0.5
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
@@ -40,8 +44,10 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 class Trainer:
     """Holds one run's state; `run()` trains from `start_epoch` to `epochs`."""
 
-    def __init__(self, args, data: TrainData, run_dir: Path, resume_ckpt: dict | None, rank: int, world: int):
-        self.args, self.data, self.run_dir = args, data, run_dir
+    def __init__(self, config: RunConfig, hyp: dict, data: TrainData, run_dir: Path, resume_ckpt: dict | None,
+                 rank: int, world: int):
+        self.run_config, self.data, self.run_dir = config, data, run_dir
+        self.args = args = config.train
         self.rank, self.world = rank, world
         self.device = data.device
         self.main = is_main_process()
@@ -49,26 +55,25 @@ class Trainer:
         # cuDNN autotuning (benchmark mode) cost ~5 s of start-up per run here and gained nothing in steady
         # state (bench/RESULTS.md), so the heuristics are kept
         torch.backends.cudnn.benchmark = False
-        self.config = resume_ckpt["config"] if resume_ckpt else make_config(
-            args.model, args.phi, data.class_names, (args.img, args.img), head=args.head)
+        self.config = config.model
         self.model = build_model(self.config).to(self.device)
         if args.weights and not resume_ckpt:
             loaded, total = load_matching(self.model, state_dict_from_file(args.weights))
-            print(f"initialised {loaded}/{total} tensors from {args.weights} (matching names and shapes)")
+            log.info("initialised %d/%d tensors from %s (matching names and shapes)", loaded, total, args.weights)
         if args.sync_bn and world > 1:
             if self.device.type != "cuda":
                 raise ValueError("--sync-bn works across GPU processes only; drop it for CPU training")
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.hyp = data.hyp
+        self.hyp = hyp
         self.loss_fn = YoloLoss(self.config, self.hyp)
         self.accumulate = accumulation_steps(args.batch, args.nbs)
         weight_decay = self.hyp["weight_decay"] * args.batch * self.accumulate / args.nbs
-        self.optimizer = build_optimizer(self.model, args.optimizer, args.lr, self.hyp["momentum"], weight_decay)
+        self.optimizer = build_optimizer(self.model, args.optimizer, hyp["lr0"], self.hyp["momentum"], weight_decay)
         self.lf = lr_lambda(args.lr_schedule, args.epochs, self.hyp["lrf"])
         self.ema = ModelEMA(self.model) if args.ema else None
-        self.amp = amp_dtype(self.device, args.amp)
+        self.amp = amp_dtype(self.device, self.device.type == "cuda" if args.amp is None else args.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.start_epoch, self.best_fitness = 0, -1.0
         self.writer = CheckpointWriter()
@@ -80,10 +85,11 @@ class Trainer:
                                 args.sync_bn and world > 1)
         self.graphs = args.cuda_graph and blocker is None
         if self.main and self.device.type == "cuda":
-            print("training step: " + ("captured as a CUDA graph" if self.graphs else
-                                       f"eager ({'--no-cuda-graph' if not args.cuda_graph else blocker})"))
+            log.info("training step: %s", "captured as a CUDA graph" if self.graphs else
+                     f"eager ({'--no-cuda-graph' if not args.cuda_graph else blocker})")
         self.evaluator = Evaluator(data.val_records, data.class_names, batch_size=max(data.batch_size, 8),
-                                   keep_batches=args.cache != "none", workers=args.workers) if self.main else None
+                                   keep_batches=config.data.cache != "none",
+                                   workers=config.data.workers) if self.main else None
 
     def _restore(self, ckpt: dict) -> None:
         unwrap(self.model).load_state_dict(ckpt.get("raw_model", ckpt["model"]))
@@ -154,15 +160,16 @@ class Trainer:
         if not self.main:
             return {}
         args, number = self.args, epoch + 1
-        metrics = {"map50": float("nan"), "map50_95": float("nan")}
+        metrics, fitness = dict(NOT_EVALUATED), float("nan")
         if number % args.eval_period == 0 or number == args.epochs:
             if self._eval_yolo is None:
                 eval_model = self.ema.ema if self.ema is not None else unwrap(self.model)
-                self._eval_yolo = YOLO.from_model(eval_model, self.config, self.device, conf=EVAL_CONF,
-                                                  nms_iou=EVAL_NMS_IOU)
+                self._eval_yolo = YOLO.from_model(eval_model, self.config, self.device, conf=EVAL_DETECTION.conf,
+                                                  nms_iou=EVAL_DETECTION.nms_iou)
             metrics = self.evaluator.quick(self._eval_yolo)
+            # a validation split without objects has no mAP (NaN): count it as 0 so best.pt still exists
+            fitness = metrics["map50"] if metrics["map50"] == metrics["map50"] else 0.0
         seconds = time.time() - t0   # training and evaluation; saving follows
-        fitness = metrics["map50"]
         improved = fitness == fitness and fitness > self.best_fitness
         if improved:
             self.best_fitness = fitness
@@ -174,14 +181,14 @@ class Trainer:
             jobs.append((self._inference_only(ckpt), self.run_dir / f"epoch{number}.pt"))
         self.writer.submit(jobs)
         row = [number, *[f"{v:.5f}" for v in losses], f"{lr:.6f}", f"{metrics['map50']:.5f}",
-               f"{metrics['map50_95']:.5f}", f"{seconds:.1f}"]
+               f"{metrics['map50_95']:.5f}", f"{metrics['map50_voc']:.5f}", f"{seconds:.1f}"]
         with open(self.run_dir / "results.csv", "a", newline="") as f:
             csv.writer(f).writerow(row)
         if time.time() - self._plotted >= PLOT_SECONDS or number == args.epochs:
             plot_results(self.run_dir / "results.csv", self.run_dir)
             self._plotted = time.time()
         shown = f"mAP50 {metrics['map50']:.4f}  mAP50-95 {metrics['map50_95']:.4f}" if fitness == fitness else ""
-        print(f"epoch {number}/{args.epochs}  loss {losses[0]:.4f}  {shown}  {seconds:.1f}s")
+        log.info("epoch %d/%d  loss %.4f  %s  %.1fs", number, args.epochs, losses[0], shown, seconds)
         return metrics
 
     def _checkpoint(self, epoch: int, metrics: dict) -> dict:
@@ -189,20 +196,21 @@ class Trainer:
         return {
             "model": self.ema.ema.state_dict() if self.ema is not None else raw,
             "raw_model": raw,
-            "config": self.config,
+            "config": self.config.to_dict(),
+            "hyp": self.hyp,
             "ema": {"updates": self.ema.updates} if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": epoch,
             "best_fitness": self.best_fitness,
-            "train_args": {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+            "train_args": self.run_config.flat(),
             "metrics": {k: float(v) for k, v in metrics.items()},
         }
 
     @staticmethod
     def _inference_only(ckpt: dict) -> dict:
         """best.pt / epochN.pt: weights, config, metrics and arguments, without the resume state."""
-        return {k: ckpt[k] for k in ("model", "config", "epoch", "metrics", "train_args", "best_fitness")}
+        return {k: ckpt[k] for k in ("model", "config", "hyp", "epoch", "metrics", "train_args", "best_fitness")}
 
     def _prepare_results(self) -> None:
         """Start results.csv, or on resume keep only the rows of epochs already in the checkpoint."""

@@ -1,0 +1,151 @@
+"""From command-line flags to a ready training run: the one set-up train.py, bench/ and tests share.
+
+`parse_train_flags` -> the flags given; `resolve_run` -> a checked RunConfig (a resume merges the
+checkpoint's settings with the flags a resume may change); `prepare_run` -> device, data, model and
+trainer, with the run folder made only once everything is known good.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nets.attention import load_plugin
+from nets.yolo import complete_model_config
+from nets.yolo_training import load_hyp
+from utils.checkpoint import load_checkpoint
+from utils.cli import numbered_dir
+from utils.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, add_flags, check_ranges, from_flat, parse_attention_spec,
+                          resume_flags, split_given)
+from utils.data_setup import TrainData
+from utils.torch_utils import distributed_env, init_distributed, is_main_process, select_device
+from utils.trainer import Trainer
+
+log = logging.getLogger(__name__)
+RUN_PARTS = (ModelConfig, DataConfig, TrainConfig)
+
+
+def train_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """train.py's flags, generated from the configuration dataclasses."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser, *RUN_PARTS)
+    return parser
+
+
+def parse_train_flags(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> dict:
+    """The flags given on the command line (absent ones are left out), by field name."""
+    return vars((parser or train_parser()).parse_args(argv))
+
+
+@dataclass
+class Resolved:
+    """A checked run configuration, the checkpoint a resume continues, and the given flags it did not use."""
+
+    config: RunConfig
+    checkpoint: dict | None
+    ignored: list[str]
+
+
+def resolve_run(given: dict) -> Resolved:
+    """Defaults + given flags, or (with resume) the checkpoint's settings + the flags a resume may change."""
+    for plugin in given.get("plugin", []):
+        load_plugin(plugin)                 # before any block name is checked
+    model_given, data_given, train_given = split_given(given, *RUN_PARTS)
+    if isinstance(model_given.get("attention_points"), str):
+        model_given["attention_points"] = parse_attention_spec(model_given["attention_points"])
+    if not given.get("resume"):
+        model = complete_model_config(ModelConfig(**model_given, class_names=["?"]))   # classes come with the data
+        config = RunConfig(dataclasses.replace(model, class_names=[]), DataConfig(**data_given),
+                           TrainConfig(**train_given))
+        _check(config)
+        return Resolved(config, None, [])
+    path = given["resume"]
+    ckpt = load_checkpoint(path)
+    if not ckpt.get("optimizer"):
+        raise ValueError(f"--resume {path}: no training state inside; resume from a run's last.pt")
+    allowed = resume_flags(*RUN_PARTS) | {"resume"}
+    ignored = sorted(set(given) - allowed)
+    stored = ckpt.get("train_args") or {}     # fields this version does not know are left out
+    changes = {k: v for k, v in given.items() if k in allowed}
+    config = RunConfig(complete_model_config(ModelConfig.from_dict(ckpt["config"])),
+                       from_flat(DataConfig, {**stored, **changes}),
+                       from_flat(TrainConfig, {**stored, "plugin": [], **changes}))
+    _check(config)
+    if ckpt["epoch"] >= config.train.epochs:
+        raise ValueError(f"--resume {path}: the run already finished {ckpt['epoch']} epochs; "
+                         f"pass --epochs N with N > {ckpt['epoch']} to extend it")
+    return Resolved(config, ckpt, [f"--{k.replace('_', '-')}" for k in ignored])
+
+
+def _check(config: RunConfig) -> None:
+    """Every range and rule, before anything is loaded or written."""
+    check_ranges(config.data)
+    config.train.validate()
+
+
+def resolved_hyp(hyp: dict, train: TrainConfig) -> dict:
+    """The family's YAML hyperparameters with the command-line overrides applied."""
+    hyp = dict(hyp)
+    if train.optimizer == "adam":
+        hyp["lr0"] = hyp.get("lr0_adam", 0.001)
+        hyp["warmup_bias_lr"] = 0.0
+    if train.lr is not None:
+        hyp["lr0"] = train.lr
+    for key in ("mosaic", "mixup", "label_smoothing"):
+        if getattr(train, key) is not None:
+            hyp[key] = getattr(train, key)
+    return hyp
+
+
+def run_dir(config: RunConfig) -> Path:
+    """logs/<name>, numbered if the name is taken; a resumed run keeps its folder."""
+    train = config.train
+    if train.resume:
+        return Path(train.resume).resolve().parent
+    name = train.name or f"{config.model.model}_{config.model.uniform_attention() or 'mixed'}"
+    return numbered_dir(Path(train.save_dir) / name, train.exist_ok)
+
+
+@dataclass
+class Run:
+    """Everything one training process holds: the final config, hyperparameters, device, data and trainer."""
+
+    config: RunConfig
+    hyp: dict
+    device: torch.device
+    data: TrainData
+    trainer: Trainer
+    folder: Path
+
+
+def prepare_run(resolved: Resolved, folder: Path | None = None, progress: bool = True) -> Run:
+    """Device, distributed set-up, data, model and trainer; the run folder is made last (main process)."""
+    config, ckpt = resolved.config, resolved.checkpoint
+    rank, local_rank, world = distributed_env()
+    device = select_device(config.train.device)
+    if world > 1 and device.type == "cuda":
+        device = select_device(f"cuda:{local_rank}")
+    if config.train.batch % world:
+        raise ValueError(f"--batch {config.train.batch} must be divisible by the {world} processes")
+    init_distributed(device)
+    if ckpt is not None and isinstance(ckpt.get("hyp"), dict):
+        hyp = ckpt["hyp"]                 # exactly the run's hyperparameters, whatever the YAML says now
+    else:
+        hyp = resolved_hyp(load_hyp(config.model.model, config.train.hyp), config.train)
+    data = TrainData(config.data, tuple(config.model.input_shape), config.train.batch // world, config.train.seed,
+                     hyp, device, rank, world, progress=progress and is_main_process())
+    if ckpt is None:
+        model = complete_model_config(dataclasses.replace(config.model, class_names=data.class_names))
+        config = dataclasses.replace(config, model=model)
+    folder = folder or run_dir(config)
+    trainer = Trainer(config, hyp, data, folder, ckpt, rank, world)
+    if is_main_process():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PermissionError(f"cannot write {folder}: {exc.strerror or exc}") from None
+    return Run(config, hyp, device, data, trainer, folder)
