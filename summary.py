@@ -1,15 +1,22 @@
-"""Parameters and GFLOPs of a model: python summary.py --phi 4 [--model yolov5s] [--img 416] [--classes 20] [--all]."""
+"""Parameters, GFLOPs and attention points of a model.
+
+  python summary.py --phi 4 [--model yolov5s] [--img 416] [--classes 20]
+  python summary.py --all                                   # every phi 0-11
+  python summary.py --attention feat1=ca,feat2=cbam:reduction=8
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nets.attention import ATTENTION_NAMES
-from nets.yolo import MODEL_NAMES, build_model, make_config
-from utils.cli import format_rows, run_cli
+from nets.attention import ATTENTION_NAMES, load_plugin
+from nets.yolo import build_model, complete_model_config
+from utils.cli import add_plugin_flag, format_rows, run_cli, spec_text
+from utils.config import ModelConfig, add_flags, parse_attention_spec
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -37,29 +44,43 @@ def class_count(value: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="yolov4-tiny", choices=MODEL_NAMES, help="detector (default yolov4-tiny)")
-    parser.add_argument("--phi", default="0", help="attention: 0-11 or a name such as ca, cbam (default 0 = none)")
-    parser.add_argument("--img", type=int, default=416, help="square input size, a multiple of 32 (default 416)")
+    add_flags(parser, ModelConfig)
     parser.add_argument("--classes", default="20", help="number of classes or a class-names file (default 20)")
     parser.add_argument("--all", action="store_true", help="table over every phi 0-11")
+    add_plugin_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    for plugin in args.plugin:
+        load_plugin(plugin)
     num_classes = class_count(args.classes)
-    phis = range(len(ATTENTION_NAMES)) if args.all else [args.phi]
     names = [f"class{i}" for i in range(num_classes)]
-    base = count_parameters(build_model(make_config(args.model, 0, names, (args.img, args.img))))
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
+    if isinstance(given.get("attention_points"), str):
+        given["attention_points"] = parse_attention_spec(given["attention_points"])
+    spec = ModelConfig(**given, class_names=names)
+    img = spec.input_shape[0]
+    variants = [dataclasses.replace(spec, attention=str(phi)) for phi in range(len(ATTENTION_NAMES))] if args.all else [spec]
+    base = count_parameters(build_model(complete_model_config(dataclasses.replace(spec, attention="none",
+                                                                                  attention_points={}))))
     rows = []
-    for phi in phis:
-        config = make_config(args.model, phi, names, (args.img, args.img))
+    for variant in variants:
+        config = complete_model_config(variant)
         model = build_model(config)
         params = count_parameters(model)
-        rows.append([config["phi"], config["attention"], f"{params:,}", f"{params - base:+,}",
-                     f"{count_gflops(model, args.img):.2f}"])
-    print(f"{args.model}, {num_classes} classes, {args.img}x{args.img} input")
+        label = config.uniform_attention() or "per point"
+        phi = config.to_dict()["phi"]
+        rows.append(["-" if phi is None else phi, label, f"{params:,}", f"{params - base:+,}",
+                     f"{count_gflops(model, img):.2f}"])
+    print(f"{spec.model}, {num_classes} classes, {img}x{img} input")
     print(format_rows(rows, ["phi", "attention", "parameters", "vs phi 0", "GFLOPs"]))
+    if not args.all:
+        layout = model.attention_layout(img)
+        print("\nattention points")
+        print(format_rows([[p, f"{c}x{h}x{w}", spec_text(config.block_at(p))] for p, (c, h, w) in layout.items()],
+                          ["point", "channels x height x width", "block"]))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utils.cli import print_config, run_cli
+from utils.cli import print_config, run_cli, spec_text
 from utils.run import parse_train_flags, prepare_run, resolve_run, train_parser
 from utils.torch_utils import is_main_process
 
@@ -40,11 +40,6 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"done: best mAP50 {best} (last epoch {last:.4f}); weights in {run.folder}/best.pt and last.pt, "
               f"curves in {run.folder}/")
     return run.folder
-
-
-def spec_text(spec: dict) -> str:
-    """{'type': 'cbam', 'reduction': 8} -> 'cbam:reduction=8' (the --attention syntax)."""
-    return ":".join([spec["type"], *(f"{k}={v}" for k, v in spec.items() if k != "type")])
 
 
 if __name__ == "__main__":

@@ -60,3 +60,8 @@ def detect_config(args: argparse.Namespace, defaults: DetectConfig | None = None
     config = DetectConfig(**{f.name: getattr(args, f.name, getattr(base, f.name)) for f in dataclasses.fields(DetectConfig)})
     check_ranges(config)
     return config
+
+
+def spec_text(spec: dict) -> str:
+    """{'type': 'cbam', 'reduction': 8} -> 'cbam:reduction=8' (the --attention syntax)."""
+    return ":".join([spec["type"], *(f"{k}={v}" for k, v in spec.items() if k != "type")])
