@@ -11,14 +11,14 @@ import argparse
 import json
 from pathlib import Path
 
-from utils.checkpoint import load_checkpoint
+from utils.engine.checkpoint import load_checkpoint
 from utils.cli import add_plugin_flag, detect_config, print_config, run_cli
 from nets.attention import load_plugin
 from utils.config import EVAL_DETECTION, DataConfig, DetectConfig, add_flags
-from utils.data_setup import resolve_data_root
-from utils.dataset import load_voc
-from utils.evaluate import Evaluator
-from utils.metrics import format_table
+from utils.engine.train_data import resolve_data_root
+from utils.data.dataset import load_voc
+from utils.engine.evaluate import Evaluator
+from utils.ops.metrics import format_table
 from yolo import YOLO
 
 

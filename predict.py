@@ -19,12 +19,13 @@ import cv2
 from tqdm import tqdm
 
 from nets.attention import load_plugin
-from utils.cli import add_plugin_flag, detect_config, numbered_dir, print_config, run_cli
+from utils.cli import add_plugin_flag, detect_config, print_config, run_cli
+from utils.engine.folders import numbered_dir
 from utils.config import DetectConfig, add_flags
-from utils.dataset import ImageReadError, load_image
-from utils.predict_io import (class_counts, draw_fps, json_entries, keep_classes, parse_class_filter, save_crops,
+from utils.data.dataset import ImageReadError, load_image
+from utils.engine.predict_io import (class_counts, draw_fps, json_entries, keep_classes, parse_class_filter, save_crops,
                               yolo_label_lines)
-from utils.sources import Source, display_available, open_video, resolve_source
+from utils.data.sources import Source, display_available, open_video, resolve_source
 from yolo import YOLO
 
 

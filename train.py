@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from utils.cli import print_config, run_cli, spec_text
-from utils.run import parse_train_flags, prepare_run, resolve_run, train_parser
-from utils.torch_utils import is_main_process
+from utils.engine.run import parse_train_flags, prepare_run, resolve_run, train_parser
+from utils.engine.torch_utils import is_main_process
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -21,13 +21,13 @@ from PIL import Image
 from nets.common import fuse_conv_bn
 from nets.heads import build_head
 from nets.yolo import as_model_config, build_model
-from utils.augment import letterbox
-from utils.boxes import CellCache, non_max_suppression, split_level
-from utils.checkpoint import load_checkpoint
+from utils.ops.images import letterbox
+from utils.ops.boxes import CellCache, non_max_suppression, split_level
+from utils.engine.checkpoint import load_checkpoint
 from utils.config import PREDICT_DETECTION, ModelConfig
-from utils.dataset import load_image
-from utils.plots import draw_detections
-from utils.torch_utils import CudaGraphForward, select_device
+from utils.data.dataset import load_image
+from utils.ops.plots import draw_detections
+from utils.engine.torch_utils import CudaGraphForward, select_device
 
 ImageLike = str | Path | np.ndarray | Image.Image
 

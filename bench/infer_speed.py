@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nets.yolo import build_model, make_config  # noqa: E402
-from utils.checkpoint import save_checkpoint  # noqa: E402
+from utils.engine.checkpoint import save_checkpoint  # noqa: E402
 from yolo import YOLO  # noqa: E402
 
 MODELS = [("yolov4-tiny", 0), ("yolov4-tiny", 4), ("yolov5n", 0), ("yolov5s", 0)]

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.data_setup import TrainData  # noqa: E402
-from utils.run import parse_train_flags, prepare_run, resolve_run, train_parser  # noqa: E402
+from utils.engine.train_data import TrainData  # noqa: E402
+from utils.engine.run import parse_train_flags, prepare_run, resolve_run, train_parser  # noqa: E402
 
 
 def batches_forever(data: TrainData):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from nets.yolo import as_model_config
-from utils.boxes import Cells, box_iou_batched, cxcywh_to_xyxy, flatten_levels
+from utils.ops.boxes import Cells, box_iou_batched, cxcywh_to_xyxy, flatten_levels
 
 # Darknet's yolov4-tiny.cfg scale_x_y: lets a centre reach the cell border.
 V4_XY_SCALE = 1.05

@@ -14,7 +14,7 @@ import yaml
 
 from nets.heads import build_head
 from nets.yolo import MODEL_DATA, as_model_config, model_family
-from utils.boxes import CellCache, Cells, ciou_loss, flatten_levels
+from utils.ops.boxes import CellCache, Cells, ciou_loss, flatten_levels
 from utils.config import ModelConfig
 
 HYP_FILES = {"yolov4-tiny": "hyp.yolov4-tiny.yaml", "yolov5": "hyp.scratch-low.yaml"}
@@ -41,7 +41,7 @@ def smooth_targets(label_smoothing: float) -> tuple[float, float]:
 class YoloLoss:
     """Callable: (raw outputs coarsest first, targets [B, K, 6]) -> (loss, parts).
 
-    All levels are handled as one flattened tensor [B, N, 5+C] (utils.boxes.flatten_levels), and
+    All levels are handled as one flattened tensor [B, N, 5+C] (utils.ops.boxes.flatten_levels), and
     the assignment is dense (fixed shapes): a training step issues few kernels and never waits
     for the GPU. Row group b of `targets` holds image b's boxes; rows with image index -1 are padding.
     """
@@ -179,4 +179,4 @@ def check_targets(targets: torch.Tensor, batch: int) -> None:
     """Refuse anything but per-image targets [B,K,6] for a batch of B images (shapes only: no device sync)."""
     if targets.dim() != 3 or targets.shape[0] != batch or targets.shape[2] != 6:
         raise ValueError(f"targets must be per image [B={batch}, K, 6] (image, class, cx, cy, w, h; padding rows "
-                         f"image -1), got {list(targets.shape)}; utils.loader.per_image_targets converts flat rows")
+                         f"image -1), got {list(targets.shape)}; utils.data.loader.per_image_targets converts flat rows")

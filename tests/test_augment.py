@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from utils.augment import (GRAY, letterbox, load_resized, mix_targets, plan_targets, render_cpu, sample_plans,
-                           transform_boxes, hsv_cpu)
-from utils.dataset import Record
-from utils.gpu_augment import GpuAugmenter, hsv_gpu, render_gpu
-from utils.loader import AugmentSampler, TrainDataset, collate, flat_targets, image_tensor, loaded_sizes, padded_boxes
+from utils.data.augment import mix_targets, plan_targets, render_cpu, sample_plans, transform_boxes, hsv_cpu
+from utils.ops.images import GRAY, letterbox, load_resized
+from utils.data.dataset import Record
+from utils.data.gpu_augment import GpuAugmenter, hsv_gpu, render_gpu
+from utils.data.loader import AugmentSampler, TrainDataset, collate, flat_targets, image_tensor, loaded_sizes, padded_boxes
 
 PAINT = np.array([30, 200, 90], dtype=np.uint8)   # BGR of the painted boxes
 HYP = dict(mosaic=0.5, mixup=0.0, scale=0.5, aspect=0.2, translate=0.1, fliplr=0.5,

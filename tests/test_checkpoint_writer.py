@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from utils import checkpoint
-from utils.checkpoint import CheckpointWriter
+from utils.engine import checkpoint
+from utils.engine.checkpoint import CheckpointWriter
 
 
 def test_newest_state_per_path_wins_and_wait_flushes(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""utils.coco_map: hand-worked COCO cases (AP in comments) and agreement with pycocotools."""
+"""utils.ops.coco_map: hand-worked COCO cases (AP in comments) and agreement with pycocotools."""
 
 import contextlib
 import io
@@ -10,9 +10,9 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.coco_map import IOU_THRESHOLDS, coco_map, coco_precision
-from utils.evaluate import quick_metrics
-from utils.metrics import GroundTruth, coco_detections, coco_ground_truth, evaluate, evaluate_coco, evaluate_voc
+from utils.ops.coco_map import IOU_THRESHOLDS, coco_map, coco_precision
+from utils.engine.evaluate import quick_metrics
+from utils.ops.metrics import GroundTruth, coco_detections, coco_ground_truth, evaluate, evaluate_coco, evaluate_voc
 
 A, B = [10, 10, 50, 50], [100, 100, 160, 150]
 ELSEWHERE = [300, 300, 340, 340]  # overlaps nothing

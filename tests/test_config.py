@@ -13,10 +13,10 @@ from torch import nn
 import train
 from nets.attention import CBAM, CoordAttention
 from nets.yolo import build_model, make_config, model_config
-from utils.checkpoint import save_checkpoint
+from utils.engine.checkpoint import save_checkpoint
 from utils.config import (DataConfig, ModelConfig, TrainConfig, flag_name, parse_attention_spec)
-from utils.run import parse_train_flags, resolve_run, train_parser
-from utils.sample_data import make_sample_dataset
+from utils.engine.run import parse_train_flags, resolve_run, train_parser
+from utils.data.sample_data import make_sample_dataset
 from yolo import YOLO
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""utils/dataset.py: VOC parsing on small datasets written into tmp_path."""
+"""utils/data/dataset.py: VOC parsing on small datasets written into tmp_path."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.dataset import (
+from utils.data.dataset import (
     DatasetError,
     ImageReadError,
     LoadReport,

@@ -1,4 +1,4 @@
-"""Heads as objects (nets/heads.py) and the one batch contract of both data paths (utils/loader.py)."""
+"""Heads as objects (nets/heads.py) and the one batch contract of both data paths (utils/data/loader.py)."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +7,8 @@ import torch
 from nets.heads import HEADS, Head, YoloV4Head, YoloV5Head, build_head
 from nets.yolo import make_config
 from nets.yolo_training import YoloLoss, load_hyp
-from utils.boxes import CellCache
-from utils.loader import collate, to_training_batch
+from utils.ops.boxes import CellCache
+from utils.data.loader import collate, to_training_batch
 
 
 def raw(*shape: int, seed: int = 0, scale: float = 4.0) -> torch.Tensor:

@@ -7,8 +7,8 @@ from torchvision.ops import box_iou
 
 from nets.yolo import YoloBody, make_config
 from nets.yolo_training import YoloLoss, load_hyp, smooth_targets
-from utils.boxes import cxcywh_to_xyxy, flatten_levels, split_level
-from utils.loader import flat_targets, per_image_targets
+from utils.ops.boxes import cxcywh_to_xyxy, flatten_levels, split_level
+from utils.data.loader import flat_targets, per_image_targets
 
 V4_MASK = [[3, 4, 5], [1, 2, 3]]
 

@@ -10,7 +10,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.metrics import (
+from utils.ops.metrics import (
     GroundTruth,
     coco_detections,
     coco_ground_truth,

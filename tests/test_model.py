@@ -6,7 +6,7 @@ from torch import nn
 from nets.attention import ATTENTION_NAMES, CBAM, CoordAttention
 from nets.yolo import MODEL_NAMES, YoloBody, build_model, make_config
 from nets.yolo_training import YoloLoss, load_hyp
-from utils.loader import per_image_targets
+from utils.data.loader import per_image_targets
 
 MASK = [[3, 4, 5], [1, 2, 3]]
 CLASSES20 = [f"c{i}" for i in range(20)]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.boxes import non_max_suppression
+from utils.ops.boxes import non_max_suppression
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -13,9 +13,9 @@ import get_map
 import predict
 import train
 from utils.cli import run_cli
-from utils.dataset import load_voc
-from utils.evaluate import Evaluator
-from utils.sample_data import SAMPLE_CLASSES, make_sample_dataset
+from utils.data.dataset import load_voc
+from utils.engine.evaluate import Evaluator
+from utils.data.sample_data import SAMPLE_CLASSES, make_sample_dataset
 from yolo import YOLO
 
 TRAIN_ARGS = ["--img", "64", "--batch", "4", "--workers", "0", "--device", "cpu", "--seed", "1",

@@ -1,4 +1,4 @@
-"""Tests for the built-in sample dataset generator (utils/sample_data.py)."""
+"""Tests for the built-in sample dataset generator (utils/data/sample_data.py)."""
 import hashlib
 import os
 import xml.etree.ElementTree as ET
@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from utils import sample_data
-from utils.sample_data import MAX_OBJECTS, SAMPLE_CLASSES, ensure_sample_dataset, make_sample_dataset, render_sample
+from utils.data import sample_data
+from utils.data.sample_data import MAX_OBJECTS, SAMPLE_CLASSES, ensure_sample_dataset, make_sample_dataset, render_sample
 
 SMALL = dict(n_train=5, n_val=2, n_test=2, size=(64, 64), seed=0)
 

@@ -16,11 +16,11 @@ from nets.yolo import build_model, make_config
 from nets.yolo_training import YoloLoss, load_hyp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from utils.boxes import ciou_loss
-from utils.optim import (NesterovSGD, build_optimizer, hyper_as_floats, hyper_on_device, hyper_value, set_hyper,
+from utils.ops.boxes import ciou_loss
+from utils.engine.optim import (NesterovSGD, build_optimizer, hyper_as_floats, hyper_on_device, hyper_value, set_hyper,
                          warmup)
-from utils.torch_utils import ModelEMA
-from utils.train_step import TrainStep, graph_blocker
+from utils.engine.torch_utils import ModelEMA
+from utils.engine.train_step import TrainStep, graph_blocker
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -8,8 +8,8 @@ import torch
 from nets.attention import ATTENTION_NAMES, CoordAttention
 from nets.yolo import build_model, make_config
 from nets.yolo_training import YoloLoss, load_hyp
-from utils.checkpoint import save_checkpoint
-from utils.loader import per_image_targets
+from utils.engine.checkpoint import save_checkpoint
+from utils.data.loader import per_image_targets
 from yolo import YOLO
 
 # ultralytics YOLOv5 v6/v7 parameter counts

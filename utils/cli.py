@@ -5,7 +5,6 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from utils.config import DetectConfig, TrainConfig, check_ranges
 
@@ -38,14 +37,6 @@ def format_rows(rows: list[list[object]], header: list[str] | None = None) -> st
 def print_config(title: str, values: dict) -> None:
     """Print the resolved configuration of a run as a two-column table."""
     print(f"{title}\n" + format_rows([[k, v] for k, v in values.items()], ["setting", "value"]))
-
-
-def numbered_dir(base: Path, exist_ok: bool = False) -> Path:
-    """`base`, or base2, base3, ... the first that does not exist yet (or `base` itself with exist_ok)."""
-    path, n = base, 2
-    while path.exists() and not exist_ok:
-        path, n = base.with_name(f"{base.name}{n}"), n + 1
-    return path
 
 
 def add_plugin_flag(parser: argparse.ArgumentParser) -> None:

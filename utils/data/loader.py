@@ -1,6 +1,6 @@
 """Training batches: the CPU path (DataLoader workers, OpenCV) and the GPU path (images held in memory).
 
-Both draw plans from utils/augment.py, so they produce the same statistics of images and boxes.
+Both draw plans from utils/data/augment.py, so they produce the same statistics of images and boxes.
 The sampler yields (index, seed, mosaic) items: every sample's randomness depends only on
 (--seed, epoch, position), whatever the number of workers or processes.
 """
@@ -16,9 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from utils.augment import fitted_size, hsv_cpu, load_resized, plan_targets, render_cpu, sample_plans
-from utils.dataset import ImageReadError, Record, load_image
+from utils.data.augment import hsv_cpu, plan_targets, render_cpu, sample_plans
+from utils.data.dataset import ImageReadError, Record, load_image
 from utils.log import get_logger
+from utils.ops.images import fitted_size, load_resized
 
 log = get_logger(__name__)
 

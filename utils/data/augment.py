@@ -5,7 +5,7 @@ axis-aligned tiles (one for letterbox/scale/aspect/translate, four for mosaic), 
 affine map `out = a * src + b` per axis in continuous pixel coordinates (pixel i covers
 [i, i+1)) and the output rectangle it fills; horizontal flip is a negative `a`. Plus HSV
 gains and a mixup weight. `sample_plans` draws plans, `transform_boxes` moves boxes, and
-both renderers (`render_cpu` here, `render_gpu` in utils/gpu_augment.py) draw the pixels,
+both renderers (`render_cpu` here, `render_gpu` in utils/data/gpu_augment.py) draw the pixels,
 so the CPU and GPU paths share every random draw and every box.
 
 Source images are "loaded" images: resized once so they fit the input size (what the
@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 
-GRAY = 114
+from utils.ops.images import GRAY
 MAX_TILES = 4
 # YOLOv5's box candidate rules after augmentation
 MIN_BOX_SIDE = 2.0
@@ -40,37 +40,6 @@ class Plans:
 
     def __len__(self) -> int:
         return len(self.src)
-
-
-def fit_scale(height: int, width: int, input_shape: tuple[int, int]) -> float:
-    """Scale that fits an image inside the input (the letterbox ratio)."""
-    return min(input_shape[0] / height, input_shape[1] / width)
-
-
-def fitted_size(height: int, width: int, input_shape: tuple[int, int]) -> tuple[int, int]:
-    """(h, w) of an image once resized to fit the input: the one rounding rule of load_resized."""
-    r = fit_scale(height, width, input_shape)
-    return max(1, round(height * r)), max(1, round(width * r))
-
-
-def load_resized(image: np.ndarray, input_shape: tuple[int, int]) -> np.ndarray:
-    """Resize a decoded image so it fits the input, keeping its aspect ratio (the cached form)."""
-    h, w = image.shape[:2]
-    r = fit_scale(h, w, input_shape)
-    if r == 1:
-        return image
-    new_h, new_w = fitted_size(h, w, input_shape)
-    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR)
-
-
-def letterbox(image: np.ndarray, input_shape: tuple[int, int]) -> tuple[np.ndarray, float, tuple[float, float]]:
-    """Resize to fit and pad with gray to the input size, centred; returns (image, ratio, (pad_x, pad_y))."""
-    resized = load_resized(image, input_shape)
-    h, w = resized.shape[:2]
-    pad_x, pad_y = (input_shape[1] - w) // 2, (input_shape[0] - h) // 2
-    out = np.full((input_shape[0], input_shape[1], 3), GRAY, dtype=np.uint8)
-    out[pad_y:pad_y + h, pad_x:pad_x + w] = resized
-    return out, w / image.shape[1], (float(pad_x), float(pad_y))
 
 
 def sample_plans(rng: np.random.Generator, index: np.ndarray, sizes: np.ndarray, input_shape: tuple[int, int],

@@ -17,13 +17,13 @@ import torch
 from nets.attention import load_plugin
 from nets.yolo import complete_model_config
 from nets.yolo_training import load_hyp
-from utils.checkpoint import load_checkpoint
-from utils.cli import numbered_dir
+from utils.engine.checkpoint import load_checkpoint
+from utils.engine.folders import numbered_dir
 from utils.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, add_flags, check_ranges, from_flat, parse_attention_spec,
                           resume_flags, split_given)
-from utils.data_setup import TrainData
-from utils.torch_utils import distributed_env, init_distributed, is_main_process, select_device
-from utils.trainer import Trainer
+from utils.engine.train_data import TrainData
+from utils.engine.torch_utils import distributed_env, init_distributed, is_main_process, select_device
+from utils.engine.trainer import Trainer
 
 log = logging.getLogger(__name__)
 RUN_PARTS = (ModelConfig, DataConfig, TrainConfig)

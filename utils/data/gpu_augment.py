@@ -1,4 +1,4 @@
-"""Batched augmentation in torch: the GPU renderer for the plans of utils/augment.py.
+"""Batched augmentation in torch: the GPU renderer for the plans of utils/data/augment.py.
 
 A plan's tiles are axis-aligned scalings, so bilinear resampling separates into one matrix per
 axis: tile t of output image b is `Ry[b,t] @ source @ Rx[b,t]^T`, where row o of Rx holds the
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from utils.augment import GRAY, Plans, mix_targets, plan_targets, sample_plans, upload
+from utils.data.augment import GRAY, Plans, mix_targets, plan_targets, sample_plans, upload
 
 
 def resampling_weights(scale: torch.Tensor, offset: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-FONT_PATH = Path(__file__).resolve().parent.parent / "model_data" / "DejaVuSans.ttf"
+FONT_PATH = Path(__file__).resolve().parents[2] / "model_data" / "DejaVuSans.ttf"
 
 
 def class_color(index: int, num_classes: int) -> tuple[int, int, int]:

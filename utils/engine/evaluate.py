@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.coco_map import coco_map
-from utils.dataset import ImageReadError, Record, load_image
+from utils.ops.coco_map import coco_map
+from utils.data.dataset import ImageReadError, Record, load_image
 from utils.log import get_logger
-from utils.metrics import GroundTruth, evaluate, evaluate_voc
+from utils.ops.metrics import GroundTruth, evaluate, evaluate_voc
 
 log = get_logger(__name__)
 

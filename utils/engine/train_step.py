@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.optim import hyper_on_device
-from utils.torch_utils import ModelEMA
+from utils.engine.optim import hyper_on_device
+from utils.engine.torch_utils import ModelEMA
 
 # eager steps of a shape before it is captured: lazy initialisation (cuBLAS/cuDNN handles, the
 # loss's constant cache) must happen outside capture; DDP needs 11 to settle its buckets
@@ -84,7 +84,7 @@ class TrainStep:
         return len(self._graphs)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """Float 0..1 images (both data paths, utils/loader.py) -> on the device, channels_last on CUDA."""
+        """Float 0..1 images (both data paths, utils/data/loader.py) -> on the device, channels_last on CUDA."""
         images = images.to(self.device, non_blocking=True)
         if self.amp is None and images.dtype != torch.float32:   # half images (CUDA batches) without AMP
             images = images.float()

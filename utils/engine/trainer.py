@@ -12,16 +12,16 @@ from tqdm import tqdm
 
 from nets.yolo import build_model
 from nets.yolo_training import YoloLoss
-from utils.checkpoint import CheckpointWriter, detached_copy, load_matching, state_dict_from_file
+from utils.engine.checkpoint import CheckpointWriter, detached_copy, load_matching, state_dict_from_file
 from utils.config import EVAL_DETECTION, RunConfig
-from utils.data_setup import TrainData
-from utils.evaluate import Evaluator
+from utils.engine.train_data import TrainData
+from utils.engine.evaluate import Evaluator
 from utils.log import get_logger
-from utils.optim import (accumulation_steps, build_optimizer, hyper_as_floats, hyper_value, lr_lambda,
+from utils.engine.optim import (accumulation_steps, build_optimizer, hyper_as_floats, hyper_value, lr_lambda,
                          scheduled_lr, warmup)
-from utils.plots import plot_results
-from utils.torch_utils import ModelEMA, barrier, is_main_process, seed_everything, unwrap
-from utils.train_step import TrainStep, graph_blocker
+from utils.ops.plots import plot_results
+from utils.engine.torch_utils import ModelEMA, barrier, is_main_process, seed_everything, unwrap
+from utils.engine.train_step import TrainStep, graph_blocker
 from yolo import YOLO
 
 log = get_logger(__name__)

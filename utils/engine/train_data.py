@@ -9,12 +9,12 @@ import numpy as np
 import torch
 
 from utils.config import DataConfig
-from utils.dataset import DatasetError, load_voc, read_class_names
-from utils.gpu_augment import GpuAugmenter
-from utils.loader import (AugmentSampler, TrainDataset, cpu_loader, decode_all, image_tensor, loaded_sizes,
+from utils.data.dataset import DatasetError, load_voc, read_class_names
+from utils.data.gpu_augment import GpuAugmenter
+from utils.data.loader import (AugmentSampler, TrainDataset, cpu_loader, decode_all, image_tensor, loaded_sizes,
                           padded_boxes, to_training_batch)
 from utils.log import get_logger
-from utils.sample_data import DEFAULT_ROOT, ensure_sample_dataset
+from utils.data.sample_data import DEFAULT_ROOT, ensure_sample_dataset
 
 log = get_logger(__name__)
 # keep the GPU image cache under this share of free GPU memory; the rest is for training

@@ -1,6 +1,6 @@
 """Detection metrics: VOC mAP@0.5 (all-point), P/R/F1 at a score threshold, COCO mAP via pycocotools.
 
-Names: map50 / map50_95 are always COCO (101-point, as pycocotools; utils/coco_map.py computes the same
+Names: map50 / map50_95 are always COCO (101-point, as pycocotools; utils/ops/coco_map.py computes the same
 without it), a _voc suffix always VOC all-point AP.
 
 Inputs, one entry per image and in the same order:

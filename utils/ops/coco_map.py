@@ -1,7 +1,7 @@
 """COCO bbox mAP@0.5 and mAP@[.5:.95] in numpy, equal to pycocotools' COCOeval but fast enough for every epoch.
 
-Same inputs as utils.metrics (one detection array and one GroundTruth per image, same order) and the same
-mapping to COCO as utils.metrics.coco_ground_truth: difficult objects are crowd regions (iscrowd=1).
+Same inputs as utils.ops.metrics (one detection array and one GroundTruth per image, same order) and the same
+mapping to COCO as utils.ops.metrics.coco_ground_truth: difficult objects are crowd regions (iscrowd=1).
 COCOeval's rules reproduced here (pycocotools 2.0, iouType "bbox", area range "all", maxDets 100):
   * matching is per image and category; detections sorted by score (stable) and cut to the best 100
     per image *and category*;
@@ -13,7 +13,7 @@ COCOeval's rules reproduced here (pycocotools 2.0, iouType "bbox", area range "a
   * per category the matches of all images are sorted by score (stable, images in order), precision
     is made monotone and read at 101 recall points (searchsorted "left", 0 past the last recall);
   * a category without non-ignored objects has no AP (-1 in COCOeval) and stays out of the mean.
-The VOC matching in utils.metrics (best object whether or not it is taken, IoU over the union for
+The VOC matching in utils.ops.metrics (best object whether or not it is taken, IoU over the union for
 difficult objects too, no per-image cap) is a different rule, so it is not reused here.
 """
 
@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from utils.metrics import GroundTruth, _check_lengths, _det_array, _gt_arrays, _xywh
+from utils.ops.metrics import GroundTruth, _check_lengths, _det_array, _gt_arrays, _xywh
 
 # Built as COCOeval's Params builds them, so thresholds compare bit for bit (0.9 is 0.8999999999999999).
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)

@@ -1,0 +1,1 @@
+"""Data: datasets and their records, augmentation (CPU and GPU), loaders, sources, the sample set."""

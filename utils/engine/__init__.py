@@ -1,0 +1,1 @@
+"""The engine: run set-up, training loop and step, optimiser, checkpoints, evaluation."""

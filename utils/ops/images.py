@@ -1,0 +1,42 @@
+"""Image geometry shared by training and inference: fitting an image into the input, and the letterbox.
+
+Inference (yolo.py) and the augmentation renderers both use these, so a box maps to the same
+pixels in training and prediction; this module knows nothing of augmentation.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+GRAY = 114     # the padding colour (YOLOv5's)
+
+
+def fit_scale(height: int, width: int, input_shape: tuple[int, int]) -> float:
+    """Scale that fits an image inside the input (the letterbox ratio)."""
+    return min(input_shape[0] / height, input_shape[1] / width)
+
+
+def fitted_size(height: int, width: int, input_shape: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of an image once resized to fit the input: the one rounding rule of load_resized."""
+    r = fit_scale(height, width, input_shape)
+    return max(1, round(height * r)), max(1, round(width * r))
+
+
+def load_resized(image: np.ndarray, input_shape: tuple[int, int]) -> np.ndarray:
+    """Resize a decoded image so it fits the input, keeping its aspect ratio (the cached form)."""
+    h, w = image.shape[:2]
+    r = fit_scale(h, w, input_shape)
+    if r == 1:
+        return image
+    new_h, new_w = fitted_size(h, w, input_shape)
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR)
+
+
+def letterbox(image: np.ndarray, input_shape: tuple[int, int]) -> tuple[np.ndarray, float, tuple[float, float]]:
+    """Resize to fit and pad with gray to the input size, centred; returns (image, ratio, (pad_x, pad_y))."""
+    resized = load_resized(image, input_shape)
+    h, w = resized.shape[:2]
+    pad_x, pad_y = (input_shape[1] - w) // 2, (input_shape[0] - h) // 2
+    out = np.full((input_shape[0], input_shape[1], 3), GRAY, dtype=np.uint8)
+    out[pad_y:pad_y + h, pad_x:pad_x + w] = resized
+    return out, w / image.shape[1], (float(pad_x), float(pad_y))
