@@ -51,7 +51,7 @@ def test_only_given_flags_are_returned():
     (["--img", "0"], ["--img", "between 32"]),
     (["--img", "100"], ["--img", "multiple of 32"]),
     (["--img", "-32"], ["--img", "between 32"]),
-    (["--nbs", "0"], ["--nbs", "between 1"]),
+    (["--nbs", "0"], ["--nbs 0", "at least 1"]),
     (["--mosaic", "2"], ["--mosaic", "between 0.0 and 1.0"]),
     (["--label-smoothing", "5"], ["--label-smoothing", "0.5"]),
     (["--epochs", "5", "--freeze-epochs", "99"], ["--freeze-epochs 99", "--epochs 5"]),

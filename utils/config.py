@@ -65,8 +65,11 @@ def check_ranges(config: Any) -> None:
         for v in (value if isinstance(value, list) else [value]):
             if not isinstance(v, (int, float)):
                 continue
-            if m.get("low") is not None and v < m["low"] or m.get("high") is not None and v > m["high"]:
-                raise ValueError(f"{name} {v}: must be between {m.get('low', '-inf')} and {m.get('high', 'inf')}")
+            low, high = m.get("low"), m.get("high")
+            if low is not None and v < low or high is not None and v > high:
+                bound = (f"between {low} and {high}" if low is not None and high is not None
+                         else f"at least {low}" if low is not None else f"at most {high}")
+                raise ValueError(f"{name} {v}: must be {bound}")
             if m.get("above") is not None and v <= m["above"]:
                 raise ValueError(f"{name} {v}: must be greater than {m['above']}")
             if m.get("multiple") and v % m["multiple"]:
