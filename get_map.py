@@ -8,18 +8,30 @@ ground_truth.json (COCO) and summary.json into --out, so anyone can recompute th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from utils.engine.checkpoint import load_checkpoint
 from utils.cli import add_plugin_flag, detect_config, print_config, run_cli
 from nets.attention import load_plugin
-from utils.config import EVAL_DETECTION, DataConfig, DetectConfig, add_flags
+from utils.config import EVAL_DETECTION, DataConfig, DetectConfig, add_flags, check_ranges, from_flat, setting
+from utils.engine.folders import prepare_out, write_text
 from utils.engine.train_data import resolve_data_root
 from utils.data.dataset import load_voc
 from utils.engine.evaluate import Evaluator
 from utils.ops.metrics import format_table
 from yolo import YOLO
+
+
+@dataclass
+class EvalSettings:
+    """Evaluation: score for P/R/F1, batch and decoding threads, with their valid ranges."""
+
+    score_threshold: float = setting(0.5, "score for precision/recall/F1", low=0.0, high=1.0)
+    batch: int = setting(32, "images per forward pass", low=1)
+    workers: int = setting(4, "image-decoding threads", low=0)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,13 +42,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="map_out", help="folder for detections.json, ground_truth.json, summary.json")
     add_flags(p, DetectConfig, defaults=EVAL_DETECTION)
     add_plugin_flag(p)
-    p.add_argument("--score-threshold", type=float, default=0.5, help="score for precision/recall/F1 (default 0.5)")
-    p.add_argument("--batch", type=int, default=32, help="images per forward pass (default 32)")
+    add_flags(p, EvalSettings)
     p.add_argument("--device", help="cuda, cuda:N or cpu (default cuda when present)")
     p.add_argument("--half", action=argparse.BooleanOptionalAction, help="fp16 on CUDA (default on with CUDA)")
-    p.add_argument("--workers", type=int, default=4, help="image-decoding threads (default 4)")
     args = p.parse_args(argv)
     args.detect = detect_config(args, EVAL_DETECTION)
+    settings = from_flat(EvalSettings, vars(args))
+    check_ranges(settings)          # before the checkpoint is read or any folder made
+    vars(args).update(dataclasses.asdict(settings))
     return args
 
 
@@ -51,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     class_names = ckpt["config"]["class_names"]
     records, _ = load_voc(root, args.split, class_names, fallback="val")
     yolo = YOLO(args.weights, device=args.device, conf=detect.conf, nms_iou=detect.nms_iou, half=args.half)
+    out = prepare_out(Path(args.out))     # a bad --out fails now, not after the whole evaluation
     print_config("get_map.py", {"weights": args.weights, "model": ckpt["config"]["model"],
                                 "attention": ckpt["config"]["attention"], "data": root, "split": args.split,
                                 "images": len(records), "classes": ", ".join(class_names),
@@ -60,11 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary, coco_gt, coco_dets = evaluator.full(yolo, args.score_threshold)
     summary.update(weights=str(args.weights), data=str(root), split=args.split, conf=detect.conf,
                    nms_iou=detect.nms_iou)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "detections.json").write_text(json.dumps(coco_dets))
-    (out / "ground_truth.json").write_text(json.dumps(coco_gt))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "detections.json", json.dumps(coco_dets))
+    write_text(out / "ground_truth.json", json.dumps(coco_gt))
+    write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(format_table(summary, class_names))
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print(f"VOC mAP@0.5 {fmt(summary['map50_voc'])}  COCO mAP@0.5 {fmt(summary['map50'])}  "

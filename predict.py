@@ -9,10 +9,12 @@ Model, classes and input size come from the checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -20,13 +22,23 @@ from tqdm import tqdm
 
 from nets.attention import load_plugin
 from utils.cli import add_plugin_flag, detect_config, print_config, run_cli
-from utils.engine.folders import numbered_dir
-from utils.config import DetectConfig, add_flags
+from utils.engine.folders import OutputError, inside, make_dir, numbered_dir, prepare_out, safe_component, write_text
+from utils.config import MAX_INPUT_SIZE, DetectConfig, add_flags, check_ranges, from_flat, setting
 from utils.data.dataset import ImageReadError, load_image
-from utils.engine.predict_io import (class_counts, draw_fps, json_entries, keep_classes, parse_class_filter, save_crops,
-                              yolo_label_lines)
+from utils.engine.predict_io import (UniqueStems, class_counts, draw_fps, json_entries, keep_classes, parse_class_filter,
+                                     save_crops, write_image, yolo_label_lines)
 from utils.data.sources import Source, display_available, open_video, resolve_source
 from yolo import YOLO
+
+
+@dataclass
+class PredictSettings:
+    """Prediction run: input size, batch and timing, with their valid ranges."""
+
+    img: int | None = setting(None, "input size, a multiple of 32", type=int, low=32, high=MAX_INPUT_SIZE, multiple=32,
+                              shown="the checkpoint's", metavar="SIZE")
+    batch: int = setting(16, "images per forward pass for folders", low=1)
+    fps_iters: int = setting(100, "timed iterations in fps mode", low=1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,10 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="predict (default), fps (timing on the first image), heatmap (objectness overlay)")
     add_flags(p, DetectConfig)
     add_plugin_flag(p)
-    p.add_argument("--img", type=int, help="input size, a multiple of 32 (default: the checkpoint's)")
+    add_flags(p, PredictSettings)
     p.add_argument("--device", help="cuda, cuda:N or cpu (default cuda when present)")
     p.add_argument("--half", action=argparse.BooleanOptionalAction, help="fp16 on CUDA (default on with CUDA)")
-    p.add_argument("--batch", type=int, default=16, help="images per forward pass for folders (default 16)")
     p.add_argument("--out", help="output folder (default a new img_out/exp<N>)")
     p.add_argument("--save-txt", action="store_true", help="YOLO-format labels (class cx cy w h score) per image")
     p.add_argument("--save-json", action="store_true", help="all detections in predictions.json")
@@ -48,18 +59,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--count", action="store_true", help="print the number of objects per class")
     p.add_argument("--classes", help="keep only these classes: names or indices, comma-separated")
     p.add_argument("--show", action="store_true", help="show results in a window (where a display exists)")
-    p.add_argument("--fps-iters", type=int, default=100, help="timed iterations in fps mode (default 100)")
     args = p.parse_args(argv)
     args.detect = detect_config(args)
+    settings = from_flat(PredictSettings, vars(args))
+    check_ranges(settings)          # before the checkpoint is read or any folder made
+    vars(args).update(dataclasses.asdict(settings))
     return args
 
 
 class Outputs:
     """Writes every product of a prediction run under one folder."""
 
-    def __init__(self, args: argparse.Namespace, yolo: YOLO, out: Path):
-        self.args, self.yolo, self.out = args, yolo, out
-        self.wanted = parse_class_filter(args.classes, yolo.class_names)
+    def __init__(self, args: argparse.Namespace, yolo: YOLO, out: Path, wanted: set[int] | None):
+        self.args, self.yolo, self.out, self.wanted = args, yolo, out, wanted
+        self.stems = UniqueStems()
         self.records: list[dict] = []
         self.totals: Counter = Counter()
         self.show = args.show and display_available()
@@ -69,17 +82,17 @@ class Outputs:
     def image(self, name: str, image, detections, wait_ms: int = 1) -> None:
         """Save one image's drawing and the requested extras; with --show, wait `wait_ms` (0 = a key)."""
         detections = keep_classes(detections, self.wanted)
-        stem = Path(name).stem
+        stem = self.stems(name)           # safe and distinct: a.jpg and a.png do not overwrite each other
         drawn = self.yolo.detect_image(image, detections)
-        cv2.imwrite(str(self.out / f"{stem}.jpg"), drawn)
+        write_image(inside(self.out, f"{stem}.jpg"), drawn)
         h, w = image.shape[:2]
         if self.args.save_txt:
-            (self.out / "labels").mkdir(exist_ok=True)
-            (self.out / "labels" / f"{stem}.txt").write_text("\n".join(yolo_label_lines(detections, w, h)) + "\n")
+            labels = make_dir(inside(self.out, "labels"))
+            write_text(inside(labels, f"{stem}.txt"), "\n".join(yolo_label_lines(detections, w, h)) + "\n")
         if self.args.save_json:
             self.records += json_entries(name, detections, self.yolo.class_names)
         if self.args.crop:
-            save_crops(self.out / "crops", stem, image, detections, self.yolo.class_names)
+            save_crops(inside(self.out, "crops"), stem, image, detections, self.yolo.class_names)
         counts = class_counts(detections, self.yolo.class_names)
         self.totals.update(counts)
         if self.args.count:
@@ -90,7 +103,7 @@ class Outputs:
 
     def finish(self) -> None:
         if self.args.save_json:
-            (self.out / "predictions.json").write_text(json.dumps(self.records, indent=1))
+            write_text(inside(self.out, "predictions.json"), json.dumps(self.records, indent=1))
 
 
 def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int) -> None:
@@ -116,15 +129,27 @@ def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int) -> 
     print(f"{len(paths) - len(skipped)} images, {found} objects ({summary}) -> {outputs.out}")
 
 
+def open_writer(path: Path, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
+    """An mp4 writer; one OpenCV cannot open (no codec, unwritable folder) is an OutputError before any frame."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    if not writer.isOpened():
+        raise OutputError(path, "OpenCV could not open a video writer (no mp4v codec, full disk or unwritable folder?)")
+    return writer
+
+
 def predict_video(yolo: YOLO, source: Source, cap: cv2.VideoCapture, outputs: Outputs) -> None:
     """Annotated copy of a video or webcam stream: same size and frame rate, every frame, measured FPS drawn."""
     fps_in = cap.get(cv2.CAP_PROP_FPS) or 30.0
     size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-    name = f"webcam{source.webcam}" if source.kind == "webcam" else source.paths[0].stem
-    path = outputs.out / f"{name}.mp4"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps_in, size)
+    name = f"webcam{source.webcam}" if source.kind == "webcam" else safe_component(source.paths[0].stem)
+    path = inside(outputs.out, f"{name}.mp4")
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if source.kind == "video" else None
-    frames, fps = 0, 0.0
+    frames, fps, quit_early = 0, 0.0, False
+    try:
+        writer = open_writer(path, fps_in, size)
+    except OutputError:
+        cap.release()
+        raise
     bar = tqdm(total=total, desc=name, file=sys.stdout)
     try:
         while True:
@@ -142,17 +167,21 @@ def predict_video(yolo: YOLO, source: Source, cap: cv2.VideoCapture, outputs: Ou
             if outputs.show:
                 cv2.imshow("predict", drawn)
                 if cv2.waitKey(1) & 0xFF == ord("q"):
+                    quit_early = True
                     break
     finally:
         bar.close()
         cap.release()
         writer.release()
+    if frames and (not path.is_file() or path.stat().st_size == 0):     # VideoWriter.write never reports a failure
+        raise OutputError(path, f"the video writer wrote nothing for {frames} frames (full disk?)")
+    if total and total > 0 and frames < total and not quit_early:
+        print(f"warning: {source.paths[0]}: read {frames} of {total} frames; the rest could not be decoded "
+              f"(a truncated or damaged video)", file=sys.stderr)
     print(f"{frames} frames at {fps:.1f} FPS -> {path}")
 
 
 def run_fps(yolo: YOLO, source: Source, iterations: int) -> None:
-    if source.kind != "images":
-        raise ValueError("--mode fps needs an image --source")
     r = yolo.measure_fps(source.paths[0], iterations)
     print(f"{yolo.config['model']} {yolo.config['attention']} at {yolo.input_shape[1]}x{yolo.input_shape[0]}, "
           f"batch 1, {yolo.device}{' fp16' if yolo.half else ''}: model {r['model_ms']:.2f} ms ({r['model_fps']:.1f} FPS), "
@@ -160,16 +189,34 @@ def run_fps(yolo: YOLO, source: Source, iterations: int) -> None:
 
 
 def run_heatmap(yolo: YOLO, source: Source, out: Path) -> None:
-    if source.kind != "images":
-        raise ValueError("--mode heatmap needs image --source (a file, folder or glob)")
+    """One objectness overlay per image; unreadable images are skipped and counted (a single one is an error)."""
+    stems, skipped = UniqueStems(), []
     for path in tqdm(source.paths, desc="heatmap", disable=len(source.paths) == 1, file=sys.stdout):
-        cv2.imwrite(str(out / f"{path.stem}_heatmap.jpg"), yolo.heatmap(path))
-    print(f"{len(source.paths)} heatmaps -> {out}")
+        try:
+            image = load_image(path)
+        except ImageReadError:
+            if len(source.paths) == 1:
+                raise
+            skipped.append(path)
+            continue
+        write_image(inside(out, f"{stems(path.name)}_heatmap.jpg"), yolo.heatmap(image))
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable images (first: {skipped[0]})", file=sys.stderr)
+    print(f"{len(source.paths) - len(skipped)} heatmaps -> {out}")
+
+
+def check_mode(mode: str, source: Source) -> None:
+    """fps and heatmap modes read images, not streams."""
+    if mode == "fps" and source.kind != "images":
+        raise ValueError("--mode fps needs an image --source")
+    if mode == "heatmap" and source.kind != "images":
+        raise ValueError("--mode heatmap needs image --source (a file, folder or glob)")
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     args = parse_args(argv)
     source = resolve_source(args.source)
+    check_mode(args.mode, source)
     for plugin in args.plugin:
         load_plugin(plugin)
     detect = args.detect
@@ -179,11 +226,16 @@ def main(argv: list[str] | None = None) -> Path | None:
         run_fps(yolo, source, args.fps_iters)
         return None
     # inputs are checked before the output folder exists: a failed run leaves nothing behind
+    wanted = parse_class_filter(args.classes, yolo.class_names)
     cap = open_video(source) if source.kind != "images" else None
     if source.kind == "images" and len(source.paths) == 1:
         load_image(source.paths[0])     # a single unreadable image is an error, not a skipped file
-    out = Path(args.out) if args.out else numbered_dir(Path("img_out") / "exp")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = prepare_out(Path(args.out) if args.out else numbered_dir(Path("img_out") / "exp"))
+    except OutputError:
+        if cap is not None:
+            cap.release()
+        raise
     print_config("predict.py", {"weights": args.weights, "model": yolo.config["model"],
                                 "attention": yolo.config["attention"], "source": args.source, "mode": args.mode,
                                 "input": "x".join(map(str, yolo.input_shape)), "device": yolo.device,
@@ -191,7 +243,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     if args.mode == "heatmap":
         run_heatmap(yolo, source, out)
         return out
-    outputs = Outputs(args, yolo, out)
+    outputs = Outputs(args, yolo, out, wanted)
     if source.kind == "images":
         predict_images(yolo, source, outputs, args.batch)
     else:

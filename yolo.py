@@ -38,16 +38,34 @@ def _preprocess_pool() -> ThreadPoolExecutor:
 
 
 def to_bgr(image: ImageLike) -> np.ndarray:
-    """A path, an OpenCV BGR array or a PIL image -> BGR uint8 HxWx3."""
+    """A path, an OpenCV BGR array (uint8 0..255, or float 0..1) or a PIL image -> BGR uint8 HxWx3."""
     if isinstance(image, (str, Path)):
         return load_image(image)
     if isinstance(image, Image.Image):
-        return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
-    if isinstance(image, np.ndarray) and image.ndim == 2:
-        return np.repeat(image[:, :, None], 3, axis=2)
-    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] in (3, 4):
-        return image[:, :, :3]
-    raise ValueError(f"cannot read an image from {type(image).__name__}; give a path, a BGR array or a PIL image")
+        image = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"cannot read an image from {type(image).__name__}; give a path, a BGR array or a PIL image")
+    if image.ndim not in (2, 3) or image.ndim == 3 and image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image array of shape {image.shape}: expected HxW, HxWx1, HxWx3 (BGR) or HxWx4 (BGRA)")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"empty image array (shape {image.shape})")
+    image = _as_uint8(image)
+    if image.ndim == 2 or image.shape[2] == 1:
+        return np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)
+    return image[:, :, :3]
+
+
+def _as_uint8(image: np.ndarray) -> np.ndarray:
+    """uint8 as it is; floats in 0..1 scaled to 0..255 (read as uint8 they would be black); anything else refused."""
+    if image.dtype == np.uint8:
+        return image
+    if np.issubdtype(image.dtype, np.floating):
+        lo, hi = float(image.min()), float(image.max())
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0.0 <= lo and hi <= 1.0):
+            raise ValueError(f"float image values must lie in 0..1 (found {lo:g}..{hi:g}); "
+                             f"give uint8 0..255 or float 0..1")
+        return (image * 255.0 + 0.5).astype(np.uint8)
+    raise ValueError(f"image array of dtype {image.dtype}: give uint8 (0..255) or float (0..1)")
 
 
 class YOLO:

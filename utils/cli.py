@@ -13,12 +13,15 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErro
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
-    """Run a script's main; user errors print `error: ...` and exit 2, Ctrl-C exits 130."""
+    """Run a script's main; user errors print `error: ...` and exit 2, other OS errors exit 1, Ctrl-C exits 130."""
     try:
         main(argv)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:      # a failed write (full disk, read-only or blocked --out): one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1,4 +1,8 @@
-"""Saving what predict.py finds: drawn images, YOLO-format labels, JSON, crops, counts."""
+"""Saving what predict.py finds: drawn images, YOLO-format labels, JSON, crops, counts.
+
+Every name taken from data (image stems, class names) passes through `safe_component` and every
+path through `inside`, so a hostile class name or file name cannot write outside the output folder.
+"""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,6 +10,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from utils.engine.folders import OutputError, inside, make_dir, safe_component
 
 
 def parse_class_filter(spec: str | None, class_names: list[str]) -> set[int] | None:
@@ -47,18 +53,55 @@ def json_entries(name: str, detections: np.ndarray, class_names: list[str]) -> l
             for x1, y1, x2, y2, s, c in detections]
 
 
+def write_image(path: Path, image: np.ndarray) -> None:
+    """cv2.imwrite, whose False (full disk, unwritable folder) becomes an OutputError."""
+    try:
+        ok = cv2.imwrite(str(path), image)
+    except cv2.error as exc:
+        raise OutputError(path, f"OpenCV could not encode the image ({exc.err or exc})") from exc
+    if not ok:
+        raise OutputError(path, "OpenCV could not write the file (full disk, read-only or missing folder?)")
+
+
+class UniqueStems:
+    """Output stems for input names: safe, and distinct when two inputs share a stem (a.jpg, a.png -> a, a_png)."""
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def __call__(self, name: str) -> str:
+        path = Path(name)
+        stem = safe_component(path.stem)
+        if stem in self.used:
+            stem = safe_component(f"{path.stem}_{path.suffix.lstrip('.')}") if path.suffix else stem
+        base, n = stem, 2
+        while stem in self.used:
+            stem, n = f"{base}_{n}", n + 1
+        self.used.add(stem)
+        return stem
+
+
+def class_folders(class_names: list[str]) -> list[str]:
+    """One safe, distinct folder name per class ('a/b' and 'a_b' both become 'a_b': the second gets '_<index>')."""
+    folders: list[str] = []
+    for i, name in enumerate(class_names):
+        folder = safe_component(name)
+        folders.append(folder if folder not in folders else f"{folder}_{i}")
+    return folders
+
+
 def save_crops(out_dir: Path, stem: str, image: np.ndarray, detections: np.ndarray, class_names: list[str]) -> int:
-    """Cut each box out into out_dir/<class>/<stem>_<i>.jpg; returns how many were written."""
+    """Cut each box out into out_dir/<class>/<stem>_<i>.jpg (names made safe); returns how many were written."""
     h, w = image.shape[:2]
+    folders = class_folders(class_names)
     written = 0
     for i, (x1, y1, x2, y2, _, cls) in enumerate(detections):
         x1, y1 = max(0, int(x1)), max(0, int(y1))
         x2, y2 = min(w, int(np.ceil(x2))), min(h, int(np.ceil(y2)))
         if x2 <= x1 or y2 <= y1:
             continue
-        folder = out_dir / class_names[int(cls)]
-        folder.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(folder / f"{stem}_{i}.jpg"), image[y1:y2, x1:x2])
+        folder = make_dir(inside(out_dir, folders[int(cls)]))
+        write_image(inside(folder, safe_component(f"{stem}_{i}.jpg")), image[y1:y2, x1:x2])
         written += 1
     return written
 
