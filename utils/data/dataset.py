@@ -27,7 +27,7 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 MAX_IMAGE_PIXELS = 1 << 30
 # The fallback of each default split name when its file is missing; any other name must exist.
 DEFAULT_FALLBACKS = {"train": "trainval", "val": "test", "test": "val"}
-# <size> in the XML and the real image size "agree in ratio" within this share: the boxes are rescaled.
+# <size> in the XML and the image file "agree in ratio" within this share (one condition of rescaling the boxes).
 SIZE_RATIO_TOLERANCE = 0.02
 _PIL_LIMIT_LOCK = threading.Lock()
 
@@ -68,7 +68,7 @@ class LoadReport:
     duplicate_ids: int = 0
     large_images: list[tuple[str, int, int]] = field(default_factory=list)  # (path, width, height)
     rescaled_images: int = 0  # XML <size> differs from the image in the same ratio: boxes rescaled
-    size_mismatches: int = 0  # XML <size> differs in another ratio: boxes kept and clipped
+    size_mismatches: int = 0  # XML <size> differs otherwise (another ratio, or no sign of a resize): kept, clipped
     fallback_from: str | None = None  # the split asked for when its fallback was read instead
 
     def warnings(self, root: Path) -> list[str]:
