@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = args.data or (ckpt.get("train_args") or {}).get("data") or DataConfig().data
     root = resolve_data_root(data)
     class_names = ckpt["config"]["class_names"]
-    records, _ = load_voc(root, args.split, class_names, fallback="val")
+    records, _ = load_voc(root, args.split, class_names, fallback="val" if args.split == "test" else None)
     yolo = YOLO(args.weights, device=args.device, conf=detect.conf, nms_iou=detect.nms_iou, half=args.half)
     out = prepare_out(Path(args.out))     # a bad --out fails now, not after the whole evaluation
     print_config("get_map.py", {"weights": args.weights, "model": ckpt["config"]["model"],

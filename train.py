@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> Path:
                                   **run.config.flat(), "lr0": run.hyp["lr0"], "device": run.device,
                                   "classes": ", ".join(data.class_names),
                                   "images": f"{len(data.train_records)} train / {len(data.val_records)} val",
+                                  "validation": data.val_source,
                                   "augmentation": "GPU (batched)" if data.on_gpu else
                                   f"CPU ({run.config.data.workers} workers)"})
     trainer = run.trainer

@@ -229,7 +229,10 @@ class DataConfig:
     classes: str | None = setting(None, "class-names file, one per line", type=str,
                                   shown="DATA/classes.txt, else the names found")
     train_split: str = setting("train", "ImageSets/Main split to train on", shown="train, else trainval")
-    val_split: str = setting("val", "split to evaluate on after each epoch", shown="val, else test")
+    val_split: str | None = setting(None, "split to evaluate on after each epoch and choose best.pt by", type=str,
+                                    shown="val, else a share of the training split")
+    val_fraction: float = setting(0.1, "share of the training split held out for validation when the data has no "
+                                       "val split", low=0.0, high=0.5)
     cache: str = setting("none", "keep decoded images in memory", choices=("none", "ram", "gpu"))
     augment: str = setting("auto", "where augmentation runs; auto = gpu when on CUDA with --cache, else cpu workers",
                            choices=("auto", "cpu", "gpu"))

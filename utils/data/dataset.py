@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import xml.etree.ElementTree as ET
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,15 @@ log = get_logger(__name__)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 # What PIL may raise on a truncated, corrupt or hostile header.
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# Largest image read, in pixels: OpenCV's own decoding limit (CV_IO_MAX_IMAGE_PIXELS), so every image
+# under it decodes in training as it does in predict.py; PIL's lower decompression-bomb limit does not apply
+# because PIL only reads headers here.
+MAX_IMAGE_PIXELS = 1 << 30
+# The fallback of each default split name when its file is missing; any other name must exist.
+DEFAULT_FALLBACKS = {"train": "trainval", "val": "test", "test": "val"}
+# <size> in the XML and the image file "agree in ratio" within this share (one condition of rescaling the boxes).
+SIZE_RATIO_TOLERANCE = 0.02
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 class DatasetError(ValueError):
@@ -56,6 +66,10 @@ class LoadReport:
     corrupt_images: list[str] = field(default_factory=list)  # image paths
     degenerate_boxes: int = 0
     duplicate_ids: int = 0
+    large_images: list[tuple[str, int, int]] = field(default_factory=list)  # (path, width, height)
+    rescaled_images: int = 0  # XML <size> differs from the image in the same ratio: boxes rescaled
+    size_mismatches: int = 0  # XML <size> differs otherwise (another ratio, or no sign of a resize): kept, clipped
+    fallback_from: str | None = None  # the split asked for when its fallback was read instead
 
     def warnings(self, root: Path) -> list[str]:
         """One line per category of skipped data."""
@@ -77,7 +91,23 @@ class LoadReport:
         if self.corrupt_images:
             lines.append(f"warning: skipped {len(self.corrupt_images)} unreadable or corrupt images "
                          f"(first: {self.corrupt_images[0]})")
+        if self.large_images:
+            path, w, h = self.large_images[0]
+            lines.append(f"warning: skipped {len(self.large_images)} images over the {MAX_IMAGE_PIXELS / 1e6:.0f}"
+                         f"-megapixel limit (first: {path}, {w}x{h} = {w * h / 1e6:.0f} megapixels); "
+                         f"resize them below it")
+        if self.rescaled_images:
+            lines.append(f"warning: rescaled the boxes of {self.rescaled_images} images in {root} to their image "
+                         f"files: the annotation <size> is the image at another scale and the boxes reach past "
+                         f"the file's edge (the image was resized after labelling)")
         return lines
+
+    def notes(self, root: Path) -> list[str]:
+        """Informational lines: what was read as it is but may deserve a look."""
+        if not self.size_mismatches:
+            return []
+        return [f"{self.size_mismatches} annotations in {root} give a <size> other than their image file's; "
+                f"their boxes were kept in the file's pixels and clipped to it"]
 
 
 @dataclass
@@ -87,6 +117,7 @@ class _Parsed:
     image_id: str
     image_path: str | None  # None: no matching file in JPEGImages
     size: tuple[int, int] | None  # (width, height); None: PIL could not read the header
+    xml_size: tuple[float, float] | None  # (width, height) from <size>; None when absent or not positive
     names: list[str]
     boxes: np.ndarray  # float32 [N,4], raw from the XML
     difficult: np.ndarray  # bool [N]
@@ -112,6 +143,16 @@ def _check_class_names(names: list[str], source: str) -> None:
     dup = sorted(n for n, c in Counter(names).items() if c > 1)
     if dup:
         raise DatasetError(f"duplicate class names in {source}: {', '.join(dup)}; list each class once")
+
+
+def default_fallback(split: str) -> str | None:
+    """The split read instead of `split` when its file is missing: only for the default names."""
+    return DEFAULT_FALLBACKS.get(split)
+
+
+def split_exists(root: str | Path, split: str) -> bool:
+    """Whether ImageSets/Main/<split>.txt exists."""
+    return (Path(root) / "ImageSets" / "Main" / f"{split}.txt").is_file()
 
 
 def resolve_split(root: str | Path, split: str, fallback: str | None = None) -> tuple[str, Path]:
@@ -163,11 +204,25 @@ def _find_image(image_id: str, filename: str, images: dict[str, str]) -> str | N
     return None
 
 
+def _open_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
+
+
 def _image_size(path: str) -> tuple[int, int] | None:
     """(width, height) from the header only; None when PIL cannot identify the file."""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
+        try:
+            w, h = _open_size(path)
+        except Image.DecompressionBombError:
+            # Only the header is read, so PIL's limit guards nothing; MAX_IMAGE_PIXELS is checked by the caller.
+            # The lock keeps threads from restoring each other's limit out of order.
+            with _PIL_LIMIT_LOCK:
+                limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                try:
+                    w, h = _open_size(path)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = limit
     except _PIL_ERRORS:
         return None
     return (w, h) if w > 0 and h > 0 else None
@@ -183,8 +238,17 @@ def _flag(text: str | None) -> bool:
         return text in ("true", "yes")
 
 
-def _parse_xml(xml_path: Path) -> tuple[str, list[str], np.ndarray, np.ndarray]:
-    """Return (<filename>, names, boxes float32 [N,4], difficult bool [N]) of one annotation."""
+def _xml_size(root: ET.Element) -> tuple[float, float] | None:
+    """(width, height) of <size>, or None when absent, not numeric or not positive (many tools write 0)."""
+    try:
+        w, h = (float(root.findtext(f"size/{k}") or "") for k in ("width", "height"))
+    except ValueError:
+        return None
+    return (w, h) if w > 0 and h > 0 and np.isfinite(w * h) else None
+
+
+def _parse_xml(xml_path: Path) -> tuple[str, tuple[float, float] | None, list[str], np.ndarray, np.ndarray]:
+    """Return (<filename>, <size>, names, boxes float32 [N,4], difficult bool [N]) of one annotation."""
     try:
         root = ET.parse(xml_path).getroot()
     except ET.ParseError as e:
@@ -207,6 +271,7 @@ def _parse_xml(xml_path: Path) -> tuple[str, list[str], np.ndarray, np.ndarray]:
         difficult.append(_flag(obj.findtext("difficult")))
     return (
         (root.findtext("filename") or "").strip(),
+        _xml_size(root),
         names,
         np.asarray(boxes, np.float32).reshape(-1, 4),
         np.asarray(difficult, bool),
@@ -214,11 +279,11 @@ def _parse_xml(xml_path: Path) -> tuple[str, list[str], np.ndarray, np.ndarray]:
 
 
 def _parse_one(image_id: str, ann_dir: Path, xmls: dict[str, str], img_dir: Path, images: dict[str, str]) -> _Parsed:
-    filename, names, boxes, difficult = _parse_xml(ann_dir / xmls[f"{image_id}.xml".lower()])
+    filename, xml_size, names, boxes, difficult = _parse_xml(ann_dir / xmls[f"{image_id}.xml".lower()])
     name = _find_image(image_id, filename, images)
     path = str(img_dir / name) if name else None
     size = _image_size(path) if path else None
-    return _Parsed(image_id, path, size, names, boxes, difficult)
+    return _Parsed(image_id, path, size, xml_size, names, boxes, difficult)
 
 
 def _check_root(root: Path) -> None:
@@ -235,11 +300,29 @@ def _check_root(root: Path) -> None:
         raise DatasetError(f"{root} has no {sub}/ folder{hint}")
 
 
+def _fit_to_image(boxes: np.ndarray, xml_size: tuple[float, float] | None, size: tuple[int, int],
+                  report: LoadReport) -> np.ndarray:
+    """Boxes in the image file's pixels: rescaled when they are evidently in the frame of another-scale <size>."""
+    (xw, xh), (w, h) = xml_size or size, size
+    if not len(boxes) or (abs(xw - w) < 1 and abs(xh - h) < 1):
+        return boxes
+    sx, sy = w / xw, h / xh
+    # Evidence that the boxes were drawn on the <size> image: they reach past the file's edge but fit <size>.
+    # Without it a stale <size> (common in copied XMLs) is as likely as a resize, so the boxes stay as written.
+    past_file = bool((boxes[:, 2] > w + 1).any() or (boxes[:, 3] > h + 1).any())
+    fit_xml = bool((boxes[:, 2] <= xw + 1).all() and (boxes[:, 3] <= xh + 1).all())
+    if abs(sx / sy - 1) <= SIZE_RATIO_TOLERANCE and past_file and fit_xml:
+        report.rescaled_images += 1
+        return boxes * np.array([sx, sy, sx, sy], np.float32)
+    report.size_mismatches += 1     # a crop, a rotation, a stale <size>: today's rule, clip to the file
+    return boxes
+
+
 def _to_record(p: _Parsed, index: dict[str, int], report: LoadReport) -> Record:
     w, h = p.size
     keep = np.array([n in index for n in p.names], bool)
     report.unknown.update(n for n in p.names if n not in index)
-    boxes = p.boxes[keep].copy()
+    boxes = _fit_to_image(p.boxes[keep].copy(), p.xml_size, p.size, report)
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
     # Reversed corners end up with negative size here and are dropped too.
@@ -261,6 +344,10 @@ def load_voc(
     report = report if report is not None else LoadReport()
     _check_root(root)
     report.split, report.split_file = resolve_split(root, split, fallback)
+    if report.split != split:
+        report.fallback_from = split
+        log.warning("no split %s.txt in %s; reading %s instead", split, report.split_file.parent,
+                    report.split_file.name)
     ids = _read_split(report.split_file, report)
     report.num_ids = len(ids)
 
@@ -300,11 +387,15 @@ def load_voc(
             report.missing_images.append(p.image_id)
         elif p.size is None:
             report.corrupt_images.append(p.image_path)
+        elif p.size[0] * p.size[1] > MAX_IMAGE_PIXELS:
+            report.large_images.append((p.image_path, *p.size))
         else:
             records.append(_to_record(p, index, report))
     report.num_records = len(records)
     for line in report.warnings(root):
         log.warning(line.removeprefix("warning: "))
+    for line in report.notes(root):
+        log.info(line)
     if not records:
         raise DatasetError(f"no readable images for the {len(ids)} ids in {report.split_file}; "
                            f"put the images in {img_dir}")
@@ -322,5 +413,9 @@ def load_image(path: str | Path) -> np.ndarray:
     except cv2.error:  # its message spans several lines
         image = None
     if image is None:
+        size = _image_size(str(path))
+        if size and size[0] * size[1] > MAX_IMAGE_PIXELS:
+            raise ImageReadError(f"image {path} is {size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.0f} megapixels), "
+                                 f"over the {MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit; resize it below that")
         raise ImageReadError(f"cannot decode image {path} (corrupt or not an image); replace or remove it")
     return image

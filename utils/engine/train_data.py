@@ -1,15 +1,18 @@
 """From --data/--cache/--augment flags to a stream of training batches and the validation records."""
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from utils.config import DataConfig
-from utils.data.dataset import DatasetError, load_voc, read_class_names
+from utils.data.dataset import (DatasetError, LoadReport, Record, default_fallback, load_voc, read_class_names,
+                                split_exists)
 from utils.data.gpu_augment import GpuAugmenter
 from utils.data.loader import (AugmentSampler, TrainDataset, cpu_loader, decode_all, image_tensor, loaded_sizes,
                           padded_boxes, to_training_batch)
@@ -33,13 +36,85 @@ def resolve_data_root(data: str) -> Path:
     return root
 
 
-def load_splits(data: DataConfig) -> tuple[list, list, list[str]]:
+# Keys the hash that picks the held-out validation images: fixed, not --seed, so every run of a study
+# validates on the same images (and a resumed run on the ones it started with).
+VAL_CARVE_KEY = b"val-carve-v1"
+
+
+@dataclass
+class Splits:
+    """Training and validation records, their class names, and where the validation records came from."""
+
+    train: list[Record]
+    val: list[Record]
+    class_names: list[str]
+    val_source: str  # "val", "test (no val split)", "10% of trainval (29 images)"
+
+
+def carve_validation(records: list[Record], fraction: float) -> tuple[list[Record], list[Record]]:
+    """(train, held out): max(1, round(fraction * N)) records chosen by a keyed hash of their ids.
+
+    Ranking by hash, not by position, keeps the choice independent of the split file's order; the
+    records keep their order.
+    """
+    n = len(records)
+    k = min(n - 1, max(1, round(fraction * n)))
+    rank = sorted(range(n), key=lambda i: hashlib.blake2b(records[i].image_id.encode(), key=VAL_CARVE_KEY,
+                                                            digest_size=8).digest())
+    held = set(rank[:k])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def _check_train_objects(records: list[Record], report: LoadReport) -> None:
+    if not any(len(r.boxes) for r in records):
+        unknown = f" ({sum(report.unknown.values())} objects of classes not in the class list were skipped)" \
+            if report.unknown else ""
+        raise DatasetError(f"no objects in any of the {len(records)} training images of {report.split_file}"
+                           f"{unknown}; annotate the images or pass --train-split naming an annotated split")
+
+
+def _validation(root: Path, data: DataConfig, train: list[Record], train_report: LoadReport,
+                names: list[str]) -> tuple[list[Record], list[Record], str]:
+    """(train, val, source): the val split asked for, else `val`, else a share carved out of train."""
+    split = data.val_split or ("val" if split_exists(root, "val") else None)
+    if split is not None:
+        report = LoadReport()
+        val, _ = load_voc(root, split, names, fallback=default_fallback(split), report=report)
+        if report.split == "test" and split != "test":      # asked for by name, it is the user's choice
+            log.warning("evaluating on the test split after each epoch: best.pt is chosen on it, so its test "
+                        "numbers are optimistic; leave --val-split out to hold out a share of %s instead",
+                        train_report.split)
+        return train, val, report.split + (f" (no {report.fallback_from} split)" if report.fallback_from else "")
+    main = root / "ImageSets" / "Main"
+    if data.val_fraction <= 0 or len(train) < 2:
+        why = "--val-fraction is 0" if data.val_fraction <= 0 else f"{train_report.split} has only {len(train)} image"
+        raise DatasetError(f"no val split in {main} and {why}; pass --val-split NAME (a file in {main}) "
+                           f"or --val-fraction above 0 with at least 2 training images")
+    train, val = carve_validation(train, data.val_fraction)
+    source = f"{data.val_fraction * 100:g}% of {train_report.split} ({len(val)} images)"
+    log.info("no val split in %s: validating on %s, left out of training", main, source)
+    return train, val, source
+
+
+def load_splits(data: DataConfig) -> Splits:
     """Train and validation records with one class list (the train split's)."""
     root = resolve_data_root(data.data)
     names = read_class_names(data.classes) if data.classes else None
-    train, names = load_voc(root, data.train_split, names, fallback="trainval")
-    val, _ = load_voc(root, data.val_split, names, fallback="test")
-    return train, val, names
+    report = LoadReport()
+    train, names = load_voc(root, data.train_split, names, fallback=default_fallback(data.train_split),
+                            report=report)
+    _check_train_objects(train, report)
+    train, val, source = _validation(root, data, train, report, names)
+    shared = {r.image_id for r in train} & {r.image_id for r in val}
+    if shared:      # e.g. training on trainval (train + val) while validating on val
+        log.warning("%d of the %d validation images (%s) are also in the training split %s: their mAP is "
+                    "optimistic; validate on a split that does not overlap it", len(shared), len(val), source,
+                    report.split)
+    if not any(len(r.boxes) for r in val):
+        # without a mAP the trainer cannot rank the epochs
+        log.warning("the validation split %s has no objects: mAP cannot be measured, so best.pt does not mark "
+                    "the best epoch; use last.pt, or pass --val-split naming an annotated split", source)
+    return Splits(train, val, names, source)
 
 
 class TrainData:
@@ -51,7 +126,9 @@ class TrainData:
         self.config, self.hyp, self.device, self.seed = data, hyp, device, seed
         self.rank, self.batch_size = rank, batch_size
         self.input_shape = tuple(input_shape)
-        self.train_records, self.val_records, self.class_names = load_splits(data)
+        splits = load_splits(data)
+        self.train_records, self.val_records, self.class_names = splits.train, splits.val, splits.class_names
+        self.val_source = splits.val_source  # which split (or share of the training split) validates
         images = None
         if data.cache != "none":
             images, failed = decode_all(self.train_records, self.input_shape, max(data.workers, 1), progress)
