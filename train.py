@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> Path:
     resolved = resolve_run(parse_train_flags(argv, train_parser(__doc__)))
     if resolved.ignored:
         print(f"note: resuming keeps the run's settings; ignoring {', '.join(resolved.ignored)}")
+    if resolved.moved_from:
+        print(f"note: resuming {resolved.moved_from.name} in {resolved.folder} (with a copy of its results.csv); "
+              f"{resolved.moved_from} is left as it was")
     run = prepare_run(resolved)
     if is_main_process():
         data, model = run.data, run.config.model

@@ -18,19 +18,43 @@ from utils.ops.boxes import CellCache, Cells, ciou_loss, flatten_levels
 from utils.config import ModelConfig
 
 HYP_FILES = {"yolov4-tiny": "hyp.yolov4-tiny.yaml", "yolov5": "hyp.scratch-low.yaml"}
+# keys the loss (box, cls, obj, balance) and the optimiser, schedule and warm-up read without a default
+REQUIRED_HYP = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
+                "box", "cls", "obj", "balance")
 # smallest predicted box side (cell units) the CIoU sees: see YoloLoss.__call__
 MIN_BOX_CELLS = 1e-3
 
 
 def load_hyp(model: str, path: str | Path | None = None) -> dict:
-    """Hyperparameters for a model: `path` if given, else the family's YAML in model_data/."""
+    """Hyperparameters for a model: `path` if given, else the family's YAML in model_data/; checked for REQUIRED_HYP."""
     path = Path(path) if path else MODEL_DATA / HYP_FILES[model_family(model)]
     if not path.is_file():
         raise FileNotFoundError(f"hyperparameter file {path} not found")
-    hyp = yaml.safe_load(path.read_text())
+    try:
+        hyp = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ValueError(f"--hyp {path}: not valid YAML{at} ({getattr(exc, 'problem', None) or type(exc).__name__}); "
+                         f"fix it or start from {MODEL_DATA / HYP_FILES[model_family(model)]}") from None
     if not isinstance(hyp, dict):
-        raise ValueError(f"{path}: expected a mapping of hyperparameters")
+        raise ValueError(f"--hyp {path}: expected a mapping of hyperparameters (key: value lines)")
+    missing = [k for k in REQUIRED_HYP if k not in hyp]
+    if missing:
+        raise ValueError(f"--hyp {path}: missing {', '.join(missing)}, which the loss or optimiser needs; "
+                         f"copy them from {MODEL_DATA / HYP_FILES[model_family(model)]}")
+    wrong = [k for k in REQUIRED_HYP if k != "balance" and not _is_number(hyp[k])]
+    balance = hyp["balance"]
+    if not isinstance(balance, dict) or not balance or not all(_is_number(v) for v in balance.values()) \
+            or not all(isinstance(k, int) or str(k).isdigit() for k in balance):
+        wrong.append("balance (a mapping stride: weight, e.g. {16: 1.0, 32: 0.4})")
+    if wrong:
+        raise ValueError(f"--hyp {path}: {', '.join(wrong)} must be numbers")
     return hyp
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def smooth_targets(label_smoothing: float) -> tuple[float, float]:

@@ -140,14 +140,14 @@ def test_failed_writes_are_one_line_errors(weights, data, images, tmp_path, caps
 
 
 @pytest.mark.parametrize("script,argv,expected", [
-    ("predict", ["--batch", "0"], "--batch 0: must be between 1"),
-    ("predict", ["--batch", "-1"], "--batch -1: must be between 1"),
-    ("predict", ["--fps-iters", "0", "--mode", "fps"], "--fps-iters 0: must be between 1"),
+    ("predict", ["--batch", "0"], "--batch 0: must be at least 1"),
+    ("predict", ["--batch", "-1"], "--batch -1: must be at least 1"),
+    ("predict", ["--fps-iters", "0", "--mode", "fps"], "--fps-iters 0: must be at least 1"),
     ("predict", ["--img", "0"], "--img 0: must be between 32 and 4096"),
     ("predict", ["--img", "-32"], "--img -32: must be between 32 and 4096"),
     ("predict", ["--img", "100"], "--img 100: must be a multiple of 32"),
-    ("get_map", ["--batch", "0"], "--batch 0: must be between 1"),
-    ("get_map", ["--workers", "-1"], "--workers -1: must be between 0"),
+    ("get_map", ["--batch", "0"], "--batch 0: must be at least 1"),
+    ("get_map", ["--workers", "-1"], "--workers -1: must be at least 0"),
     ("get_map", ["--score-threshold", "2"], "--score-threshold 2.0: must be between 0.0 and 1.0"),
 ])
 def test_numeric_flags_are_range_checked_before_any_folder(weights, images, tmp_path, capsys, monkeypatch,

@@ -248,8 +248,8 @@ class TrainConfig:
     nbs: int = setting(64, "nominal batch: gradients are accumulated to about this many images per step, and "
                            "weight decay scaled to it", low=1)
     optimizer: str = setting("sgd", "optimiser", choices=("sgd", "adam"))
-    lr: float | None = setting(None, "initial learning rate", type=float, above=0.0,
-                               shown="from the hyp file: 0.01 sgd, 0.001 adam")
+    lr: float | None = setting(None, "initial learning rate; with --resume, continues at this rate", type=float,
+                               above=0.0, shown="from the hyp file: 0.01 sgd, 0.001 adam", resume=True)
     lr_schedule: str = setting("cos", "cosine to lr*lrf, or x0.1 at 70%% and 90%%", choices=("cos", "step"))
     label_smoothing: float | None = setting(None, "class label smoothing eps", type=float, low=0.0, high=0.5,
                                             shown="from the hyp file: 0")
@@ -269,9 +269,10 @@ class TrainConfig:
                                      "augmentation, bf16 or fp32, --batch >= --nbs)", resume=True)
     eval_period: int = setting(1, "evaluate on the val split every N epochs", low=1)
     save_period: int = setting(0, "also keep epochN.pt every N epochs (0 = off)", low=0)
-    seed: int = setting(0, "random seed")
+    seed: int = setting(0, "random seed", low=0, high=2**31 - 1)
     device: str | None = setting(None, "cuda, cuda:N, N or cpu", type=str, shown="cuda when present", resume=True)
-    save_dir: str = setting("logs", "parent folder of runs")
+    save_dir: str = setting("logs", "parent folder of runs; with --resume, continue in <save-dir>/<run name>",
+                            resume=True)
     name: str | None = setting(None, "run folder name", type=str, shown="<model>_<attention>, numbered if taken")
     exist_ok: bool = setting(False, "reuse --name's folder instead of numbering a new one")
     resume: str | None = setting(None, "continue a run from its last.pt", type=str, shown="none")

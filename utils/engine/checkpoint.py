@@ -8,6 +8,7 @@ Keys: `model` (state dict used for inference: the EMA weights when EMA is on), `
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -21,20 +22,78 @@ class CheckpointError(ValueError):
     """A file that is not a checkpoint of this project (or is damaged)."""
 
 
+class OutputWriteError(PermissionError):
+    """A write the file system refused (no permission, disk full, a file where a folder should be): a one-line error."""
+
+
+# torch.save reports a failed write as a RuntimeError ("[enforce fail at inline_container.cc:...] . unexpected pos")
+TORCH_WRITE_FAILURES = ("inline_container", "unexpected pos", "file write failed", "PytorchStreamWriter")
+STALE_TEMP = re.compile(r"^\..+\.pt\.[A-Za-z0-9_]+\.tmp$")   # what save_checkpoint's mkstemp names look like
+
+
+def _process_umask() -> int:
+    """The umask, read once at import (os.umask can only be read by setting it, which is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_process_umask()     # what open() would give a new file: mkstemp's 0600 is for secrets
+
+
+def write_error(exc: BaseException, path: str | Path) -> BaseException:
+    """An OSError or torch's failed-write RuntimeError as OutputWriteError naming `path`; anything else unchanged."""
+    if isinstance(exc, OutputWriteError):
+        return exc
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+    elif isinstance(exc, RuntimeError) and any(s in str(exc) for s in TORCH_WRITE_FAILURES):
+        first = str(exc).strip().splitlines()[0][:100]
+        reason = f"the write failed, is the disk full? ({first})"
+    else:
+        return exc
+    return OutputWriteError(f"cannot write {path}: {reason}")
+
+
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a file.
+
+    A refused write raises OutputWriteError; the file previously at `path` is then left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(exc, path) from None
+    try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        error = write_error(exc, path)
+        if error is exc:
+            raise
+        raise error from None
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temp files of checkpoint writes a killed process left in `folder`; returns them."""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if STALE_TEMP.match(entry.name) and entry.is_file():
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError as exc:
+                raise write_error(exc, entry) from None
+    return removed
 
 
 def detached_copy(obj: object) -> object:
@@ -84,7 +143,7 @@ class CheckpointWriter:
             try:
                 save_checkpoint(checkpoint, path)
             except BaseException as exc:  # reported to the training loop by submit() / wait()
-                self._error = exc
+                self._error = write_error(exc, path)
 
     def wait(self) -> None:
         """Block until the queued writes are on disk; re-raise a failed write."""

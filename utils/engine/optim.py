@@ -120,6 +120,14 @@ def lr_lambda(schedule: str, epochs: int, lrf: float):
     raise ValueError(f"--lr-schedule {schedule!r}: choose cos or step")
 
 
+def set_initial_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """A new base lr for every group (a resume given --lr): the schedule and warm-up scale from it."""
+    for group in optimizer.param_groups:
+        scale = float(group["lr"]) / group["initial_lr"] if group["initial_lr"] else 1.0
+        group["initial_lr"] = lr
+        set_hyper(group, "lr", lr * scale)
+
+
 def scheduled_lr(optimizer: torch.optim.Optimizer, epoch_factor: float) -> None:
     """Every group's lr = its initial lr x the schedule's factor for this epoch."""
     for group in optimizer.param_groups:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +18,10 @@ import torch
 from nets.attention import load_plugin
 from nets.yolo import complete_model_config
 from nets.yolo_training import load_hyp
-from utils.engine.checkpoint import load_checkpoint
+from utils.engine.checkpoint import load_checkpoint, remove_stale_temps, write_error
 from utils.engine.folders import numbered_dir
-from utils.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, add_flags, check_ranges, from_flat, parse_attention_spec,
-                          resume_flags, split_given)
+from utils.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, add_flags, check_ranges, flag_name,
+                          from_flat, parse_attention_spec, resume_flags, split_given)
 from utils.engine.train_data import TrainData
 from utils.engine.torch_utils import distributed_env, init_distributed, is_main_process, select_device
 from utils.engine.trainer import Trainer
@@ -43,11 +44,17 @@ def parse_train_flags(argv: list[str] | None, parser: argparse.ArgumentParser | 
 
 @dataclass
 class Resolved:
-    """A checked run configuration, the checkpoint a resume continues, and the given flags it did not use."""
+    """A checked run configuration, the checkpoint a resume continues, and the given flags it did not use.
+
+    folder: where a resume writes (None: decided by run_dir); moved_from: the run's own folder when a
+    resume given --save-dir continues elsewhere (that folder is then left as it was).
+    """
 
     config: RunConfig
     checkpoint: dict | None
     ignored: list[str]
+    folder: Path | None = None
+    moved_from: Path | None = None
 
 
 def resolve_run(given: dict) -> Resolved:
@@ -78,7 +85,22 @@ def resolve_run(given: dict) -> Resolved:
     if ckpt["epoch"] >= config.train.epochs:
         raise ValueError(f"--resume {path}: the run already finished {ckpt['epoch']} epochs; "
                          f"pass --epochs N with N > {ckpt['epoch']} to extend it")
-    return Resolved(config, ckpt, [f"--{k.replace('_', '-')}" for k in ignored])
+    own = Path(path).resolve().parent
+    folder = resume_folder(own, given.get("save_dir"))
+    flags = {f.name: flag_name(f) for part in RUN_PARTS for f in dataclasses.fields(part)}
+    return Resolved(config, ckpt, [flags.get(k, f"--{k.replace('_', '-')}") for k in ignored], folder,
+                    own if folder != own else None)
+
+
+def resume_folder(own: Path, save_dir: str | None) -> Path:
+    """The run's own folder, or with --save-dir <save-dir>/<the run's folder name>, which must be new or empty."""
+    if save_dir is None:
+        return own
+    folder = (Path(save_dir) / own.name).resolve()
+    if folder != own and folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(f"--save-dir {save_dir}: {folder} already holds files; resume from {folder / 'last.pt'} "
+                         "or choose another --save-dir")
+    return folder
 
 
 def _check(config: RunConfig) -> None:
@@ -133,7 +155,9 @@ def prepare_run(resolved: Resolved, folder: Path | None = None, progress: bool =
         raise ValueError(f"--batch {config.train.batch} must be divisible by the {world} processes")
     init_distributed(device)
     if ckpt is not None and isinstance(ckpt.get("hyp"), dict):
-        hyp = ckpt["hyp"]                 # exactly the run's hyperparameters, whatever the YAML says now
+        hyp = dict(ckpt["hyp"])           # exactly the run's hyperparameters, whatever the YAML says now ...
+        if config.train.lr is not None:
+            hyp["lr0"] = config.train.lr  # ... but for --lr, which a resume may change (e.g. after divergence)
     else:
         hyp = resolved_hyp(load_hyp(config.model.model, config.train.hyp), config.train)
     data = TrainData(config.data, tuple(config.model.input_shape), config.train.batch // world, config.train.seed,
@@ -141,11 +165,23 @@ def prepare_run(resolved: Resolved, folder: Path | None = None, progress: bool =
     if ckpt is None:
         model = complete_model_config(dataclasses.replace(config.model, class_names=data.class_names))
         config = dataclasses.replace(config, model=model)
-    folder = folder or run_dir(config)
+    folder = folder or resolved.folder or run_dir(config)
     trainer = Trainer(config, hyp, data, folder, ckpt, rank, world)
     if is_main_process():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PermissionError(f"cannot write {folder}: {exc.strerror or exc}") from None
+        make_run_folder(folder, resolved.moved_from)
     return Run(config, hyp, device, data, trainer, folder)
+
+
+def make_run_folder(folder: Path, moved_from: Path | None) -> None:
+    """Create the run folder (a moved resume gets a copy of the run's results.csv); drop temp files of killed writes."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        history = moved_from / "results.csv" if moved_from else None
+        if history is not None and history.is_file() and not (folder / "results.csv").exists():
+            shutil.copyfile(history, folder / "results.csv")
+    except OSError as exc:
+        raise write_error(exc, exc.filename or folder) from None
+    removed = remove_stale_temps(folder)
+    if removed:
+        log.info("removed %d unfinished checkpoint write(s) of an earlier process: %s", len(removed),
+                 ", ".join(p.name for p in removed))

@@ -1,6 +1,7 @@
 """The training loop: data, model, AMP, EMA, freeze/unfreeze, warm-up, evaluation, checkpoints, DDP."""
 from __future__ import annotations
 
+import bisect
 import csv
 import math
 import sys
@@ -8,17 +9,18 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from nets.yolo import build_model
 from nets.yolo_training import YoloLoss
-from utils.engine.checkpoint import CheckpointWriter, detached_copy, load_matching, state_dict_from_file
+from utils.engine.checkpoint import CheckpointWriter, detached_copy, load_matching, state_dict_from_file, write_error
 from utils.config import EVAL_DETECTION, RunConfig
 from utils.engine.train_data import TrainData
 from utils.engine.evaluate import Evaluator
 from utils.log import get_logger
 from utils.engine.optim import (accumulation_steps, build_optimizer, hyper_as_floats, hyper_value, lr_lambda,
-                         scheduled_lr, warmup)
+                         scheduled_lr, set_initial_lr, warmup)
 from utils.ops.plots import plot_results
 from utils.engine.torch_utils import ModelEMA, barrier, is_main_process, seed_everything, unwrap
 from utils.engine.train_step import TrainStep, graph_blocker
@@ -30,6 +32,53 @@ RESULT_FIELDS = ["epoch", "loss", "box_loss", "obj_loss", "cls_loss", "lr", "mAP
                  "seconds"]
 NOT_EVALUATED = {"map50": float("nan"), "map50_95": float("nan"), "map50_voc": float("nan")}
 PLOT_SECONDS = 30.0   # loss.png / map.png are redrawn at most this often, and after the last epoch
+MIN_MATCHED_SHARE = 0.1   # --weights matching fewer of the model's tensors is the wrong file, not a warm start
+DIVERGE_FACTOR = 10.0     # a loss read this many times the run's median so far counts as exploding ...
+DIVERGE_READS = 3         # ... and this many such reads in a row (reads come every 10 steps) stop the run
+
+USUAL_LR = {"sgd": 0.01, "adam": 0.001}   # the hyp files' lr0: the most a divergence message suggests
+
+
+class TrainingDiverged(ValueError):
+    """The loss exploded (or became NaN/inf); the message says what to run instead."""
+
+
+class DivergenceWatch:
+    """Tells an exploding loss from noise, from the loss reads the loop makes anyway (no extra syncs).
+
+    The first epoch's reads are the baseline; later, a read above `factor` x the median of the good
+    reads so far is a strike, and `reads` strikes in a row mean divergence. Strikes never join the median.
+    """
+
+    def __init__(self, factor: float | None = None, reads: int | None = None):
+        self.factor = DIVERGE_FACTOR if factor is None else factor
+        self.reads = DIVERGE_READS if reads is None else reads
+        self.good: list[float] = []       # kept sorted: the median is the middle element
+        self.strikes = 0
+        self.judging = False
+        self.last = float("nan")
+
+    @property
+    def median(self) -> float:
+        return self.good[len(self.good) // 2] if self.good else float("nan")
+
+    @property
+    def exploding(self) -> bool:
+        """The latest read was a strike: the weights now are not worth saving."""
+        return self.strikes > 0
+
+    def observe(self, loss: float) -> bool:
+        """Record one read; True when the run has diverged (a non-finite loss, or `reads` strikes in a row)."""
+        self.last = loss
+        if not math.isfinite(loss):
+            self.strikes = max(self.strikes, 1)
+            return True
+        if self.judging and self.good and loss > self.factor * self.median:
+            self.strikes += 1
+        else:
+            self.strikes = 0
+            bisect.insort(self.good, loss)
+        return self.strikes >= self.reads
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
@@ -58,8 +107,7 @@ class Trainer:
         self.config = config.model
         self.model = build_model(self.config).to(self.device)
         if args.weights and not resume_ckpt:
-            loaded, total = load_matching(self.model, state_dict_from_file(args.weights))
-            log.info("initialised %d/%d tensors from %s (matching names and shapes)", loaded, total, args.weights)
+            self._init_from(args.weights)
         if args.sync_bn and world > 1:
             if self.device.type != "cuda":
                 raise ValueError("--sync-bn works across GPU processes only; drop it for CPU training")
@@ -76,6 +124,9 @@ class Trainer:
         self.amp = amp_dtype(self.device, self.device.type == "cuda" if args.amp is None else args.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.start_epoch, self.best_fitness = 0, -1.0
+        self.watch = DivergenceWatch()
+        self._saved_epoch = 0             # the epoch last.pt holds (submitted to the writer)
+        self._pending: tuple[int, list] | None = None   # (epoch, checkpoint jobs) awaiting the next loss read
         self.writer = CheckpointWriter()
         self._eval_yolo: YOLO | None = None
         self._plotted = time.time()   # the first plot after PLOT_SECONDS
@@ -101,8 +152,26 @@ class Trainer:
             hyper_as_floats(self.optimizer)   # a graphed run saves them as tensors
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("optimizer"):
+            previous = self.optimizer.param_groups[0]["initial_lr"]
+            if previous != self.hyp["lr0"]:     # --lr given to the resume (resolve_run put it in the hyp)
+                set_initial_lr(self.optimizer, self.hyp["lr0"])
+                log.info("learning rate: %g (the run had %g)", self.hyp["lr0"], previous)
         self.start_epoch = int(ckpt["epoch"])
         self.best_fitness = float(ckpt.get("best_fitness", -1.0))
+        self._saved_epoch = self.start_epoch
+
+    def _init_from(self, path: str) -> None:
+        """--weights: copy the matching tensors; a file matching (almost) nothing is the wrong model, not a start."""
+        state = state_dict_from_file(path)
+        own = self.model.state_dict()
+        loaded, total = load_matching(self.model, state)
+        if loaded < MIN_MATCHED_SHARE * total:
+            raise ValueError(f"--weights {path}: only {loaded} of the model's {total} tensors match by name and shape "
+                             f"(at least {MIN_MATCHED_SHARE:.0%} must); the file holds {len(state)} tensors "
+                             f"({_first_keys(state)}), the model's are {_first_keys(own)}: give weights of the same "
+                             f"--model / --phi, or leave --weights out to train from scratch")
+        log.info("initialised %d/%d tensors from %s (matching names and shapes)", loaded, total, path)
 
     def _set_frozen(self, frozen: bool) -> None:
         for p in unwrap(self.model).backbone.parameters():
@@ -119,12 +188,27 @@ class Trainer:
         # counted from the run's first step, so a run resumed inside the warm-up finishes it
         warmup_steps = max(round(self.hyp["warmup_epochs"] * nb), 100)
         sgd = args.optimizer == "sgd"
-        metrics = {}
-        frozen = None
         if self.main:
             self._prepare_results()
+        try:
+            metrics = self._epochs(warmup_steps, sgd)
+        except KeyboardInterrupt:
+            self._settle_pending(keep=not self.watch.exploding)   # Ctrl-C keeps the last finished epoch
+            self.writer.wait()
+            raise
+        self._settle_pending(keep=not self.watch.exploding)
+        self.writer.wait()
+        if self.watch.exploding:                  # ended mid-explosion: its last epochs were not saved
+            raise self._diverged(self.watch.last, args.epochs - 1)
+        return metrics
+
+    def _epochs(self, warmup_steps: int, sgd: bool) -> dict:
+        """The epoch loop; returns the last epoch's metrics."""
+        args, nb = self.args, self.data.batches_per_epoch
+        metrics, frozen = {}, None
         for epoch in range(self.start_epoch, args.epochs):
             t0 = time.time()
+            self.watch.judging = epoch > self.start_epoch     # this process's first epoch is the baseline
             if frozen != (epoch < args.freeze_epochs):
                 frozen = epoch < args.freeze_epochs
                 self._set_frozen(frozen)
@@ -143,17 +227,54 @@ class Trainer:
                 loss, parts = step_fn(images, targets, last=(i + 1) % self.accumulate == 0 or i + 1 == nb)
                 totals += torch.stack([loss.detach() / len(images), parts["box"], parts["obj"], parts["cls"]])
                 if i % 10 == 0 or i + 1 == nb:   # reading the loss back syncs: not every step
-                    running = totals[0].item() / (i + 1)
-                    if not math.isfinite(running):
-                        raise ValueError(f"training diverged (loss {running}) in epoch {epoch + 1}; last.pt keeps "
-                                         "the previous epoch: resume with a lower --lr or check the labels")
+                    running = self._read_loss(totals[0]) / (i + 1)
+                    if self.watch.observe(running):
+                        self.writer.wait()        # the good last.pt already submitted is on disk before we stop
+                        raise self._diverged(running, epoch)
+                    if i == 0:                    # the first loss of the weights the last epoch ended with
+                        self._settle_pending(keep=not self.watch.exploding)
                     bar.set_postfix(loss=f"{running:.4f}", lr=f"{hyper_value(self.optimizer.param_groups[0], 'lr'):.2e}")
             lr = hyper_value(self.optimizer.param_groups[0], "lr")
             losses = (totals / nb).tolist()
             metrics = self._end_epoch(epoch, losses, lr, t0)
             barrier()
-        self.writer.wait()
         return metrics
+
+    def _settle_pending(self, keep: bool) -> None:
+        """Write the held checkpoints of the last epoch (its weights gave a sane loss), or drop them (they exploded)."""
+        if self._pending is None:
+            return
+        number, jobs = self._pending
+        self._pending = None
+        if keep:
+            self.writer.submit(jobs)
+            self._saved_epoch = number
+        else:
+            log.warning("the weights of epoch %d give loss %.4g, over %gx the run's median %.4g: not saved; "
+                        "last.pt keeps epoch %d", number, self.watch.last, self.watch.factor, self.watch.median,
+                        self._saved_epoch)
+
+    def _read_loss(self, total: torch.Tensor) -> float:
+        """The summed loss as a float, averaged over ranks so every rank takes the same divergence decision."""
+        if self.world > 1 and dist.is_initialized():
+            total = total.detach().clone()
+            dist.all_reduce(total)
+            return total.item() / self.world
+        return total.item()
+
+    def _diverged(self, loss: float, epoch: int) -> TrainingDiverged:
+        """The error for an exploded loss, with the command that continues from the last good checkpoint."""
+        lower = f"{min(self.hyp['lr0'] / 10, USUAL_LR[self.args.optimizer]):g}"
+        what = (f"the loss became {loss}" if not math.isfinite(loss) else
+                f"the loss rose to {loss:.4g}, over {self.watch.factor:g}x its median {self.watch.median:.4g}")
+        last = self.run_dir / "last.pt"
+        if self._saved_epoch > 0 and last.is_file():
+            advice = (f"last.pt keeps epoch {self._saved_epoch}: continue with a lower learning rate, "
+                      f"train.py --resume {last} --lr {lower}")
+        else:
+            advice = f"nothing was saved yet: train again with a lower learning rate, e.g. --lr {lower}"
+        return TrainingDiverged(f"training diverged in epoch {epoch + 1} ({what}; lr0 {self.hyp['lr0']:g}); "
+                                f"{advice} (or check the labels)")
 
     def _end_epoch(self, epoch: int, losses: list[float], lr: float, t0: float) -> dict:
         """Evaluate (rank 0), save last/best/periodic checkpoints, append to results.csv, plot."""
@@ -173,19 +294,26 @@ class Trainer:
         improved = fitness == fitness and fitness > self.best_fitness
         if improved:
             self.best_fitness = fitness
-        ckpt = detached_copy(self._checkpoint(number, metrics))
-        jobs = [(ckpt, self.run_dir / "last.pt")]
-        if improved:
-            jobs.append((self._inference_only(ckpt), self.run_dir / "best.pt"))
-        if args.save_period > 0 and number % args.save_period == 0:
-            jobs.append((self._inference_only(ckpt), self.run_dir / f"epoch{number}.pt"))
-        self.writer.submit(jobs)
+        if self.watch.exploding:        # keep the last good checkpoint: these weights may be the explosion's
+            log.warning("epoch %d: loss %.4g is over %gx the run's median %.4g; not saved, last.pt keeps epoch %d",
+                        number, losses[0], self.watch.factor, self.watch.median, self._saved_epoch)
+        else:
+            ckpt = detached_copy(self._checkpoint(number, metrics))
+            jobs = [(ckpt, self.run_dir / "last.pt")]
+            if improved:
+                jobs.append((self._inference_only(ckpt), self.run_dir / "best.pt"))
+            if args.save_period > 0 and number % args.save_period == 0:
+                jobs.append((self._inference_only(ckpt), self.run_dir / f"epoch{number}.pt"))
+            # held until the next epoch's first loss shows these weights did not explode (one step later)
+            self._pending = (number, jobs)
         row = [number, *[f"{v:.5f}" for v in losses], f"{lr:.6f}", f"{metrics['map50']:.5f}",
                f"{metrics['map50_95']:.5f}", f"{metrics['map50_voc']:.5f}", f"{seconds:.1f}"]
-        with open(self.run_dir / "results.csv", "a", newline="") as f:
-            csv.writer(f).writerow(row)
+        self._write_results([row], "a")
         if time.time() - self._plotted >= PLOT_SECONDS or number == args.epochs:
-            plot_results(self.run_dir / "results.csv", self.run_dir)
+            try:
+                plot_results(self.run_dir / "results.csv", self.run_dir)
+            except OSError as exc:
+                raise write_error(exc, exc.filename or self.run_dir / "loss.png") from None
             self._plotted = time.time()
         shown = f"mAP50 {metrics['map50']:.4f}  mAP50-95 {metrics['map50_95']:.4f}" if fitness == fitness else ""
         log.info("epoch %d/%d  loss %.4f  %s  %.1fs", number, args.epochs, losses[0], shown, seconds)
@@ -220,8 +348,20 @@ class Trainer:
             with open(path, newline="") as f:
                 rows = [r for r in csv.reader(f)][1:]
             rows = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= self.start_epoch]
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(RESULT_FIELDS)
-            writer.writerows(rows)
+        self._write_results([RESULT_FIELDS, *rows], "w")
+
+    def _write_results(self, rows: list[list], mode: str) -> None:
+        """Write ("w") or append ("a") rows of results.csv; a refused write is one line naming the file."""
+        path = self.run_dir / "results.csv"
+        try:
+            with open(path, mode, newline="") as f:
+                csv.writer(f).writerows(rows)
+        except OSError as exc:
+            raise write_error(exc, path) from None
+
+
+def _first_keys(state: dict, n: int = 3) -> str:
+    """'a, b, c, ...': the first few names of a state dict, for error messages."""
+    keys = list(state)
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") if keys else "none"
 
