@@ -19,7 +19,7 @@ from nets.attention import load_plugin
 from utils.config import EVAL_DETECTION, DataConfig, DetectConfig, add_flags, check_ranges, from_flat, setting
 from utils.engine.folders import prepare_out, write_text
 from utils.engine.train_data import resolve_data_root
-from utils.data.dataset import load_voc
+from utils.data.dataset import LoadReport, load_voc
 from utils.engine.evaluate import Evaluator
 from utils.ops.metrics import format_table
 from yolo import YOLO
@@ -62,17 +62,20 @@ def main(argv: list[str] | None = None) -> dict:
     data = args.data or (ckpt.get("train_args") or {}).get("data") or DataConfig().data
     root = resolve_data_root(data)
     class_names = ckpt["config"]["class_names"]
-    records, _ = load_voc(root, args.split, class_names, fallback="val" if args.split == "test" else None)
+    report = LoadReport()
+    records, _ = load_voc(root, args.split, class_names, fallback="val" if args.split == "test" else None,
+                          report=report)
+    split = report.split                 # the split actually read (test falls back to val, with a warning)
     yolo = YOLO(args.weights, device=args.device, conf=detect.conf, nms_iou=detect.nms_iou, half=args.half)
     out = prepare_out(Path(args.out))     # a bad --out fails now, not after the whole evaluation
     print_config("get_map.py", {"weights": args.weights, "model": ckpt["config"]["model"],
-                                "attention": ckpt["config"]["attention"], "data": root, "split": args.split,
+                                "attention": ckpt["config"]["attention"], "data": root, "split": split,
                                 "images": len(records), "classes": ", ".join(class_names),
                                 "input": "x".join(map(str, yolo.input_shape)), "device": yolo.device,
                                 "conf": detect.conf, "nms_iou": detect.nms_iou})
     evaluator = Evaluator(records, class_names, batch_size=args.batch, workers=args.workers)
     summary, coco_gt, coco_dets = evaluator.full(yolo, args.score_threshold)
-    summary.update(weights=str(args.weights), data=str(root), split=args.split, conf=detect.conf,
+    summary.update(weights=str(args.weights), data=str(root), split=split, conf=detect.conf,
                    nms_iou=detect.nms_iou)
     write_text(out / "detections.json", json.dumps(coco_dets))
     write_text(out / "ground_truth.json", json.dumps(coco_gt))

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import train
@@ -98,6 +99,14 @@ def test_empty_validation_split_warns_and_empty_training_split_is_an_error(tmp_p
     empty_annotations(root, split_ids(root, "train"))
     with pytest.raises(DatasetError, match=r"no objects in any of the 4 training images of .*train\.txt"):
         load_splits(DataConfig(data=str(root)))
+
+
+def test_without_validation_objects_best_pt_follows_the_last_epoch(tmp_path):
+    root = sample(tmp_path)
+    empty_annotations(root, split_ids(root, "val"))
+    out = train.main(["--data", str(root), "--save-dir", str(tmp_path / "logs"), "--name", "e", *TINY[:-2],
+                      "--epochs", "2"])
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 2
 
 
 def test_no_val_split_holds_out_a_fixed_share_of_train(tmp_path, capsys):

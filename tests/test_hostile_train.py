@@ -12,7 +12,7 @@ import torch
 import train
 from utils.cli import run_cli
 from utils.data.sample_data import make_sample_dataset
-from utils.engine import checkpoint, trainer
+from utils.engine import trainer
 from utils.engine.checkpoint import OutputWriteError, save_checkpoint
 from utils.engine.trainer import DivergenceWatch
 

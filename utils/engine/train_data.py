@@ -112,8 +112,8 @@ def load_splits(data: DataConfig) -> Splits:
                     report.split)
     if not any(len(r.boxes) for r in val):
         # without a mAP the trainer cannot rank the epochs
-        log.warning("the validation split %s has no objects: mAP cannot be measured, so best.pt does not mark "
-                    "the best epoch; use last.pt, or pass --val-split naming an annotated split", source)
+        log.warning("the validation split %s has no objects: mAP cannot be measured, so best.pt follows the last "
+                    "evaluated epoch; pass --val-split naming an annotated split to choose by mAP", source)
     return Splits(train, val, names, source)
 
 

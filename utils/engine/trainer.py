@@ -138,6 +138,7 @@ class Trainer:
         if self.main and self.device.type == "cuda":
             log.info("training step: %s", "captured as a CUDA graph" if self.graphs else
                      f"eager ({'--no-cuda-graph' if not args.cuda_graph else blocker})")
+        self._val_has_objects = any(len(r.boxes) for r in data.val_records)
         self.evaluator = Evaluator(data.val_records, data.class_names, batch_size=max(data.batch_size, 8),
                                    keep_batches=config.data.cache != "none",
                                    workers=config.data.workers) if self.main else None
@@ -291,7 +292,8 @@ class Trainer:
             # a validation split without objects has no mAP (NaN): count it as 0 so best.pt still exists
             fitness = metrics["map50"] if metrics["map50"] == metrics["map50"] else 0.0
         seconds = time.time() - t0   # training and evaluation; saving follows
-        improved = fitness == fitness and fitness > self.best_fitness
+        # without objects to validate on, no epoch is better than another: best.pt follows the last one
+        improved = fitness == fitness and (fitness > self.best_fitness or not self._val_has_objects)
         if improved:
             self.best_fitness = fitness
         if self.watch.exploding:        # keep the last good checkpoint: these weights may be the explosion's
