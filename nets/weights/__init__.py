@@ -1,0 +1,1 @@
+"""Reading other projects' weight files into our models, with a report of what matched."""
