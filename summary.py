@@ -14,6 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nets.attention import ATTENTION_NAMES, load_plugin
+from nets.backbones import backbone_listing
 from nets.yolo import build_model, complete_model_config
 from utils.cli import add_plugin_flag, format_rows, run_cli, spec_text
 from utils.config import ModelConfig, add_flags, parse_attention_spec
@@ -53,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if getattr(args, "backbone", None) == "list":
+        print(backbone_listing())
+        return
     for plugin in args.plugin:
         load_plugin(plugin)
     num_classes = class_count(args.classes)

@@ -4,6 +4,7 @@
   python train.py --data sample --phi cbam --epochs 30     # the built-in sample set
   python train.py --model yolov5s --phi 4 --data path/to/VOC
   python train.py --attention feat1=ca,feat2=cbam:reduction=8 --plugin my_blocks.py   # blocks per point
+  python train.py --backbone resnet18 [--backbone list]   # a torchvision (or timm:NAME) backbone
   python train.py --resume logs/<run>/last.pt [--epochs 200]
   torchrun --nproc_per_node 2 train.py ...                 # several GPUs
 """
@@ -11,13 +12,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nets.backbones import backbone_listing
 from utils.cli import print_config, run_cli, spec_text
 from utils.engine.run import parse_train_flags, prepare_run, resolve_run, train_parser
 from utils.engine.torch_utils import is_main_process
 
 
-def main(argv: list[str] | None = None) -> Path:
-    resolved = resolve_run(parse_train_flags(argv, train_parser(__doc__)))
+def main(argv: list[str] | None = None) -> Path | None:
+    given = parse_train_flags(argv, train_parser(__doc__))
+    if given.get("backbone") == "list":     # before anything is loaded or made
+        print(backbone_listing())
+        return None
+    resolved = resolve_run(given)
     if resolved.ignored:
         print(f"note: resuming keeps the run's settings; ignoring {', '.join(resolved.ignored)}")
     if resolved.moved_from:

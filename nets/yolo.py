@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from nets.attention import attention_name, attention_placement, build_point
+from nets.backbones import (FAMILY_STRIDES, backbone_normalisation, build_backbone, check_backbone, normalise,
+                            register_normalisation)
 from nets.common import init_detection_bias
 from nets.CSPdarknet53_tiny import CSPDarknet53Tiny, basic_conv
 from utils.config import MODEL_NAMES, ModelConfig
@@ -48,9 +50,12 @@ def complete_model_config(config: ModelConfig) -> ModelConfig:
     model_family(config.model)
     anchors_file, anchors_mask, backbone, head = FAMILY_DEFAULTS[config.family]
     placed = {point: {**spec, "type": attention_name(spec.get("type"))} for point, spec in config.attention_points.items()}
+    backbone = check_backbone(config.backbone or backbone, config.family)
+    mean, std = ((config.input_mean, config.input_std) if config.input_mean is not None or config.input_std is not None
+                 else backbone_normalisation(backbone))
     config = dataclasses.replace(
         config, attention=attention_name(config.attention), attention_points=placed, head=config.head or head,
-        backbone=config.backbone or backbone, anchors=[[float(w), float(h)] for w, h in
+        backbone=backbone, input_mean=mean, input_std=std, anchors=[[float(w), float(h)] for w, h in
                                                        (config.anchors or read_anchors(MODEL_DATA / anchors_file))],
         anchors_mask=config.anchors_mask or [list(m) for m in anchors_mask])
     _points(config)                     # a per-point spec naming a point this model lacks is an error
@@ -101,24 +106,31 @@ class YoloBody(nn.Module):
     """YOLOv4-tiny with attention at `feat1`, `feat2` and `upsample`; returns [P5 (13x13), P4 (26x26)] raw maps.
 
     `attention`: one block for every point (phi or name), or {point: {"type": name, **options}}.
+    `backbone`: None or a name nets.backbones knows (feat1 = its stride-16 map, feat2 = stride 32);
+    `input_mean`/`input_std`: the normalisation applied first (None: input used as is).
     """
 
     strides = (32, 16)
-    # insertion point -> (channels, stride)
+    # insertion point -> (channels, stride) with the built-in backbone
     POINTS = {"feat1": (256, 16), "feat2": (512, 32), "upsample": (128, 16)}
 
-    def __init__(self, anchors_mask: list[list[int]], num_classes: int, attention: int | str | dict = 0):
+    def __init__(self, anchors_mask: list[list[int]], num_classes: int, attention: int | str | dict = 0,
+                 backbone: str | None = None, input_mean: list[float] | None = None,
+                 input_std: list[float] | None = None):
         super().__init__()
         place = attention_placement(attention, tuple(self.POINTS))
-        self.backbone = CSPDarknet53Tiny()
+        register_normalisation(self, input_mean, input_std)
+        self.backbone = build_backbone(backbone, FAMILY_STRIDES["yolov4-tiny"], CSPDarknet53Tiny)
+        c1, c2 = getattr(self.backbone, "out_channels", (256, 512))
+        self.channels = {"feat1": c1, "feat2": c2, "upsample": 128}
         out5 = len(anchors_mask[0]) * (5 + num_classes)
         out4 = len(anchors_mask[1]) * (5 + num_classes)
-        self.conv_for_P5 = basic_conv(512, 256, 1)
+        self.conv_for_P5 = basic_conv(c2, 256, 1)
         self.yolo_headP5 = yolo_head((512, out5), 256)
         self.upsample = Upsample(256, 128)
-        self.yolo_headP4 = yolo_head((256, out4), 384)
-        self.feat1_att = build_point(place["feat1"], 256)
-        self.feat2_att = build_point(place["feat2"], 512)
+        self.yolo_headP4 = yolo_head((256, out4), 128 + c1)
+        self.feat1_att = build_point(place["feat1"], c1)
+        self.feat2_att = build_point(place["feat2"], c2)
         self.upsample_att = build_point(place["upsample"], 128)
         init_detection_bias(self.yolo_headP5[1], len(anchors_mask[0]), num_classes, 32)
         init_detection_bias(self.yolo_headP4[1], len(anchors_mask[1]), num_classes, 16)
@@ -129,9 +141,10 @@ class YoloBody(nn.Module):
 
     def attention_layout(self, input_size: int) -> dict[str, tuple[int, int, int]]:
         """Each point's feature map at a square input: (channels, height, width)."""
-        return {p: (c, input_size // s, input_size // s) for p, (c, s) in self.POINTS.items()}
+        return {p: (self.channels[p], input_size // s, input_size // s) for p, (_, s) in self.POINTS.items()}
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = normalise(self, x)
         # 416,416,3 -> feat1 26,26,256 and feat2 13,13,512
         feat1, feat2 = self.backbone(x)
         feat1 = self.feat1_att(feat1)
@@ -151,10 +164,11 @@ def build_model(config: ModelConfig | dict) -> nn.Module:
     """The network a (checkpoint's) model config describes."""
     config = as_model_config(config)
     place = {p: config.block_at(p) for p in _points(config)}
+    backbone = dict(backbone=config.backbone, input_mean=config.input_mean, input_std=config.input_std)
     if config.family == "yolov4-tiny":
-        return YoloBody(config.anchors_mask, config.num_classes, place)
+        return YoloBody(config.anchors_mask, config.num_classes, place, **backbone)
     from nets.yolov5 import YoloV5Body  # noqa: PLC0415 (kept lazy: most runs build one family)
-    return YoloV5Body(config.model[-1], config.anchors_mask, config.num_classes, place)
+    return YoloV5Body(config.model[-1], config.anchors_mask, config.num_classes, place, **backbone)
 
 
 def _points(config: ModelConfig) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from nets.attention import attention_placement, build_point
+from nets.backbones import FAMILY_STRIDES, build_backbone, normalise, register_normalisation
 from nets.common import ConvBNAct, init_detection_bias
 from nets.CSPdarknet import C3, CSPDarknet, scale_depth, scale_width
 
@@ -16,30 +17,36 @@ class YoloV5Body(nn.Module):
     """PANet neck and three heads; returns raw maps [P5 (s32), P4 (s16), P3 (s8)], coarsest first.
 
     `attention`: one block for every point (phi or name), or {point: {"type": name, **options}}.
+    `backbone`: None or a name nets.backbones knows (p3/p4/p5 = its stride 8/16/32 maps);
+    `input_mean`/`input_std`: the normalisation applied first (None: input used as is).
     """
 
     strides = (32, 16, 8)
     POINT_NAMES = ("p3", "p4", "p5", "up5", "up4")
     POINT_STRIDES = {"p3": 8, "p4": 16, "p5": 32, "up5": 16, "up4": 8}
 
-    def __init__(self, size: str, anchors_mask: list[list[int]], num_classes: int, attention: int | str | dict = 0):
+    def __init__(self, size: str, anchors_mask: list[list[int]], num_classes: int, attention: int | str | dict = 0,
+                 backbone: str | None = None, input_mean: list[float] | None = None,
+                 input_std: list[float] | None = None):
         super().__init__()
+        register_normalisation(self, input_mean, input_std)
         place = attention_placement(attention, self.POINT_NAMES)
         if size not in SIZES:
             raise ValueError(f"unknown YOLOv5 size {size!r}; choose one of {', '.join(SIZES)}")
         gd, gw = SIZES[size]
         w = lambda c: scale_width(c, gw)   # noqa: E731
         n = scale_depth(3, gd)
-        self.backbone = CSPDarknet(gd, gw)
+        self.backbone = build_backbone(backbone, FAMILY_STRIDES["yolov5"], CSPDarknet, gd, gw)
+        c3, c4, c5 = self.backbone.out_channels
         # attention on the backbone outputs that feed the neck, and after each neck upsample
         self.p3_att, self.p4_att, self.p5_att = (build_point(place[p], c)
                                                  for p, c in zip(("p3", "p4", "p5"), self.backbone.out_channels))
-        self.lateral5 = ConvBNAct(w(1024), w(512), 1)
+        self.lateral5 = ConvBNAct(c5, w(512), 1)
         self.up5_att = build_point(place["up5"], w(512))
-        self.c3_p4 = C3(w(1024), w(512), n, shortcut=False)
+        self.c3_p4 = C3(w(512) + c4, w(512), n, shortcut=False)
         self.lateral4 = ConvBNAct(w(512), w(256), 1)
         self.up4_att = build_point(place["up4"], w(256))
-        self.c3_p3 = C3(w(512), w(256), n, shortcut=False)
+        self.c3_p3 = C3(w(256) + c3, w(256), n, shortcut=False)
         self.down3 = ConvBNAct(w(256), w(256), 3, 2)
         self.c3_n4 = C3(w(512), w(512), n, shortcut=False)
         self.down4 = ConvBNAct(w(512), w(512), 3, 2)
@@ -61,6 +68,7 @@ class YoloV5Body(nn.Module):
         return {p: (channels[p], input_size // s, input_size // s) for p, s in self.POINT_STRIDES.items()}
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = normalise(self, x)
         p3, p4, p5 = self.backbone(x)
         p3, p4, p5 = self.p3_att(p3), self.p4_att(p4), self.p5_att(p5)
         # top-down: 20,20,1024w -> 20,20,512w -> 40,40,512w (+ P4) -> 40,40,512w

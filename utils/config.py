@@ -94,7 +94,12 @@ class ModelConfig:
                                choices=HEADS, type=str, shown="the model's own")
     input_shape: list = setting([416, 416], "input size, a multiple of 32", flag="img", type=lambda s: square(s),
                                 low=32, high=MAX_INPUT_SIZE, multiple=32, shown="416", metavar="SIZE")
-    backbone: str | None = setting(None, "feature extractor", cli=False)
+    backbone: str | None = setting(None, "feature extractor: cspdarknet53-tiny (YOLOv4-tiny), cspdarknet (YOLOv5), a "
+                                         "torchvision classifier (resnet18, mobilenet_v3_small, ...), timm:NAME, or "
+                                         "'list' to print them", type=str, shown="the model's own", metavar="NAME")
+    input_mean: list | None = setting(None, "per-channel RGB mean the backbone expects of 0..1 input (None: 0..1 as "
+                                            "is)", cli=False)
+    input_std: list | None = setting(None, "per-channel RGB std the backbone expects (None: 0..1 as is)", cli=False)
     class_names: list = setting([], "class names, in label order", cli=False)
     anchors: list | None = setting(None, "anchor sizes [[w, h], ...] in input pixels", cli=False)
     anchors_mask: list | None = setting(None, "anchor indices of each level, coarsest first", cli=False)
@@ -136,6 +141,7 @@ class ModelConfig:
             flat = [i for level in self.anchors_mask for i in level]
             if not flat or not all(isinstance(i, int) and 0 <= i < len(self.anchors) for i in flat):
                 raise ValueError(f"anchors_mask {self.anchors_mask}: indices must lie in 0..{len(self.anchors) - 1}")
+        _check_normalisation(self.input_mean, self.input_std)
         for point, spec in self.attention_points.items():
             if not isinstance(point, str) or not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
                 raise ValueError(f"attention_points: {point!r} needs a spec {{'type': name, ...}}, got {spec!r}")
@@ -171,6 +177,19 @@ class ModelConfig:
         if "num_classes" in d and d["num_classes"] != config.num_classes:
             raise ValueError(f"model config: num_classes {d['num_classes']} != {config.num_classes} class names")
         return config
+
+
+def _check_normalisation(mean: list | None, std: list | None) -> None:
+    """input_mean / input_std: both None, or 3 numbers each, std positive; raises ValueError."""
+    if (mean is None) != (std is None):
+        raise ValueError(f"input_mean {mean} / input_std {std}: give both or neither")
+    for name, values, positive in (("input_mean", mean, False), ("input_std", std, True)):
+        if values is None:
+            continue
+        if (not isinstance(values, list) or len(values) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                or positive and not all(v > 0 for v in values)):
+            raise ValueError(f"{name} {values}: expected 3 {'positive ' if positive else ''}numbers (R, G, B)")
 
 
 def upgrade_model_dict(d: dict) -> dict:
