@@ -91,7 +91,7 @@ def _fake_model(ours: torch.nn.Module, size: str, fake, anchors_px: list[list[fl
             module.register_buffer(leaf, tensor)
     detect = root.model._modules["24"]
     strides = torch.tensor([8.0, 16.0, 32.0]).view(-1, 1, 1)
-    detect.register_buffer("anchors", torch.tensor(anchors_px).view(3, 3, 2) / strides)
+    detect.register_buffer("anchors", (torch.tensor(anchors_px).view(3, 3, 2) / strides).half())
     detect.stride = strides.flatten()
     root.names = names(80)
     root.yaml = {"nc": 80, "depth_multiple": 0.33}
@@ -227,3 +227,22 @@ def test_name_map_covers_exactly_our_model(size):
     ours = set(build_model(make_config(f"yolov5{size}", 0, names(80))).state_dict())
     assert set(mapped.values()) == ours and len(mapped) == len(ours)     # one-to-one, batch counters included
     assert all(k.startswith("model.") and int(k.split(".")[1]) <= 24 for k in mapped)
+
+
+def test_hand_written_eval_and_popen_payloads_are_recorded_not_run(tmp_path):
+    marker = tmp_path / "pwned_eval"
+    code = f"__import__('os').system('touch {marker}')"
+    # protocol-0 pickle: {'a': eval(code), 'b': subprocess.Popen(['touch', marker])(), 'c': os.system}
+    payload = (f"(dp0\nS'a'\ncbuiltins\neval\n(S\"{code}\"\ntRsS'b'\ncsubprocess\nPopen\n"
+               f"((lp1\nS'touch'\naS'{marker}'\natR)RsS'c'\ncos\nsystem\ns.").encode()
+    path = tmp_path / "hostile.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/byteorder", "little")
+    obj = safe_torch_load(path)
+    assert not marker.exists()
+    assert (obj["a"].stub_module, obj["a"].stub_name, obj["a"].stub_args) == ("builtins", "eval", (code,))
+    assert isinstance(obj["b"], Stub) and obj["b"].stub_name == "Popen" and obj["b"].stub_args == ()
+    assert isinstance(obj["c"], type) and issubclass(obj["c"], Stub) and obj["c"].stub_name == "system"
+    with pytest.raises(ValueError, match=r"hostile\.pt: a dict, not an ultralytics checkpoint"):
+        read_ultralytics_checkpoint(path)

@@ -84,9 +84,9 @@ class Stub:
         return state.get(key) if isinstance(state, dict) else None
 
 
-def _storage(offset_bytes: bytes, dtype: torch.dtype) -> torch.Tensor:
+def _storage(raw: bytes, dtype: torch.dtype) -> torch.Tensor:
     """A storage's raw bytes as a flat tensor of `dtype`."""
-    return torch.frombuffer(bytearray(offset_bytes), dtype=dtype) if offset_bytes else torch.empty(0, dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
 
 
 def _rebuild_tensor(storage: Any, offset: int, size: Any, stride: Any, *_ignored: Any) -> torch.Tensor:
@@ -180,7 +180,7 @@ def safe_torch_load(path: str | Path) -> Any:
         raise ValueError(f"{path}: not a torch zip file ({e}); is it a checkpoint saved by torch.save?") from e
     except (pickle.UnpicklingError, EOFError, zipfile.LargeZipFile, RuntimeError, TypeError,
             AttributeError, IndexError, KeyError, OSError) as e:
-        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        if isinstance(e, (FileNotFoundError, PermissionError)):
             raise
         raise ValueError(f"{path}: unreadable torch file ({type(e).__name__}: {e})") from e
     if unpickler.refused:
