@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# One from-scratch BCCD run (trainval -> test, 416 px, batch 64, 100 epochs) and its get_map.
-# usage: bench/bccd_run.sh NAME [extra train.py flags...]; data in VOCdevkit/BCCD; logs in ${LOGS:-/tmp/logs}
+# One from-scratch run (trainval -> test, 416 px, batch 64, 100 epochs) and its get_map.
+# usage: bench/bccd_run.sh NAME [extra train.py flags...]; data in ${DATA:-VOCdevkit/BCCD}; logs in ${LOGS:-/tmp/logs}
 # Prints the wall time of train.py (process start to exit, per-epoch evaluation included) and the test mAP.
 set -euo pipefail
 name=$1; shift
 logs=${LOGS:-/tmp/logs}
+data=${DATA:-VOCdevkit/BCCD}
 start=$EPOCHREALTIME
-python3 train.py --data VOCdevkit/BCCD --train-split trainval --val-split test --img 416 --batch 64 --epochs 100 \
+python3 train.py --data "$data" --train-split trainval --val-split test --img 416 --batch 64 --epochs 100 \
     --save-dir "$logs" --name "$name" --exist-ok "$@" 2>&1 | tr '\r' '\n' | grep -E "^(epoch [0-9]+/[0-9]+  loss|done|error|warning|cached|Traceback|  File|[A-Za-z]*Error)" | sed -n '1,3p;$p' || true
 end=$EPOCHREALTIME
-python3 get_map.py --weights "$logs/$name/best.pt" --data VOCdevkit/BCCD --split test --out "$logs/$name/map_test" 2>&1 \
+python3 get_map.py --weights "$logs/$name/best.pt" --data "$data" --split test --out "$logs/$name/map_test" 2>&1 \
     | tr '\r' '\n' | grep -E "^(VOC mAP|error|Traceback)" || true
 python3 -c "import json; s=json.load(open('$logs/$name/map_test/summary.json')); print('RESULT $name wall_s=%.1f map50_voc=%.4f map50=%.4f map50_95=%.4f' % ($end - $start, s['map50_voc'], s['map50'], s['map50_95']))"

@@ -12,7 +12,6 @@ import summary
 import train
 from nets.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureBackbone, load_backbone_state, timm_available
 from nets.yolo import YoloBody, build_model, complete_model_config
-from nets.yolov5 import YoloV5Body
 from utils.cli import run_cli
 from utils.config import ModelConfig
 from utils.data.sample_data import make_sample_dataset
@@ -158,3 +157,20 @@ def test_training_with_a_resnet18_backbone_end_to_end(data, tmp_path):
     assert {id(p) for p in net.backbone.parameters()} == {id(p) for p in net.backbone.inner().parameters()}
     assert sum(p.numel() for p in net.backbone.parameters()) == sum(
         p.numel() for n, p in torchvision.models.resnet18(weights=None).named_parameters() if not n.startswith("fc."))
+
+
+@pytest.mark.skipif(not timm_available(), reason="timm is an optional dependency (installed on the GPU machine)")
+@pytest.mark.parametrize("model", ["yolov4-tiny", "yolov5n"])
+def test_a_timm_backbone_feeds_the_neck(model):
+    """timm:NAME with features_only: channels from its feature_info, its own mean/std, outputs at every level."""
+    import timm
+    cfg = config(model, "timm:resnet18", phi="se")
+    net = build_model(cfg).eval()
+    probe = timm.create_model("resnet18", pretrained=False, features_only=True)
+    strides = (16, 32) if model == "yolov4-tiny" else (8, 16, 32)
+    expected = [c for c, r in zip(probe.feature_info.channels(), probe.feature_info.reduction()) if r in strides]
+    assert list(net.backbone.out_channels) == expected
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, 64, 64))
+    assert [o.shape[-1] for o in out] == [64 // s for s in sorted(strides, reverse=True)]
+    assert cfg.input_mean is not None and len(cfg.input_std) == 3

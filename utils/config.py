@@ -280,6 +280,11 @@ class TrainConfig:
     freeze_epochs: int = setting(0, "epochs with the backbone frozen before it is trained", low=0)
     weights: str | None = setting(None, "initialise from a checkpoint or state dict where names and shapes match",
                                   type=str, shown="none")
+    backbone_weights: str | None = setting(None, "pretrained weights from a local file: a torchvision/timm state dict "
+                                                 "(.pth/.safetensors) for --backbone, a checkpoint of ours (its "
+                                                 "backbone), Darknet .weights (YOLOv4-tiny) or an ultralytics "
+                                                 "YOLOv5 .pt (read without running its pickle)", type=str,
+                                           shown="none", metavar="FILE")
     hyp: str | None = setting(None, "hyperparameter YAML", type=str, shown="model_data/hyp.<family>.yaml")
     amp: bool | None = setting(None, "mixed precision", type=bool, shown="on with CUDA")
     ema: bool = setting(True, "exponential moving average of weights")

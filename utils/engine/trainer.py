@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from nets.yolo import build_model
 from nets.yolo_training import YoloLoss
+from nets.weights.pretrained import load_pretrained
 from utils.engine.checkpoint import CheckpointWriter, detached_copy, load_matching, state_dict_from_file, write_error
 from utils.config import EVAL_DETECTION, RunConfig
 from utils.engine.train_data import TrainData
@@ -108,6 +109,9 @@ class Trainer:
         self.model = build_model(self.config).to(self.device)
         if args.weights and not resume_ckpt:
             self._init_from(args.weights)
+        # a fresh run loads pretrained weights; a resumed one has them in its checkpoint already
+        self.pretrained = (load_pretrained(self.model, self.config.family, args.backbone_weights)
+                           if args.backbone_weights and not resume_ckpt else None)
         if args.sync_bn and world > 1:
             if self.device.type != "cuda":
                 raise ValueError("--sync-bn works across GPU processes only; drop it for CPU training")
@@ -191,6 +195,12 @@ class Trainer:
         sgd = args.optimizer == "sgd"
         if self.main:
             self._prepare_results()
+            if self.pretrained is not None:
+                path = self.run_dir / "backbone_weights_report.json"
+                try:
+                    self.pretrained.save(path)
+                except OSError as exc:
+                    raise write_error(exc, path) from None
         try:
             metrics = self._epochs(warmup_steps, sgd)
         except KeyboardInterrupt:
