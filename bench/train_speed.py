@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = statistics.median(windows)
     seen = steps * data.batch_size
     # every rank ran the same number of steps on its share of the global batch
-    result = {"model": config.model.model, "attention": config.model.uniform_attention() or "mixed",
+    result = {"model": config.model.model, "backbone": config.model.backbone, "attention": config.model.uniform_attention() or "mixed",
               "img": config.model.input_shape[0], "batch": config.train.batch, "gpus": world,
               "cudnn_benchmark": torch.backends.cudnn.benchmark, "cuda_graphs": step.captured,
               "augment": "gpu" if data.on_gpu else f"cpu x{config.data.workers}", "amp": str(trainer.amp),
