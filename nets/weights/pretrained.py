@@ -19,7 +19,7 @@ from torch import nn
 
 from nets.backbones import FeatureBackbone, load_backbone_state
 from nets.weights.darknet import load_darknet_yolov4_tiny
-from nets.weights.report import WeightLoadReport, load_state
+from nets.weights.report import WeightLoadReport, load_state, tensors_of
 from nets.weights.ultralytics import load_ultralytics_yolov5
 from utils.log import get_logger
 
@@ -67,13 +67,10 @@ def _read_state(path: Path) -> dict[str, torch.Tensor] | None:
     except Exception as exc:  # noqa: BLE001 (torch's errors for foreign files vary by version)
         raise ValueError(f"--backbone-weights {path}: not a loadable weight file ({str(exc).splitlines()[0][:120]})"
                          ) from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]                   # a checkpoint of ours
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    state = tensors_of(obj)
+    if state is None:
         raise ValueError(f"--backbone-weights {path}: holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return state
 
 
 def _require(ok: bool, path: Path, what: str) -> None:

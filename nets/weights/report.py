@@ -40,6 +40,18 @@ class WeightLoadReport:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
 
+def tensors_of(obj: object) -> dict[str, torch.Tensor] | None:
+    """The state dict inside a loaded file (a checkpoint's `model`, a `state_dict` entry, or the dict itself),
+    with DataParallel's `module.` prefix removed; None when it holds no dict of tensors."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return None
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> WeightLoadReport:
     """Copy tensors whose name and shape match into `model`; report every other name."""
     own = model.state_dict()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from nets.weights.report import tensors_of
 from nets.yolo import REQUIRED_KEYS
 
 
@@ -187,19 +188,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights to initialise from: a checkpoint of ours, or a plain state dict (e.g. a tutorial .pth)."""
-    obj = read_torch_file(path)
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    state = tensors_of(read_torch_file(path))
+    if state is None:
         raise CheckpointError(f"{path} holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """Copy tensors whose name and shape match; returns (loaded, total in model)."""
-    own = model.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(matched, strict=False)
-    return len(matched), len(own)
+    return state

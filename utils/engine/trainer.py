@@ -15,7 +15,8 @@ from tqdm import tqdm
 from nets.yolo import build_model
 from nets.yolo_training import YoloLoss
 from nets.weights.pretrained import load_pretrained
-from utils.engine.checkpoint import CheckpointWriter, detached_copy, load_matching, state_dict_from_file, write_error
+from nets.weights.report import MIN_LOADED_SHARE, load_state
+from utils.engine.checkpoint import CheckpointWriter, detached_copy, state_dict_from_file, write_error
 from utils.config import EVAL_DETECTION, RunConfig
 from utils.engine.train_data import TrainData
 from utils.engine.evaluate import Evaluator
@@ -33,7 +34,6 @@ RESULT_FIELDS = ["epoch", "loss", "box_loss", "obj_loss", "cls_loss", "lr", "mAP
                  "seconds"]
 NOT_EVALUATED = {"map50": float("nan"), "map50_95": float("nan"), "map50_voc": float("nan")}
 PLOT_SECONDS = 30.0   # loss.png / map.png are redrawn at most this often, and after the last epoch
-MIN_MATCHED_SHARE = 0.1   # --weights matching fewer of the model's tensors is the wrong file, not a warm start
 DIVERGE_FACTOR = 10.0     # a loss read this many times the run's median so far counts as exploding ...
 DIVERGE_READS = 3         # ... and this many such reads in a row (reads come every 10 steps) stop the run
 
@@ -170,10 +170,11 @@ class Trainer:
         """--weights: copy the matching tensors; a file matching (almost) nothing is the wrong model, not a start."""
         state = state_dict_from_file(path)
         own = self.model.state_dict()
-        loaded, total = load_matching(self.model, state)
-        if loaded < MIN_MATCHED_SHARE * total:
+        report = load_state(self.model, state, str(path))
+        loaded, total = len(report.loaded), report.total
+        if loaded < MIN_LOADED_SHARE * total:
             raise ValueError(f"--weights {path}: only {loaded} of the model's {total} tensors match by name and shape "
-                             f"(at least {MIN_MATCHED_SHARE:.0%} must); the file holds {len(state)} tensors "
+                             f"(at least {MIN_LOADED_SHARE:.0%} must); the file holds {len(state)} tensors "
                              f"({_first_keys(state)}), the model's are {_first_keys(own)}: give weights of the same "
                              f"--model / --phi, or leave --weights out to train from scratch")
         log.info("initialised %d/%d tensors from %s (matching names and shapes)", loaded, total, path)
