@@ -119,8 +119,7 @@ class ModelConfig:
 
     def uniform_attention(self) -> str | None:
         """The block name when every point has the same block without options, else None."""
-        specs = [s for s in self.attention_points.values()]
-        if all(s == {"type": self.attention} for s in specs):
+        if all(spec == {"type": self.attention} for spec in self.attention_points.values()):
             return self.attention
         return None
 
