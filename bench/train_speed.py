@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world = trainer.rank, trainer.world
     if bench_args.no_cudnn_benchmark:
         torch.backends.cudnn.benchmark = False
-    step = trainer.step_runner()
+    step = trainer.enter_phase(trainer.phase_of(0))
     trainer.model.train()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     stream = batches_forever(data)

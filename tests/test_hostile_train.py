@@ -193,7 +193,8 @@ def test_a_bad_hyp_file_is_one_line_before_any_folder(data, tmp_path, capsys, te
     ("--batch", "0", "at least 1"), ("--epochs", "0", "at least 1"), ("--workers", "-1", "at least 0"),
     ("--eval-period", "0", "at least 1"), ("--save-period", "-1", "at least 0"),
     ("--special-aug-ratio", "2", "between 0.0 and 1.0"), ("--mixup", "-1", "between 0.0 and 1.0"),
-    ("--seed", "-1", "between 0"),
+    ("--seed", "-1", "between 0"), ("--freeze-batch", "0", "at least 1"), ("--freeze-lr", "0", "greater than 0"),
+    ("--freeze-batch", "8", "needs --freeze-epochs"), ("--freeze-lr", "0.1", "needs --freeze-epochs"),
 ])
 def test_numeric_flags_out_of_range_are_one_line_before_any_folder(data, tmp_path, capsys, flag, value, words):
     argv = ["--data", str(data), "--save-dir", str(tmp_path / "logs"), "--epochs", "5", *ARGS, flag, value]

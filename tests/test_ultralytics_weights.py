@@ -12,6 +12,8 @@ import torch
 from nets.weights.ultralytics import (Stub, convert_ultralytics_yolov5, load_ultralytics_yolov5,
                                       read_ultralytics_checkpoint, safe_torch_load, yolov5_name_map)
 from nets.yolo import build_model, make_config, read_anchors, MODEL_DATA
+from utils.engine.checkpoint import load_checkpoint, state_dict_from_file
+from yolo import YOLO
 
 # a throwaway copy of ultralytics' class names; written to tmp_path, imported only while saving
 FAKE_COMMON = '''
@@ -246,3 +248,20 @@ def test_hand_written_eval_and_popen_payloads_are_recorded_not_run(tmp_path):
     assert isinstance(obj["c"], type) and issubclass(obj["c"], Stub) and obj["c"].stub_name == "system"
     with pytest.raises(ValueError, match=r"hostile\.pt: a dict, not an ultralytics checkpoint"):
         read_ultralytics_checkpoint(path)
+
+
+def test_yolo_predicts_from_an_official_file_as_from_our_model(tmp_path, fake_modules):
+    """YOLO(yolov5n.pt) (and so predict.py / get_map.py) rebuilds the model from the file's own classes, anchors
+    and tensors, read safely: our model with the file's (half-precision) weights."""
+    path, ours, markers = _write_fake(tmp_path, fake_modules, classes=80)
+    yolo = YOLO(path, device="cpu")
+    assert not any(m.exists() for m in markers)
+    assert yolo.config["class_names"] == names(80) and yolo.input_shape == (640, 640)
+    assert yolo.config["anchors"] == read_anchors(MODEL_DATA / "yolov5_anchors.txt")
+    loaded = load_checkpoint(path)["model"]     # what YOLO built its (then fused) model from
+    assert set(loaded) == set(ours.state_dict())
+    for name, tensor in ours.state_dict().items():
+        expected = tensor.half().float() if tensor.is_floating_point() else tensor
+        assert torch.equal(loaded[name].cpu(), expected), name
+    state = state_dict_from_file(path)    # --weights yolov5n.pt: the same tensors in our names
+    assert set(state) == set(ours.state_dict())

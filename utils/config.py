@@ -276,7 +276,16 @@ class TrainConfig:
     mixup: float | None = setting(None, "mixup probability", type=float, low=0.0, high=1.0,
                                   shown="from the hyp file: 0.0")
     special_aug_ratio: float = setting(0.7, "mosaic only in this first share of epochs", low=0.0, high=1.0)
-    freeze_epochs: int = setting(0, "epochs with the backbone frozen before it is trained", low=0)
+    freeze_epochs: int = setting(0, "epochs with the backbone frozen (its BatchNorm in eval mode) before it is "
+                                    "trained", low=0)
+    freeze_batch: int | None = setting(None, "global batch size while the backbone is frozen", type=int, low=1,
+                                       shown="--batch")
+    freeze_lr: float | None = setting(None, "initial learning rate while the backbone is frozen (the schedule "
+                                            "scales it as it does --lr)", type=float, above=0.0, shown="--lr")
+    attention_init: str = setting("auto", "how attention blocks start: paper (their papers' init) or identity "
+                                          "(gates near 1, so a pretrained detector's function is kept at step 0); "
+                                          "auto = identity when --weights or --backbone-weights loads weights",
+                                  choices=("auto", "paper", "identity"))
     weights: str | None = setting(None, "initialise from a checkpoint or state dict where names and shapes match",
                                   type=str, shown="none")
     backbone_weights: str | None = setting(None, "pretrained weights from a local file: a torchvision/timm state dict "
@@ -307,6 +316,9 @@ class TrainConfig:
         check_ranges(self)
         if self.freeze_epochs > self.epochs:
             raise ValueError(f"--freeze-epochs {self.freeze_epochs}: must not exceed --epochs {self.epochs}")
+        for flag, value in (("--freeze-batch", self.freeze_batch), ("--freeze-lr", self.freeze_lr)):
+            if value is not None and not self.freeze_epochs:
+                raise ValueError(f"{flag} {value}: sets the frozen phase, which needs --freeze-epochs N")
         return self
 
 

@@ -1,6 +1,7 @@
 """Attention blocks and their registry: `build_attention(phi_or_name, channels, **options)`."""
 from nets.attention.registry import (ALIASES, ATTENTION_BLOCKS, attention_name, attention_phi, attention_placement,
-                                     build_attention, build_point, load_plugin, register_attention)
+                                     build_attention, build_point, load_plugin, register_attention,
+                                     start_near_identity)
 from nets.attention.blocks import (BAM, CBAM, CCNet, DANet, ECA, GAM, SE, SGE, BatchNormSingle1d,  # noqa: E402
                                    ChannelAttention, CoordAttention, CrissCrossAttention, HSwish,
                                    PolarizedSelfAttention, PositionAttention, ShuffleAttention, eca_kernel_size)
@@ -12,4 +13,5 @@ assert tuple(ATTENTION_BLOCKS)[:len(ATTENTION_NAMES) - 1] == ATTENTION_NAMES[1:]
 __all__ = ["ALIASES", "ATTENTION_BLOCKS", "ATTENTION_NAMES", "BAM", "CBAM", "CCNet", "DANet", "ECA", "GAM", "SE",
            "SGE", "BatchNormSingle1d", "ChannelAttention", "CoordAttention", "CrissCrossAttention", "HSwish",
            "PolarizedSelfAttention", "PositionAttention", "ShuffleAttention", "attention_name", "attention_phi", "attention_placement", "build_point",
-           "build_attention", "eca_kernel_size", "load_plugin", "register_attention"]
+           "build_attention", "eca_kernel_size", "load_plugin", "register_attention",
+           "start_near_identity"]

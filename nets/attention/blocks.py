@@ -16,6 +16,18 @@ from torch import nn
 from nets.attention.registry import register_attention
 
 
+# A block inserted into a pretrained detector starts as gate * x with its gates near this value
+# (`start_near_identity`): the pretrained function is kept within a few per cent at step 0 while
+# sigmoid'(logit(0.95)) = 0.048 leaves the gates trainable (a gate of exactly 1 would not learn).
+NEAR_IDENTITY_GATE = 0.95
+
+
+def _set_gate(layer: nn.Module, gate: float) -> None:
+    """Make a layer that feeds a sigmoid output the constant logit(gate): weights 0, bias logit(gate)."""
+    nn.init.zeros_(layer.weight)
+    nn.init.constant_(layer.bias, math.log(gate / (1 - gate)))
+
+
 def _no_autocast(x: torch.Tensor) -> torch.autocast:
     """Autocast switched off on x's device, for attention maps computed in float32."""
     return torch.autocast(device_type=x.device.type, enabled=False)
@@ -54,6 +66,10 @@ class SE(nn.Module):
         # b,c,h,w -> b,c,1,1 gate
         return x * self.fc(x)
 
+    def start_near_identity(self) -> None:
+        """The gate starts at NEAR_IDENTITY_GATE for every channel."""
+        _set_gate(self.fc[3], NEAR_IDENTITY_GATE)
+
 
 @register_attention("cbam")
 class CBAM(nn.Module):
@@ -75,6 +91,13 @@ class CBAM(nn.Module):
         # spatial gate: b,c,h,w -> b,2,h,w (max, mean over channels) -> b,1,h,w
         pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
         return x * torch.sigmoid(self.spatial(pooled))
+
+    def start_near_identity(self) -> None:
+        """Both gates start constant, their product at NEAR_IDENTITY_GATE (the spatial one through its BN's affine)."""
+        gate = math.sqrt(NEAR_IDENTITY_GATE)
+        _set_gate(self.mlp[2], gate)
+        self.mlp[2].bias.data /= 2                  # the MLP's output is summed over the avg and max branches
+        _set_gate(self.spatial[1], gate)
 
 
 def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -128,6 +151,11 @@ class CoordAttention(nn.Module):
         a_w = torch.sigmoid(self.conv_w(y_w.transpose(2, 3)))  # b,c,1,w
         return x * a_h * a_w
 
+    def start_near_identity(self) -> None:
+        """The height and width gates start constant, their product at NEAR_IDENTITY_GATE."""
+        _set_gate(self.conv_h, math.sqrt(NEAR_IDENTITY_GATE))
+        _set_gate(self.conv_w, math.sqrt(NEAR_IDENTITY_GATE))
+
 
 def _divisor_groups(channels: int, groups: int, factor: int) -> int:
     """Largest group count <= `groups` such that factor*groups divides `channels`."""
@@ -160,6 +188,14 @@ class ShuffleAttention(nn.Module):
         # channel shuffle with 2 groups: b,2,c/2,h,w -> b,c/2,2,h,w
         return out.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
 
+    def start_near_identity(self) -> None:
+        """Both halves' gates start at NEAR_IDENTITY_GATE (the paper's init: weights 0, biases 1, so 0.73).
+
+        The channel shuffle still permutes channels: the block is near identity up to that order.
+        """
+        for bias in (self.cbias, self.sbias):
+            nn.init.constant_(bias, math.log(NEAR_IDENTITY_GATE / (1 - NEAR_IDENTITY_GATE)))
+
 
 @register_attention("sge")
 class SGE(nn.Module):
@@ -184,6 +220,10 @@ class SGE(nn.Module):
             t = t.reshape(b, self.groups, h, w) * self.weight + self.bias
             gate = torch.sigmoid(t).reshape(b * self.groups, 1, h, w)
         return (g * gate.to(g.dtype)).reshape(b, c, h, w)
+
+    def start_near_identity(self) -> None:
+        """The gate starts at NEAR_IDENTITY_GATE (the paper's init: weight 0, bias 1, so 0.73)."""
+        nn.init.constant_(self.bias, math.log(NEAR_IDENTITY_GATE / (1 - NEAR_IDENTITY_GATE)))
 
 
 @register_attention("bam")
@@ -210,6 +250,11 @@ class BAM(nn.Module):
         mc = self.channel_gate(x.mean((2, 3)))[:, :, None, None]   # b,c,1,1
         ms = self.spatial_gate(x)                                    # b,1,h,w
         return x * (1 + torch.sigmoid(mc + ms))
+
+    def start_near_identity(self) -> None:
+        """1 + sigmoid(Mc + Ms) starts at 1 / NEAR_IDENTITY_GATE (about 1.05 instead of 1.5)."""
+        _set_gate(self.channel_gate[3], 1 / NEAR_IDENTITY_GATE - 1)
+        _set_gate(self.spatial_gate[-1], 0.5)       # logit 0: the channel gate alone sets the sum
 
 
 @register_attention("psa")
@@ -247,6 +292,10 @@ class PolarizedSelfAttention(nn.Module):
         spatial_gate = torch.sigmoid(spatial).to(x.dtype)
         return x * channel_gate + x * spatial_gate
 
+    def start_near_identity(self) -> None:
+        """The channel gate starts at 0.5, so x * 0.5 + x * sigmoid(softmax) ~= x (the softmax starts near 1/hw)."""
+        nn.init.zeros_(self.ch_up.weight)
+
 
 @register_attention("gam")
 class GAM(nn.Module):
@@ -270,6 +319,11 @@ class GAM(nn.Module):
         gate = self.channel_mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         x = x * torch.sigmoid(gate)
         return x * torch.sigmoid(self.spatial(x))
+
+    def start_near_identity(self) -> None:
+        """Both gates start constant, their product at NEAR_IDENTITY_GATE (the spatial one through its last BN)."""
+        _set_gate(self.channel_mlp[2], math.sqrt(NEAR_IDENTITY_GATE))
+        _set_gate(self.spatial[4], math.sqrt(NEAR_IDENTITY_GATE))
 
 
 class _SelfAttention(nn.Module):
@@ -359,3 +413,7 @@ class CCNet(nn.Module):
         for _ in range(self.recurrence):
             x = self.cca(x)
         return x
+
+    def start_near_identity(self) -> None:
+        """gamma 0: the identity (already the paper's init; set again in case weights were loaded)."""
+        nn.init.zeros_(self.cca.gamma)

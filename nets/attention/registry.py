@@ -89,6 +89,24 @@ def build_point(spec: dict, channels: int) -> nn.Module:
     return build_attention(spec["type"], channels, **options)
 
 
+def start_near_identity(points: dict[str, nn.Module]) -> dict[str, str]:
+    """Start each point's block close to identity where its design allows (for a pretrained detector).
+
+    A block does so through its own `start_near_identity()` (gates set constant near 1); blocks without
+    one keep their papers' init. Returns {point: "near identity" | "paper init (<why>)"} for the log.
+    """
+    done = {}
+    for point, block in points.items():
+        if isinstance(block, nn.Identity):
+            continue
+        if hasattr(block, "start_near_identity"):
+            block.start_near_identity()
+            done[point] = "near identity"
+        else:
+            done[point] = f"paper init ({type(block).__name__} has no near-identity start)"
+    return done
+
+
 def load_plugin(path: str | Path) -> list[str]:
     """Import a user's Python file of @register_attention blocks (once per process); returns the names it added."""
     path = Path(path)

@@ -205,6 +205,21 @@ def _module_tensors(module: Stub, prefix: str, out: dict[str, torch.Tensor], see
 
 def read_ultralytics_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of an ultralytics `.pt` (its EMA model when present, else "model"), floats as float32."""
+    return _read_model(path)[0]
+
+
+def _class_names(root: Stub) -> list[str] | None:
+    """The model object's `names` (a list, or a dict index -> name), as strings in index order; None when absent."""
+    names = root.recorded("names")
+    if isinstance(names, dict) and all(isinstance(k, int) for k in names):
+        names = [names[k] for k in sorted(names)]
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, (str, int)) for n in names):
+        return [str(n) for n in names]
+    return None
+
+
+def _read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """(tensors, class names or None) of an ultralytics `.pt`'s EMA model when present, else its "model"."""
     obj = safe_torch_load(path)
     if not isinstance(obj, dict) or not any(isinstance(obj.get(k), Stub) for k in ("ema", "model")):
         kind = "a plain state dict" if isinstance(obj, dict) and obj and all(
@@ -215,7 +230,7 @@ def read_ultralytics_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     _module_tensors(root, "", tensors, set())
     if not tensors:
         raise ValueError(f"{path}: its model object holds no tensors")
-    return tensors
+    return tensors, _class_names(root)
 
 
 # ultralytics' layer index -> (our module, kind, repeats of the 3-repeat base for C3) for YOLOv5 v6/v7 P5
@@ -323,8 +338,8 @@ def _anchors(tensors: dict[str, torch.Tensor], source: str) -> tuple[list[list[f
 
 
 def convert_ultralytics_yolov5(path: str | Path, size: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """An ultralytics YOLOv5 v6/v7 `.pt` -> (state dict in our names, info: model, size, classes, anchors, ...)."""
-    tensors = read_ultralytics_checkpoint(path)
+    """An ultralytics YOLOv5 v6/v7 `.pt` -> (state dict in our names, info: model, size, class names, anchors, ...)."""
+    tensors, class_names = _read_model(path)
     inferred = infer_yolov5_size(tensors, str(path))
     if size is not None and size != inferred:
         raise ValueError(f"{path}: a YOLOv5{inferred} file, not YOLOv5{size}")
@@ -335,8 +350,11 @@ def convert_ultralytics_yolov5(path: str | Path, size: str | None = None) -> tup
         raise ValueError(f"{path}: no Detect conv with {na} x (5 + classes) outputs (model.{DETECT_LAYER}.m.0)")
     names = yolov5_name_map(inferred)
     state = {ours: tensors[theirs] for theirs, ours in names.items() if theirs in tensors}
-    info = {"model": f"yolov5{inferred}", "size": inferred, "num_classes": head.shape[0] // na - 5,
-            "anchors": anchors, "anchors_mask": mask, "source": str(path),
+    num_classes = head.shape[0] // na - 5
+    if class_names is None or len(class_names) != num_classes:
+        class_names = [f"class{i}" for i in range(num_classes)]
+    info = {"model": f"yolov5{inferred}", "size": inferred, "num_classes": num_classes,
+            "class_names": class_names, "anchors": anchors, "anchors_mask": mask, "source": str(path),
             "missing": sorted(set(names) - set(tensors)),
             "unexpected": sorted(set(tensors) - set(names) - {f"model.{DETECT_LAYER}.anchors"})}
     return state, info

@@ -16,7 +16,11 @@ from pathlib import Path
 import torch
 
 from nets.weights.report import tensors_of
-from nets.yolo import REQUIRED_KEYS
+from nets.weights.ultralytics import convert_ultralytics_yolov5
+from nets.yolo import REQUIRED_KEYS, make_config
+from utils.log import get_logger
+
+log = get_logger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -174,9 +178,32 @@ def read_torch_file(path: str | Path) -> object:
         raise CheckpointError(f"{path} is not a loadable PyTorch weights file ({reason[:120]})") from None
 
 
+def ultralytics_checkpoint(path: str | Path) -> dict | None:
+    """An official ultralytics YOLOv5 `.pt` as a checkpoint of ours (read without running its pickle); None if not one.
+
+    The config takes the file's classes and anchors and its training size, 640.
+    """
+    try:
+        state, info = convert_ultralytics_yolov5(path)
+    except ValueError:
+        return None
+    config = make_config(info["model"], 0, info["class_names"], input_shape=(640, 640), anchors=info["anchors"])
+    if config["anchors_mask"] != info["anchors_mask"]:
+        return None
+    log.info("%s: an ultralytics %s file, read without running its pickle (%d classes)", path, info["model"],
+             info["num_classes"])
+    return {"model": state, "config": config, "source": {"ultralytics": str(path)}}
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint of this project: a dict with `model` weights and a complete `config`."""
-    ckpt = read_torch_file(path)
+    """A checkpoint of this project (a dict with `model` weights and a complete `config`), or an ultralytics YOLOv5 .pt."""
+    try:
+        ckpt = read_torch_file(path)
+    except CheckpointError:
+        ckpt = ultralytics_checkpoint(path)
+        if ckpt is None:
+            raise
+        return ckpt
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path} is not a checkpoint of this project (no model config inside); "
                               "use a best.pt/last.pt written by train.py")
@@ -188,7 +215,13 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights to initialise from: a checkpoint of ours, or a plain state dict (e.g. a tutorial .pth)."""
-    state = tensors_of(read_torch_file(path))
+    try:
+        state = tensors_of(read_torch_file(path))
+    except CheckpointError:
+        converted = ultralytics_checkpoint(path)
+        if converted is None:
+            raise
+        state = converted["model"]
     if state is None:
         raise CheckpointError(f"{path} holds no state dict of tensors")
     return state

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 HYPER_KEYS = ("lr", "momentum")
-BIAS_GROUP = 2
+DECAY_GROUP, BIAS_GROUP = 1, 2     # build_optimizer's groups: 0 norm weights, 1 weights with decay, 2 biases
 
 
 class NesterovSGD(torch.optim.Optimizer):

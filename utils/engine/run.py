@@ -151,8 +151,9 @@ def prepare_run(resolved: Resolved, folder: Path | None = None, progress: bool =
     device = select_device(config.train.device)
     if world > 1 and device.type == "cuda":
         device = select_device(f"cuda:{local_rank}")
-    if config.train.batch % world:
-        raise ValueError(f"--batch {config.train.batch} must be divisible by the {world} processes")
+    for flag, batch in (("--batch", config.train.batch), ("--freeze-batch", config.train.freeze_batch)):
+        if batch is not None and batch % world:
+            raise ValueError(f"{flag} {batch} must be divisible by the {world} processes")
     init_distributed(device)
     if ckpt is not None and isinstance(ckpt.get("hyp"), dict):
         hyp = dict(ckpt["hyp"])           # exactly the run's hyperparameters, whatever the YAML says now ...

@@ -152,8 +152,18 @@ class TrainData:
             if device.type == "cuda":
                 self._side_stream = torch.cuda.Stream(device)
         else:
-            dataset = TrainDataset(self.train_records, self.input_shape, hyp, images)
-            self.loader = cpu_loader(dataset, self.sampler, self.batch_size, data.workers, device.type == "cuda")
+            self._dataset = TrainDataset(self.train_records, self.input_shape, hyp, images)
+            self.loader = self._cpu_loader()
+
+    def _cpu_loader(self):
+        return cpu_loader(self._dataset, self.sampler, self.batch_size, self.config.workers, self.device.type == "cuda")
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """This process's batch from now on (a fine-tuning phase's own batch); the CPU loader is rebuilt."""
+        if batch_size != self.batch_size:
+            self.batch_size = batch_size
+            if not self.on_gpu:
+                self.loader = self._cpu_loader()
 
     def _gpu_augmenter(self, images: list[np.ndarray]) -> GpuAugmenter:
         tensor = image_tensor(images, self.input_shape)
@@ -179,7 +189,11 @@ class TrainData:
 
     @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
+        return self.batches_at(self.batch_size)
+
+    def batches_at(self, batch_size: int) -> int:
+        """Batches in one epoch at this process's `batch_size`."""
+        return math.ceil(len(self.sampler) / batch_size)
 
     def batches(self, epoch: int, mosaic: bool):
         """(images, targets) batches of one epoch on the device: images 0..1 in render_dtype, targets [B,K,6]."""

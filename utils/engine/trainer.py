@@ -6,12 +6,15 @@ import csv
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
+from nets.attention import start_near_identity
 from nets.yolo import build_model
 from nets.yolo_training import YoloLoss
 from nets.weights.pretrained import load_pretrained
@@ -21,7 +24,7 @@ from utils.config import EVAL_DETECTION, RunConfig
 from utils.engine.train_data import TrainData
 from utils.engine.evaluate import Evaluator
 from utils.log import get_logger
-from utils.engine.optim import (accumulation_steps, build_optimizer, hyper_as_floats, hyper_value, lr_lambda,
+from utils.engine.optim import (DECAY_GROUP, accumulation_steps, build_optimizer, hyper_as_floats, hyper_value, lr_lambda,
                          scheduled_lr, set_initial_lr, warmup)
 from utils.ops.plots import plot_results
 from utils.engine.torch_utils import ModelEMA, barrier, is_main_process, seed_everything, unwrap
@@ -91,6 +94,16 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16
 
 
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of epochs with one trainable set: the frozen start (--freeze-epochs) or the rest."""
+
+    frozen: bool
+    batch: int          # this process's batch
+    accumulate: int     # batches per optimiser step
+    lr0: float          # the initial learning rate the schedule scales
+
+
 class Trainer:
     """Holds one run's state; `run()` trains from `start_epoch` to `epochs`."""
 
@@ -107,6 +120,12 @@ class Trainer:
         torch.backends.cudnn.benchmark = False
         self.config = config.model
         self.model = build_model(self.config).to(self.device)
+        loads_weights = bool(args.weights or args.backbone_weights) and not resume_ckpt
+        if args.attention_init == "identity" or (args.attention_init == "auto" and loads_weights):
+            # before loading, so a file's own attention tensors replace this start
+            started = start_near_identity(self.model.attention_points())
+            if self.main and started:
+                log.info("attention start: %s", ", ".join(f"{p} {how}" for p, how in started.items()))
         if args.weights and not resume_ckpt:
             self._init_from(args.weights)
         # a fresh run loads pretrained weights; a resumed one has them in its checkpoint already
@@ -120,9 +139,14 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.hyp = hyp
         self.loss_fn = YoloLoss(self.config, self.hyp)
-        self.accumulate = accumulation_steps(args.batch, args.nbs)
-        weight_decay = self.hyp["weight_decay"] * args.batch * self.accumulate / args.nbs
-        self.optimizer = build_optimizer(self.model, args.optimizer, hyp["lr0"], self.hyp["momentum"], weight_decay)
+        frozen_batch = args.freeze_batch or args.batch
+        self.phases = {
+            True: Phase(True, frozen_batch // world, accumulation_steps(frozen_batch, args.nbs),
+                        args.freeze_lr or hyp["lr0"]),
+            False: Phase(False, args.batch // world, accumulation_steps(args.batch, args.nbs), hyp["lr0"]),
+        }
+        # weight decay is set per phase (enter_phase), scaled to the images each optimiser step sees
+        self.optimizer = build_optimizer(self.model, args.optimizer, hyp["lr0"], self.hyp["momentum"], 0.0)
         self.lf = lr_lambda(args.lr_schedule, args.epochs, self.hyp["lrf"])
         self.ema = ModelEMA(self.model) if args.ema else None
         self.amp = amp_dtype(self.device, self.device.type == "cuda" if args.amp is None else args.amp)
@@ -136,12 +160,6 @@ class Trainer:
         self._plotted = time.time()   # the first plot after PLOT_SECONDS
         if resume_ckpt:
             self._restore(resume_ckpt)
-        blocker = graph_blocker(self.device, data.on_gpu, self.scaler.is_enabled(), self.accumulate,
-                                args.sync_bn and world > 1)
-        self.graphs = args.cuda_graph and blocker is None
-        if self.main and self.device.type == "cuda":
-            log.info("training step: %s", "captured as a CUDA graph" if self.graphs else
-                     f"eager ({'--no-cuda-graph' if not args.cuda_graph else blocker})")
         self._val_has_objects = any(len(r.boxes) for r in data.val_records)
         self.evaluator = Evaluator(data.val_records, data.class_names, batch_size=max(data.batch_size, 8),
                                    keep_batches=config.data.cache != "none",
@@ -157,12 +175,13 @@ class Trainer:
             hyper_as_floats(self.optimizer)   # a graphed run saves them as tensors
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
-        if ckpt.get("optimizer"):
-            previous = self.optimizer.param_groups[0]["initial_lr"]
-            if previous != self.hyp["lr0"]:     # --lr given to the resume (resolve_run put it in the hyp)
-                set_initial_lr(self.optimizer, self.hyp["lr0"])
-                log.info("learning rate: %g (the run had %g)", self.hyp["lr0"], previous)
         self.start_epoch = int(ckpt["epoch"])
+        if ckpt.get("optimizer"):
+            # the phase entered next sets the initial lr; a resume's --lr is in the hyp already (resolve_run)
+            previous = self.optimizer.param_groups[0]["initial_lr"]
+            now = self.phases[self.start_epoch < self.args.freeze_epochs].lr0
+            if previous != now:
+                log.info("learning rate: %g (the run had %g)", now, previous)
         self.best_fitness = float(ckpt.get("best_fitness", -1.0))
         self._saved_epoch = self.start_epoch
 
@@ -179,20 +198,49 @@ class Trainer:
                              f"--model / --phi, or leave --weights out to train from scratch")
         log.info("initialised %d/%d tensors from %s (matching names and shapes)", loaded, total, path)
 
-    def _set_frozen(self, frozen: bool) -> None:
-        for p in unwrap(self.model).backbone.parameters():
-            p.requires_grad_(not frozen)
+    def phase_of(self, epoch: int) -> Phase:
+        return self.phases[epoch < self.args.freeze_epochs]
 
-    def step_runner(self) -> TrainStep:
-        """How this phase's steps run (rebuilt when the set of trainable parameters changes)."""
+    def steps_before(self, epoch: int) -> int:
+        """Optimiser-loop steps (batches) of all epochs before `epoch`: phases may differ in batch."""
+        frozen = min(epoch, self.args.freeze_epochs)
+        return (frozen * self.data.batches_at(self.phases[True].batch)
+                + (epoch - frozen) * self.data.batches_at(self.phases[False].batch))
+
+    def enter_phase(self, phase: Phase) -> TrainStep:
+        """Freeze or unfreeze the backbone, set the phase's batch, lr and weight decay; returns its step runner."""
+        for p in unwrap(self.model).backbone.parameters():
+            p.requires_grad_(not phase.frozen)
+        self.data.set_batch_size(phase.batch)
+        set_initial_lr(self.optimizer, phase.lr0)
+        images_per_step = phase.batch * self.world * phase.accumulate
+        self.optimizer.param_groups[DECAY_GROUP]["weight_decay"] = self.hyp["weight_decay"] * images_per_step / self.args.nbs
+        blocker = graph_blocker(self.device, self.data.on_gpu, self.scaler.is_enabled(), phase.accumulate,
+                                self.args.sync_bn and self.world > 1)
+        graphs = self.args.cuda_graph and blocker is None
+        if self.main:
+            if self.args.freeze_epochs:
+                log.info("%s: batch %d, lr0 %g", "backbone frozen (its BatchNorm in eval mode)" if phase.frozen
+                         else "backbone trained", phase.batch * self.world, phase.lr0)
+            if self.device.type == "cuda":
+                log.info("training step: %s", "captured as a CUDA graph" if graphs else
+                         f"eager ({'--no-cuda-graph' if not self.args.cuda_graph else blocker})")
         return TrainStep(self.model, self.loss_fn, self.optimizer, self.scaler, self.ema, self.amp, self.device,
-                         self.world, self.graphs)
+                         self.world, graphs)
+
+    def _train_mode(self, phase: Phase) -> None:
+        """Training mode, with a frozen backbone's BatchNorm layers kept on their (pretrained) running statistics."""
+        self.model.train()
+        if phase.frozen:
+            for module in unwrap(self.model).backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     def run(self) -> dict:
         """Train; returns the final metrics."""
-        args, nb = self.args, self.data.batches_per_epoch
+        args = self.args
         # counted from the run's first step, so a run resumed inside the warm-up finishes it
-        warmup_steps = max(round(self.hyp["warmup_epochs"] * nb), 100)
+        warmup_steps = max(round(self.hyp["warmup_epochs"] * self.data.batches_at(self.phase_of(0).batch)), 100)
         sgd = args.optimizer == "sgd"
         if self.main:
             self._prepare_results()
@@ -216,16 +264,16 @@ class Trainer:
 
     def _epochs(self, warmup_steps: int, sgd: bool) -> dict:
         """The epoch loop; returns the last epoch's metrics."""
-        args, nb = self.args, self.data.batches_per_epoch
-        metrics, frozen = {}, None
+        args = self.args
+        metrics, phase = {}, None
         for epoch in range(self.start_epoch, args.epochs):
             t0 = time.time()
             self.watch.judging = epoch > self.start_epoch     # this process's first epoch is the baseline
-            if frozen != (epoch < args.freeze_epochs):
-                frozen = epoch < args.freeze_epochs
-                self._set_frozen(frozen)
-                step_fn = self.step_runner()
-            self.model.train()
+            if phase != self.phase_of(epoch):
+                phase = self.phase_of(epoch)
+                step_fn = self.enter_phase(phase)
+            nb, first_step = self.data.batches_per_epoch, self.steps_before(epoch)
+            self._train_mode(phase)
             scheduled_lr(self.optimizer, self.lf(epoch))
             mosaic = epoch < args.special_aug_ratio * args.epochs
             totals = torch.zeros(4, device=self.device)
@@ -233,10 +281,10 @@ class Trainer:
                        disable=not self.main, file=sys.stdout, leave=False)
             self.optimizer.zero_grad(set_to_none=True)
             for i, (images, targets) in enumerate(bar):
-                step = i + nb * epoch
+                step = first_step + i
                 if step <= warmup_steps:
                     warmup(self.optimizer, step, warmup_steps, self.lf(epoch), self.hyp, sgd)
-                loss, parts = step_fn(images, targets, last=(i + 1) % self.accumulate == 0 or i + 1 == nb)
+                loss, parts = step_fn(images, targets, last=(i + 1) % phase.accumulate == 0 or i + 1 == nb)
                 totals += torch.stack([loss.detach() / len(images), parts["box"], parts["obj"], parts["cls"]])
                 if i % 10 == 0 or i + 1 == nb:   # reading the loss back syncs: not every step
                     running = self._read_loss(totals[0]) / (i + 1)
