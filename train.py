@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     trainer = run.trainer
     metrics = trainer.run()
     if is_main_process():
-        best = f"{trainer.best_fitness:.4f}" if trainer.best_fitness >= 0 else "n/a"
+        best = f"{trainer.ledger.best_fitness:.4f}" if trainer.ledger.best_fitness >= 0 else "n/a"
         last = metrics.get("map50", float("nan"))
         print(f"done: best mAP50 {best} (last epoch {last:.4f}); weights in {run.folder}/best.pt and last.pt, "
               f"curves in {run.folder}/")

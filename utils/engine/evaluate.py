@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import torch
@@ -85,8 +86,14 @@ class Evaluator:
 
     def quick(self, yolo) -> dict:
         """map50, map50_95 (COCO, equal to full()'s) and map50_voc without pycocotools: for every epoch."""
+        return self.scorer(yolo)()
+
+    def scorer(self, yolo) -> Callable[[], dict]:
+        """Detect now (the model's weights of this moment); the returned call computes quick()'s metrics from them,
+        CPU work only, so it can run on another thread while the model trains on."""
         detections, used = self.detect(yolo)
-        return quick_metrics(detections, [ground_truth(r) for r in used], len(self.class_names))
+        truths = [ground_truth(r) for r in used]
+        return lambda: quick_metrics(detections, truths, len(self.class_names))
 
     def full(self, yolo, score_threshold: float = 0.5, progress: bool = True) -> tuple[dict, dict, list]:
         """VOC and COCO (pycocotools) metrics: (summary, COCO ground truth, COCO detections)."""

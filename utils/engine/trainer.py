@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import bisect
-import csv
 import math
 import sys
 import time
@@ -22,21 +21,16 @@ from nets.weights.report import MIN_LOADED_SHARE, load_state
 from utils.engine.checkpoint import CheckpointWriter, detached_copy, state_dict_from_file, write_error
 from utils.config import EVAL_DETECTION, RunConfig
 from utils.engine.train_data import TrainData
+from utils.engine.epoch_ledger import NOT_EVALUATED, EpochLedger, FinishedEpoch
 from utils.engine.evaluate import Evaluator
 from utils.log import get_logger
 from utils.engine.optim import (DECAY_GROUP, accumulation_steps, build_optimizer, hyper_as_floats, hyper_value, lr_lambda,
                          scheduled_lr, set_initial_lr, warmup)
-from utils.ops.plots import plot_results
 from utils.engine.torch_utils import ModelEMA, barrier, is_main_process, seed_everything, unwrap
 from utils.engine.train_step import TrainStep, graph_blocker
 from yolo import YOLO
 
 log = get_logger(__name__)
-# mAP50 / mAP50-95: COCO definitions (what get_map.py reports); mAP50_voc: VOC all-point AP at IoU 0.5
-RESULT_FIELDS = ["epoch", "loss", "box_loss", "obj_loss", "cls_loss", "lr", "mAP50", "mAP50-95", "mAP50_voc",
-                 "seconds"]
-NOT_EVALUATED = {"map50": float("nan"), "map50_95": float("nan"), "map50_voc": float("nan")}
-PLOT_SECONDS = 30.0   # loss.png / map.png are redrawn at most this often, and after the last epoch
 DIVERGE_FACTOR = 10.0     # a loss read this many times the run's median so far counts as exploding ...
 DIVERGE_READS = 3         # ... and this many such reads in a row (reads come every 10 steps) stop the run
 
@@ -151,16 +145,16 @@ class Trainer:
         self.ema = ModelEMA(self.model) if args.ema else None
         self.amp = amp_dtype(self.device, self.device.type == "cuda" if args.amp is None else args.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        self.start_epoch, self.best_fitness = 0, -1.0
+        self.start_epoch = 0
         self.watch = DivergenceWatch()
-        self._saved_epoch = 0             # the epoch last.pt holds (submitted to the writer)
-        self._pending: tuple[int, list] | None = None   # (epoch, checkpoint jobs) awaiting the next loss read
         self.writer = CheckpointWriter()
         self._eval_yolo: YOLO | None = None
-        self._plotted = time.time()   # the first plot after PLOT_SECONDS
         if resume_ckpt:
             self._restore(resume_ckpt)
         self._val_has_objects = any(len(r.boxes) for r in data.val_records)
+        best_fitness = float(resume_ckpt.get("best_fitness", -1.0)) if resume_ckpt else -1.0
+        self.ledger = EpochLedger(run_dir, args.epochs, args.save_period, self.writer, self._fitness,
+                                  self._val_has_objects, best_fitness, saved_epoch=self.start_epoch)
         self.evaluator = Evaluator(data.val_records, data.class_names, batch_size=max(data.batch_size, 8),
                                    keep_batches=config.data.cache != "none",
                                    workers=config.data.workers) if self.main else None
@@ -182,8 +176,6 @@ class Trainer:
             now = self.phases[self.start_epoch < self.args.freeze_epochs].lr0
             if previous != now:
                 log.info("learning rate: %g (the run had %g)", now, previous)
-        self.best_fitness = float(ckpt.get("best_fitness", -1.0))
-        self._saved_epoch = self.start_epoch
 
     def _init_from(self, path: str) -> None:
         """--weights: copy the matching tensors; a file matching (almost) nothing is the wrong model, not a start."""
@@ -243,7 +235,7 @@ class Trainer:
         warmup_steps = max(round(self.hyp["warmup_epochs"] * self.data.batches_at(self.phase_of(0).batch)), 100)
         sgd = args.optimizer == "sgd"
         if self.main:
-            self._prepare_results()
+            self.ledger.start_results(self.start_epoch)
             if self.pretrained is not None:
                 path = self.run_dir / "backbone_weights_report.json"
                 try:
@@ -251,21 +243,19 @@ class Trainer:
                 except OSError as exc:
                     raise write_error(exc, path) from None
         try:
-            metrics = self._epochs(warmup_steps, sgd)
+            self._epochs(warmup_steps, sgd)
         except KeyboardInterrupt:
-            self._settle_pending(keep=not self.watch.exploding)   # Ctrl-C keeps the last finished epoch
-            self.writer.wait()
+            self.ledger.finish(not self.watch.exploding, self._explosion())   # Ctrl-C keeps the last finished epoch
             raise
-        self._settle_pending(keep=not self.watch.exploding)
-        self.writer.wait()
+        metrics = self.ledger.finish(not self.watch.exploding, self._explosion())
         if self.watch.exploding:                  # ended mid-explosion: its last epochs were not saved
             raise self._diverged(self.watch.last, args.epochs - 1)
         return metrics
 
-    def _epochs(self, warmup_steps: int, sgd: bool) -> dict:
-        """The epoch loop; returns the last epoch's metrics."""
+    def _epochs(self, warmup_steps: int, sgd: bool) -> None:
+        """The epoch loop."""
         args = self.args
-        metrics, phase = {}, None
+        phase = None
         for epoch in range(self.start_epoch, args.epochs):
             t0 = time.time()
             self.watch.judging = epoch > self.start_epoch     # this process's first epoch is the baseline
@@ -289,30 +279,21 @@ class Trainer:
                 if i % 10 == 0 or i + 1 == nb:   # reading the loss back syncs: not every step
                     running = self._read_loss(totals[0]) / (i + 1)
                     if self.watch.observe(running):
-                        self.writer.wait()        # the good last.pt already submitted is on disk before we stop
+                        self.ledger.finish(False, quiet=True)   # what was judged sane is on disk first
                         raise self._diverged(running, epoch)
                     if i == 0:                    # the first loss of the weights the last epoch ended with
-                        self._settle_pending(keep=not self.watch.exploding)
+                        self.ledger.judge(not self.watch.exploding, self._explosion())
+                    else:
+                        self.ledger.poll()
                     bar.set_postfix(loss=f"{running:.4f}", lr=f"{hyper_value(self.optimizer.param_groups[0], 'lr'):.2e}")
             lr = hyper_value(self.optimizer.param_groups[0], "lr")
             losses = (totals / nb).tolist()
-            metrics = self._end_epoch(epoch, losses, lr, t0)
+            self._end_epoch(epoch, losses, lr, t0)
             barrier()
-        return metrics
 
-    def _settle_pending(self, keep: bool) -> None:
-        """Write the held checkpoints of the last epoch (its weights gave a sane loss), or drop them (they exploded)."""
-        if self._pending is None:
-            return
-        number, jobs = self._pending
-        self._pending = None
-        if keep:
-            self.writer.submit(jobs)
-            self._saved_epoch = number
-        else:
-            log.warning("the weights of epoch %d give loss %.4g, over %gx the run's median %.4g: not saved; "
-                        "last.pt keeps epoch %d", number, self.watch.last, self.watch.factor, self.watch.median,
-                        self._saved_epoch)
+    def _explosion(self) -> str:
+        """The last loss read against the run's median, for messages."""
+        return f"loss {self.watch.last:.4g}, over {self.watch.factor:g}x the run's median {self.watch.median:.4g}"
 
     def _read_loss(self, total: torch.Tensor) -> float:
         """The summed loss as a float, averaged over ranks so every rank takes the same divergence decision."""
@@ -327,60 +308,44 @@ class Trainer:
         lower = f"{min(self.hyp['lr0'] / 10, USUAL_LR[self.args.optimizer]):g}"
         what = (f"the loss became {loss}" if not math.isfinite(loss) else
                 f"the loss rose to {loss:.4g}, over {self.watch.factor:g}x its median {self.watch.median:.4g}")
-        last = self.run_dir / "last.pt"
-        if self._saved_epoch > 0 and last.is_file():
-            advice = (f"last.pt keeps epoch {self._saved_epoch}: continue with a lower learning rate, "
+        last, saved = self.run_dir / "last.pt", self.ledger.saved_epoch
+        if saved > 0 and last.is_file():
+            advice = (f"last.pt keeps epoch {saved}: continue with a lower learning rate, "
                       f"train.py --resume {last} --lr {lower}")
         else:
             advice = f"nothing was saved yet: train again with a lower learning rate, e.g. --lr {lower}"
         return TrainingDiverged(f"training diverged in epoch {epoch + 1} ({what}; lr0 {self.hyp['lr0']:g}); "
                                 f"{advice} (or check the labels)")
 
-    def _end_epoch(self, epoch: int, losses: list[float], lr: float, t0: float) -> dict:
-        """Evaluate (rank 0), save last/best/periodic checkpoints, append to results.csv, plot."""
+    def _end_epoch(self, epoch: int, losses: list[float], lr: float, t0: float) -> None:
+        """Rank 0: detect on the validation records now (their mAP follows in the background), hold the epoch."""
         if not self.main:
-            return {}
+            return
         args, number = self.args, epoch + 1
-        metrics, fitness = dict(NOT_EVALUATED), float("nan")
+        metrics = None
         if number % args.eval_period == 0 or number == args.epochs:
             if self._eval_yolo is None:
                 eval_model = self.ema.ema if self.ema is not None else unwrap(self.model)
                 self._eval_yolo = YOLO.from_model(eval_model, self.config, self.device, conf=EVAL_DETECTION.conf,
                                                   nms_iou=EVAL_DETECTION.nms_iou)
-            metrics = self.evaluator.quick(self._eval_yolo)
-            # a validation split without objects has no mAP (NaN): count it as 0 so best.pt still exists
-            fitness = metrics["map50"] if metrics["map50"] == metrics["map50"] else 0.0
-        seconds = time.time() - t0   # training and evaluation; saving follows
-        # without objects to validate on, no epoch is better than another: best.pt follows the last one
-        improved = fitness == fitness and (fitness > self.best_fitness or not self._val_has_objects)
-        if improved:
-            self.best_fitness = fitness
+            metrics = self.ledger.metrics_later(self.evaluator.scorer(self._eval_yolo))
+        seconds = time.time() - t0   # training and the evaluation's inference; saving follows
+        ckpt = None
         if self.watch.exploding:        # keep the last good checkpoint: these weights may be the explosion's
             log.warning("epoch %d: loss %.4g is over %gx the run's median %.4g; not saved, last.pt keeps epoch %d",
-                        number, losses[0], self.watch.factor, self.watch.median, self._saved_epoch)
+                        number, losses[0], self.watch.factor, self.watch.median, self.ledger.saved_epoch)
         else:
-            ckpt = detached_copy(self._checkpoint(number, metrics))
-            jobs = [(ckpt, self.run_dir / "last.pt")]
-            if improved:
-                jobs.append((self._inference_only(ckpt), self.run_dir / "best.pt"))
-            if args.save_period > 0 and number % args.save_period == 0:
-                jobs.append((self._inference_only(ckpt), self.run_dir / f"epoch{number}.pt"))
-            # held until the next epoch's first loss shows these weights did not explode (one step later)
-            self._pending = (number, jobs)
-        row = [number, *[f"{v:.5f}" for v in losses], f"{lr:.6f}", f"{metrics['map50']:.5f}",
-               f"{metrics['map50_95']:.5f}", f"{metrics['map50_voc']:.5f}", f"{seconds:.1f}"]
-        self._write_results([row], "a")
-        if time.time() - self._plotted >= PLOT_SECONDS or number == args.epochs:
-            try:
-                plot_results(self.run_dir / "results.csv", self.run_dir)
-            except OSError as exc:
-                raise write_error(exc, exc.filename or self.run_dir / "loss.png") from None
-            self._plotted = time.time()
-        shown = f"mAP50 {metrics['map50']:.4f}  mAP50-95 {metrics['map50_95']:.4f}" if fitness == fitness else ""
-        log.info("epoch %d/%d  loss %.4f  %s  %.1fs", number, args.epochs, losses[0], shown, seconds)
-        return metrics
+            ckpt = detached_copy(self._checkpoint(number))
+        # settled (written) once the next epoch's first loss shows these weights did not explode
+        self.ledger.hold(FinishedEpoch(number, losses, lr, seconds, ckpt, metrics))
 
-    def _checkpoint(self, epoch: int, metrics: dict) -> dict:
+    @staticmethod
+    def _fitness(metrics: dict) -> float:
+        """What best.pt maximises; a validation split without objects has no mAP (NaN): 0, so best.pt still exists."""
+        return metrics["map50"] if metrics["map50"] == metrics["map50"] else 0.0
+
+    def _checkpoint(self, epoch: int) -> dict:
+        """The full checkpoint of this moment; the ledger fills in `metrics` and `best_fitness` when it settles."""
         raw = unwrap(self.model).state_dict()
         return {
             "model": self.ema.ema.state_dict() if self.ema is not None else raw,
@@ -391,34 +356,10 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": epoch,
-            "best_fitness": self.best_fitness,
+            "best_fitness": None,
             "train_args": self.run_config.flat(),
-            "metrics": {k: float(v) for k, v in metrics.items()},
+            "metrics": dict(NOT_EVALUATED),
         }
-
-    @staticmethod
-    def _inference_only(ckpt: dict) -> dict:
-        """best.pt / epochN.pt: weights, config, metrics and arguments, without the resume state."""
-        return {k: ckpt[k] for k in ("model", "config", "hyp", "epoch", "metrics", "train_args", "best_fitness")}
-
-    def _prepare_results(self) -> None:
-        """Start results.csv, or on resume keep only the rows of epochs already in the checkpoint."""
-        path = self.run_dir / "results.csv"
-        rows = []
-        if self.start_epoch and path.is_file():
-            with open(path, newline="") as f:
-                rows = [r for r in csv.reader(f)][1:]
-            rows = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= self.start_epoch]
-        self._write_results([RESULT_FIELDS, *rows], "w")
-
-    def _write_results(self, rows: list[list], mode: str) -> None:
-        """Write ("w") or append ("a") rows of results.csv; a refused write is one line naming the file."""
-        path = self.run_dir / "results.csv"
-        try:
-            with open(path, mode, newline="") as f:
-                csv.writer(f).writerows(rows)
-        except OSError as exc:
-            raise write_error(exc, path) from None
 
 
 def _first_keys(state: dict, n: int = 3) -> str:
