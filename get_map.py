@@ -66,17 +66,18 @@ def main(argv: list[str] | None = None) -> dict:
     records, _ = load_voc(root, args.split, class_names, fallback="val" if args.split == "test" else None,
                           report=report)
     split = report.split                 # the split actually read (test falls back to val, with a warning)
-    yolo = YOLO(args.weights, device=args.device, conf=detect.conf, nms_iou=detect.nms_iou, half=args.half)
+    yolo = YOLO(args.weights, device=args.device, conf=detect.conf, nms_iou=detect.nms_iou, half=args.half,
+                multi_label=detect.multi_label)
     out = prepare_out(Path(args.out))     # a bad --out fails now, not after the whole evaluation
     print_config("get_map.py", {"weights": args.weights, "model": ckpt["config"]["model"],
                                 "attention": ckpt["config"]["attention"], "data": root, "split": split,
                                 "images": len(records), "classes": ", ".join(class_names),
                                 "input": "x".join(map(str, yolo.input_shape)), "device": yolo.device,
-                                "conf": detect.conf, "nms_iou": detect.nms_iou})
+                                "conf": detect.conf, "nms_iou": detect.nms_iou, "multi_label": detect.multi_label})
     evaluator = Evaluator(records, class_names, batch_size=args.batch, workers=args.workers)
     summary, coco_gt, coco_dets = evaluator.full(yolo, args.score_threshold)
     summary.update(weights=str(args.weights), data=str(root), split=split, conf=detect.conf,
-                   nms_iou=detect.nms_iou)
+                   nms_iou=detect.nms_iou, multi_label=detect.multi_label)
     write_text(out / "detections.json", json.dumps(coco_dets))
     write_text(out / "ground_truth.json", json.dumps(coco_gt))
     write_text(out / "summary.json", json.dumps(summary, indent=2))

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         load_plugin(plugin)
     detect = args.detect
     yolo = YOLO(args.weights, device=args.device, conf=detect.conf, nms_iou=detect.nms_iou, half=args.half,
-                img=args.img)
+                img=args.img, multi_label=detect.multi_label)
     if args.mode == "fps":
         run_fps(yolo, source, args.fps_iters)
         return None

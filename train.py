@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nets.backbones import backbone_listing
 from utils.cli import print_config, run_cli, spec_text
-from utils.engine.run import parse_train_flags, prepare_run, resolve_run, train_parser
+from utils.engine.run import HYP_FLAGS, parse_train_flags, prepare_run, resolve_run, train_parser
 from utils.engine.torch_utils import is_main_process
 
 
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> Path | None:
                                   "attention": ", ".join(f"{p}={spec_text(model.block_at(p))}"
                                                          for p in run.trainer.model.attention_points()),
                                   "head": model.head, "input": "x".join(map(str, model.input_shape)),
-                                  **run.config.flat(), "lr0": run.hyp["lr0"], "device": run.device,
+                                  **run.config.flat(), **{k: run.hyp[k] for k in HYP_FLAGS if k in run.hyp},
+                                  "lr0": run.hyp["lr0"], "device": run.device,
                                   "classes": ", ".join(data.class_names),
                                   "images": f"{len(data.train_records)} train / {len(data.val_records)} val",
                                   "validation": data.val_source,
@@ -46,8 +47,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     metrics = trainer.run()
     if is_main_process():
         best = f"{trainer.ledger.best_fitness:.4f}" if trainer.ledger.best_fitness >= 0 else "n/a"
+        w = run.hyp["fitness_map50_95"]
+        chosen_by = "mAP50" if w == 0 else f"fitness ({1 - w:g} mAP50 + {w:g} mAP50-95)"
         last = metrics.get("map50", float("nan"))
-        print(f"done: best mAP50 {best} (last epoch {last:.4f}); weights in {run.folder}/best.pt and last.pt, "
+        print(f"done: best {chosen_by} {best} (last epoch mAP50 {last:.4f}, mAP50-95 "
+              f"{metrics.get('map50_95', float('nan')):.4f}); weights in {run.folder}/best.pt and last.pt, "
               f"curves in {run.folder}/")
     return run.folder
 

@@ -37,9 +37,11 @@ class Head:
     """
 
     name = ""
+    default_obj_iou_ratio = 1.0
 
-    def __init__(self) -> None:
+    def __init__(self, obj_iou_ratio: float | None = None) -> None:
         self._cache: dict = {}
+        self.obj_iou_ratio = self.default_obj_iou_ratio if obj_iou_ratio is None else float(obj_iou_ratio)
 
     def _const(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Small tensors made once per device: building them from Python data each step would stall on a copy."""
@@ -67,7 +69,7 @@ class Head:
 
     def settings(self) -> dict:
         """The style's training settings (from hyp)."""
-        return {}
+        return {"obj_iou_ratio": self.obj_iou_ratio}
 
     def decode_xy(self, t_xy: torch.Tensor) -> torch.Tensor:
         """Raw xy logits -> centre offset inside the cell (grid units)."""
@@ -100,8 +102,12 @@ class Head:
         raise NotImplementedError
 
     def objectness_target(self, box_loss: torch.Tensor) -> torch.Tensor:
-        """Objectness target of each candidate [K] from its CIoU loss [K]."""
-        raise NotImplementedError
+        """Objectness target of each candidate [K] from its CIoU loss [K]: (1 - r) + r x the CIoU, r = obj_iou_ratio.
+
+        The CIoU (1 - loss, at most 1) is clamped at 0 and not differentiated: it only says how good a box is.
+        """
+        iou = (1.0 - box_loss).detach().clamp(0)
+        return (1.0 - self.obj_iou_ratio) + self.obj_iou_ratio * iou
 
     def counted(self, preds: torch.Tensor, cells: Cells, targets: torch.Tensor, valid: torch.Tensor,
                 tobj: torch.Tensor, input_shape: tuple[int, int]) -> torch.Tensor:
@@ -114,21 +120,24 @@ class Head:
 
 class YoloV4Head(Head):
     """YOLOv4(-tiny): scaled-sigmoid centres, exp sizes; each box to its best-IoU anchor (and any above
-    `anchor_iou_thresh`) in the cell holding its centre; objectness target 1, with predictions that already
-    overlap a box by more than `ignore_thresh` left out of the objectness loss."""
+    `anchor_iou_thresh`) in the cell holding its centre; objectness target 1 (or IoU-weighted with
+    `obj_iou_ratio`), with predictions that already overlap a box by more than `ignore_thresh` left out
+    of the objectness loss."""
 
     name = "yolov4"
+    default_obj_iou_ratio = 0.0
 
-    def __init__(self, anchor_iou_thresh: float = 1.0, ignore_thresh: float | None = None) -> None:
-        super().__init__()
+    def __init__(self, anchor_iou_thresh: float = 1.0, ignore_thresh: float | None = None,
+                 obj_iou_ratio: float | None = None) -> None:
+        super().__init__(obj_iou_ratio)
         self.anchor_iou_thresh, self.ignore_thresh = anchor_iou_thresh, ignore_thresh
 
     @classmethod
     def from_hyp(cls, hyp: dict) -> YoloV4Head:
-        return cls(hyp.get("anchor_iou_thresh", 1.0), hyp.get("ignore_thresh"))
+        return cls(hyp.get("anchor_iou_thresh", 1.0), hyp.get("ignore_thresh"), hyp.get("obj_iou_ratio"))
 
     def settings(self) -> dict:
-        return {"anchor_iou_thresh": self.anchor_iou_thresh, "ignore_thresh": self.ignore_thresh}
+        return {"anchor_iou_thresh": self.anchor_iou_thresh, "ignore_thresh": self.ignore_thresh, **super().settings()}
 
     def decode_xy(self, t_xy: torch.Tensor) -> torch.Tensor:
         return t_xy.sigmoid() * V4_XY_SCALE - 0.5 * (V4_XY_SCALE - 1.0)
@@ -143,9 +152,6 @@ class YoloV4Head(Head):
         match = (iou.argmax(1)[None] == mask_t[:, None]) | (iou.index_select(1, mask_t).T > self.anchor_iou_thresh)
         offsets = self._const(("no_offset", device), lambda: torch.zeros(1, 2, device=device))
         return match, offsets, valid[None]                                                 # A,M / 1,2 / 1,M
-
-    def objectness_target(self, box_loss: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(box_loss)
 
     def counted(self, preds, cells, targets, valid, tobj, input_shape):
         """1 where the objectness loss counts: positives, and negatives not overlapping a box > ignore_thresh.
@@ -171,20 +177,21 @@ class YoloV4Head(Head):
 class YoloV5Head(Head):
     """YOLOv5: centres 2 sigmoid - 0.5, sizes (2 sigmoid)^2 x anchor; a box goes to every anchor whose
     width/height ratio is within `anchor_t`, in its cell and the two nearest neighbouring cells;
-    objectness target = the detached IoU; nothing ignored."""
+    objectness target = the detached IoU (`obj_iou_ratio` 1); nothing ignored."""
 
     name = "yolov5"
+    default_obj_iou_ratio = 1.0
 
-    def __init__(self, anchor_t: float = 4.0) -> None:
-        super().__init__()
+    def __init__(self, anchor_t: float = 4.0, obj_iou_ratio: float | None = None) -> None:
+        super().__init__(obj_iou_ratio)
         self.anchor_t = anchor_t
 
     @classmethod
     def from_hyp(cls, hyp: dict) -> YoloV5Head:
-        return cls(hyp.get("anchor_t", 4.0))
+        return cls(hyp.get("anchor_t", 4.0), hyp.get("obj_iou_ratio"))
 
     def settings(self) -> dict:
-        return {"anchor_t": self.anchor_t}
+        return {"anchor_t": self.anchor_t, **super().settings()}
 
     def decode_xy(self, t_xy: torch.Tensor) -> torch.Tensor:
         return t_xy.sigmoid() * 2.0 - 0.5
@@ -200,10 +207,6 @@ class YoloV5Head(Head):
         match = torch.maximum(ratio, 1 / ratio).amax(2) < self.anchor_t                    # A,M
         offsets = self._const(("offsets", device), lambda: NEIGHBOUR_OFFSETS.to(device) * 0.5)
         return match, offsets, neighbours(gxy, scale)                                      # A,M / 5,2 / 5,M
-
-    def objectness_target(self, box_loss: torch.Tensor) -> torch.Tensor:
-        # the IoU itself (1 - CIoU loss, so at most 1), not differentiated
-        return (1.0 - box_loss).detach().clamp(0)
 
 
 def neighbours(gxy: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

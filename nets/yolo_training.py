@@ -15,12 +15,17 @@ import yaml
 from nets.heads import build_head
 from nets.yolo import MODEL_DATA, as_model_config, model_family
 from utils.ops.boxes import CellCache, Cells, ciou_loss, flatten_levels
-from utils.config import ModelConfig
+from utils.config import LR_SCHEDULES, ModelConfig
 
 HYP_FILES = {"yolov4-tiny": "hyp.yolov4-tiny.yaml", "yolov5": "hyp.scratch-low.yaml"}
 # keys the loss (box, cls, obj, balance) and the optimiser, schedule and warm-up read without a default
 REQUIRED_HYP = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
                 "box", "cls", "obj", "balance")
+# training-recipe keys a hyp file may leave out, and what their absence means: the behaviour from before
+# they existed, so the hyp stored in an older checkpoint resumes as it started
+RECIPE_DEFAULTS = {"lr_schedule": "cos", "special_aug_ratio": 0.7, "fitness_map50_95": 0.0}
+# optional keys that are shares in [0, 1]
+UNIT_HYP = ("special_aug_ratio", "fitness_map50_95", "obj_iou_ratio")
 # smallest predicted box side (cell units) the CIoU sees: see YoloLoss.__call__
 MIN_BOX_CELLS = 1e-3
 
@@ -50,7 +55,17 @@ def load_hyp(model: str, path: str | Path | None = None) -> dict:
         wrong.append("balance (a mapping stride: weight, e.g. {16: 1.0, 32: 0.4})")
     if wrong:
         raise ValueError(f"--hyp {path}: {', '.join(wrong)} must be numbers")
-    return hyp
+    check_recipe(hyp, f"--hyp {path}")
+    return {**RECIPE_DEFAULTS, **hyp}
+
+
+def check_recipe(hyp: dict, where: str) -> None:
+    """The optional recipe keys, where present: a known lr schedule and shares in [0, 1]; raises ValueError."""
+    if "lr_schedule" in hyp and hyp["lr_schedule"] not in LR_SCHEDULES:
+        raise ValueError(f"{where}: lr_schedule {hyp['lr_schedule']!r}: choose one of {', '.join(LR_SCHEDULES)}")
+    bad = [k for k in UNIT_HYP if k in hyp and not (_is_number(hyp[k]) and 0 <= hyp[k] <= 1)]
+    if bad:
+        raise ValueError(f"{where}: {', '.join(bad)} must be numbers between 0 and 1")
 
 
 def _is_number(value: object) -> bool:

@@ -89,6 +89,21 @@ def test_objectness_targets():
     assert YoloV4Head().objectness_target(box_loss).tolist() == [1.0] * 4
 
 
+def test_objectness_iou_ratio_blends_one_and_the_iou():
+    """hyp obj_iou_ratio r (ultralytics' gr): target (1 - r) + r IoU; absent, each head keeps its own."""
+    box_loss = torch.tensor([0.0, 0.25, 1.0, 1.7])
+    for head in (YoloV4Head(obj_iou_ratio=0.5), YoloV5Head(obj_iou_ratio=0.5)):
+        torch.testing.assert_close(head.objectness_target(box_loss), torch.tensor([1.0, 0.875, 0.5, 0.5]))
+    assert YoloV4Head(obj_iou_ratio=1.0).objectness_target(box_loss).tolist() == [1.0, 0.75, 0.0, 0.0]
+    assert YoloV5Head(obj_iou_ratio=0.0).objectness_target(box_loss).tolist() == [1.0] * 4
+    v4_hyp = load_hyp("yolov4-tiny")
+    assert build_head(make_config("yolov4-tiny", 0, ["a"]), v4_hyp).obj_iou_ratio == 0.0
+    assert build_head(make_config("yolov4-tiny", 0, ["a"], head="yolov5"), v4_hyp).obj_iou_ratio == 1.0
+    tuned = build_head(make_config("yolov4-tiny", 0, ["a"]), {**v4_hyp, "obj_iou_ratio": 1.0})
+    assert tuned.obj_iou_ratio == 1.0 and tuned.ignore_thresh == v4_hyp["ignore_thresh"]
+    assert tuned != build_head(make_config("yolov4-tiny", 0, ["a"]), v4_hyp)      # a setting of the head
+
+
 def test_only_v4_with_a_threshold_ignores_predictions():
     config = make_config("yolov4-tiny", 0, ["a"], (64, 64))
     anchors = torch.tensor(config["anchors"])

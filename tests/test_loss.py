@@ -106,6 +106,15 @@ def test_loss_parts_and_scaling():
     assert crit.obj_gain == pytest.approx((128 / 640) ** 2 * 1.5)
 
 
+def test_yolov5_gains_at_three_levels_are_ultralytics_scaled_values():
+    """YOLOv5n, 3 classes, 416 px: box 0.05, cls 0.5 x 3/80, obj (416/640)^2; balance 4 / 1 / 0.4 by stride."""
+    crit = YoloLoss(make_config("yolov5n", 0, ["a", "b", "c"], (416, 416)), load_hyp("yolov5n"))
+    assert crit.box_gain == pytest.approx(0.05)
+    assert crit.cls_gain == pytest.approx(0.01875)
+    assert crit.obj_gain == pytest.approx(0.4225)
+    assert crit.balance_by_stride == {8: 4.0, 16: 1.0, 32: 0.4}
+
+
 def test_label_smoothing_changes_class_targets():
     assert smooth_targets(0.1) == pytest.approx((0.95, 0.05))
     assert smooth_targets(0.0) == (1.0, 0.0)

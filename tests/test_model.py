@@ -1,4 +1,6 @@
 """YoloBody (YOLOv4-tiny + attention): parameter counts, output shapes, gradients, names, config round trip."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -229,3 +231,19 @@ def test_fused_batchnorm_gives_the_same_outputs(model_name, phi):
     assert not any(isinstance(m, ConvBNAct) and isinstance(m.bn, torch.nn.BatchNorm2d) for m in model.modules())
     for a, b in zip(before, after):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model, strides", [("yolov5n", (32, 16, 8)), ("yolov4-tiny", (32, 16))])
+def test_detection_biases_start_at_the_yolov5_priors(model, strides):
+    """Objectness log(8 / (640/s)^2) per stride s, classes log(0.6 / (nc - 0.99)), on top of PyTorch's default
+    bias init (uniform within 1/sqrt(fan_in))."""
+    torch.manual_seed(0)
+    net = build_model(make_config(model, 0, ["a", "b", "c"], (416, 416)))
+    convs = list(net.head) if model != "yolov4-tiny" else [net.yolo_headP5[1], net.yolo_headP4[1]]
+    for conv, stride in zip(convs, strides):
+        bias = conv.bias.detach().view(3, 8)                          # anchors x (4 box, obj, 3 classes)
+        bound = conv.in_channels ** -0.5
+        assert (bias[:, 4] - math.log(8 / (640 / stride) ** 2)).abs().max() <= bound
+        assert (bias[:, 5:] - math.log(0.6 / 2.01)).abs().max() <= bound
+        assert bias[:, :4].abs().max() <= bound                       # box logits untouched
+    assert math.log(8 / (640 / 8) ** 2) == pytest.approx(-6.6846, abs=1e-4)

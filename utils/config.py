@@ -15,6 +15,7 @@ from typing import Any
 
 MODEL_NAMES = ("yolov4-tiny", "yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x")
 HEADS = ("yolov4", "yolov5")
+LR_SCHEDULES = ("cos", "linear", "step")
 MAX_INPUT_SIZE = 4096          # larger inputs are a typo, not a detector setting
 MODEL_CONFIG_VERSION = 2       # 1: the flat dict of the first checkpoints (attention by name only)
 # the built-in blocks in phi order: part of the public interface (1-4 keep the tutorials' meaning)
@@ -268,14 +269,22 @@ class TrainConfig:
     optimizer: str = setting("sgd", "optimiser", choices=("sgd", "adam"))
     lr: float | None = setting(None, "initial learning rate; with --resume, continues at this rate", type=float,
                                above=0.0, shown="from the hyp file: 0.01 sgd, 0.001 adam", resume=True)
-    lr_schedule: str = setting("cos", "cosine to lr*lrf, or x0.1 at 70%% and 90%%", choices=("cos", "step"))
+    lr_schedule: str | None = setting(None, "lr from lr0 to lr0*lrf: cosine, linear, or x0.1 at 70%% and 90%% (step)",
+                                      choices=LR_SCHEDULES, type=str,
+                                      shown="from the hyp file: linear for YOLOv5, cos for YOLOv4-tiny")
     label_smoothing: float | None = setting(None, "class label smoothing eps", type=float, low=0.0, high=0.5,
                                             shown="from the hyp file: 0")
     mosaic: float | None = setting(None, "mosaic probability", type=float, low=0.0, high=1.0,
                                    shown="from the hyp file: 1.0")
     mixup: float | None = setting(None, "mixup probability", type=float, low=0.0, high=1.0,
                                   shown="from the hyp file: 0.0")
-    special_aug_ratio: float = setting(0.7, "mosaic only in this first share of epochs", low=0.0, high=1.0)
+    special_aug_ratio: float | None = setting(None, "mosaic only in this first share of epochs", type=float,
+                                              low=0.0, high=1.0,
+                                              shown="from the hyp file: 1.0 for YOLOv5, 0.7 for YOLOv4-tiny")
+    fitness_map50_95: float | None = setting(None, "weight W of mAP50-95 in the fitness that picks best.pt: "
+                                                   "(1 - W) mAP50 + W mAP50-95", type=float, low=0.0, high=1.0,
+                                             shown="from the hyp file: 0.9 for YOLOv5, 0 for YOLOv4-tiny",
+                                             metavar="W")
     freeze_epochs: int = setting(0, "epochs with the backbone frozen (its BatchNorm in eval mode) before it is "
                                     "trained", low=0)
     freeze_batch: int | None = setting(None, "global batch size while the backbone is frozen", type=int, low=1,
@@ -328,11 +337,14 @@ class DetectConfig:
 
     conf: float = setting(0.5, "score threshold", low=0.0, high=1.0)
     nms_iou: float = setting(0.3, "NMS IoU threshold", low=0.0, high=1.0)
+    multi_label: bool = setting(False, "keep every class scoring above --conf for a box, not only its best")
 
 
 PREDICT_DETECTION = DetectConfig()
-# mAP counts every detection: get_map.py and the evaluation after each epoch
-EVAL_DETECTION = DetectConfig(conf=0.001, nms_iou=0.5)
+# mAP counts every detection: get_map.py and the evaluation after each epoch. IoU 0.6 and multi-label are
+# the COCO-style protocol of ultralytics' val.py, so numbers compare with theirs; crowded objects (blood
+# cells) also lose true neighbours to NMS at 0.5
+EVAL_DETECTION = DetectConfig(conf=0.001, nms_iou=0.6, multi_label=True)
 
 
 @dataclass

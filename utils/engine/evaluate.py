@@ -30,6 +30,12 @@ def quick_metrics(detections: list[np.ndarray], truths: list[GroundTruth], num_c
     return {"map50": coco["map50"], "map50_95": coco["map50_95"], "map50_voc": map50_voc}
 
 
+def checkpoint_fitness(metrics: dict, map50_95_weight: float) -> float:
+    """What best.pt maximises: (1 - w) mAP50 + w mAP50-95; a split without objects (NaN mAP) counts 0."""
+    value = (1 - map50_95_weight) * metrics["map50"] + map50_95_weight * metrics["map50_95"]
+    return value if value == value else 0.0
+
+
 class Evaluator:
     """Runs a YOLO over records in batches; with `keep_batches` the letterboxed batches are kept for reuse."""
 

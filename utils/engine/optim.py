@@ -112,12 +112,14 @@ def hyper_as_floats(optimizer: torch.optim.Optimizer) -> None:
 
 
 def lr_lambda(schedule: str, epochs: int, lrf: float):
-    """Multiplier of the initial lr at each epoch: cosine to lrf, or steps of 0.1 at 70% and 90%."""
+    """Multiplier of the initial lr at each epoch: cosine or linear from 1 to lrf, or steps of 0.1 at 70% and 90%."""
     if schedule == "cos":
         return lambda e: ((1 - math.cos(e * math.pi / max(epochs, 1))) / 2) * (lrf - 1) + 1
+    if schedule == "linear":
+        return lambda e: (1 - e / max(epochs, 1)) * (1 - lrf) + lrf
     if schedule == "step":
         return lambda e: 0.1 ** ((e >= 0.7 * epochs) + (e >= 0.9 * epochs))
-    raise ValueError(f"--lr-schedule {schedule!r}: choose cos or step")
+    raise ValueError(f"--lr-schedule {schedule!r}: choose cos, linear or step")
 
 
 def set_initial_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from nets.attention import load_plugin
 from nets.yolo import complete_model_config
-from nets.yolo_training import load_hyp
+from nets.yolo_training import RECIPE_DEFAULTS, load_hyp
 from utils.engine.checkpoint import load_checkpoint, remove_stale_temps, write_error
 from utils.engine.folders import numbered_dir
 from utils.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, add_flags, check_ranges, flag_name,
@@ -28,6 +28,8 @@ from utils.engine.trainer import Trainer
 
 log = logging.getLogger(__name__)
 RUN_PARTS = (ModelConfig, DataConfig, TrainConfig)
+# training flags that override the hyp key of the same name when given
+HYP_FLAGS = ("mosaic", "mixup", "label_smoothing", "lr_schedule", "special_aug_ratio", "fitness_map50_95")
 
 
 def train_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -117,9 +119,20 @@ def resolved_hyp(hyp: dict, train: TrainConfig) -> dict:
         hyp["warmup_bias_lr"] = 0.0
     if train.lr is not None:
         hyp["lr0"] = train.lr
-    for key in ("mosaic", "mixup", "label_smoothing"):
-        if getattr(train, key) is not None:
-            hyp[key] = getattr(train, key)
+    hyp.update(flag_overrides(train))
+    return hyp
+
+
+def flag_overrides(train: TrainConfig) -> dict:
+    """The hyp keys a training flag sets, for the flags given (not None)."""
+    return {key: getattr(train, key) for key in HYP_FLAGS if getattr(train, key) is not None}
+
+
+def resumed_hyp(ckpt: dict, train: TrainConfig) -> dict:
+    """A checkpoint's hyp exactly; keys it predates come from its stored flags, else RECIPE_DEFAULTS."""
+    hyp = {**RECIPE_DEFAULTS, **flag_overrides(train), **ckpt["hyp"]}
+    if train.lr is not None:
+        hyp["lr0"] = train.lr         # a resume may change --lr (e.g. after divergence)
     return hyp
 
 
@@ -156,9 +169,7 @@ def prepare_run(resolved: Resolved, folder: Path | None = None, progress: bool =
             raise ValueError(f"{flag} {batch} must be divisible by the {world} processes")
     init_distributed(device)
     if ckpt is not None and isinstance(ckpt.get("hyp"), dict):
-        hyp = dict(ckpt["hyp"])           # exactly the run's hyperparameters, whatever the YAML says now ...
-        if config.train.lr is not None:
-            hyp["lr0"] = config.train.lr  # ... but for --lr, which a resume may change (e.g. after divergence)
+        hyp = resumed_hyp(ckpt, config.train)   # the run's hyperparameters, whatever the YAML says now
     else:
         hyp = resolved_hyp(load_hyp(config.model.model, config.train.hyp), config.train)
     data = TrainData(config.data, tuple(config.model.input_shape), config.train.batch // world, config.train.seed,

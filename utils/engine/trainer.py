@@ -22,7 +22,7 @@ from utils.engine.checkpoint import CheckpointWriter, detached_copy, state_dict_
 from utils.config import EVAL_DETECTION, RunConfig
 from utils.engine.train_data import TrainData
 from utils.engine.epoch_ledger import NOT_EVALUATED, EpochLedger, FinishedEpoch
-from utils.engine.evaluate import Evaluator
+from utils.engine.evaluate import Evaluator, checkpoint_fitness
 from utils.log import get_logger
 from utils.engine.optim import (DECAY_GROUP, accumulation_steps, build_optimizer, hyper_as_floats, hyper_value, lr_lambda,
                          scheduled_lr, set_initial_lr, warmup)
@@ -141,7 +141,7 @@ class Trainer:
         }
         # weight decay is set per phase (enter_phase), scaled to the images each optimiser step sees
         self.optimizer = build_optimizer(self.model, args.optimizer, hyp["lr0"], self.hyp["momentum"], 0.0)
-        self.lf = lr_lambda(args.lr_schedule, args.epochs, self.hyp["lrf"])
+        self.lf = lr_lambda(self.hyp["lr_schedule"], args.epochs, self.hyp["lrf"])
         self.ema = ModelEMA(self.model) if args.ema else None
         self.amp = amp_dtype(self.device, self.device.type == "cuda" if args.amp is None else args.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
@@ -265,7 +265,7 @@ class Trainer:
             nb, first_step = self.data.batches_per_epoch, self.steps_before(epoch)
             self._train_mode(phase)
             scheduled_lr(self.optimizer, self.lf(epoch))
-            mosaic = epoch < args.special_aug_ratio * args.epochs
+            mosaic = epoch < self.hyp["special_aug_ratio"] * args.epochs
             totals = torch.zeros(4, device=self.device)
             bar = tqdm(self.data.batches(epoch, mosaic), total=nb, desc=f"epoch {epoch + 1}/{args.epochs}",
                        disable=not self.main, file=sys.stdout, leave=False)
@@ -327,7 +327,8 @@ class Trainer:
             if self._eval_yolo is None:
                 eval_model = self.ema.ema if self.ema is not None else unwrap(self.model)
                 self._eval_yolo = YOLO.from_model(eval_model, self.config, self.device, conf=EVAL_DETECTION.conf,
-                                                  nms_iou=EVAL_DETECTION.nms_iou)
+                                                  nms_iou=EVAL_DETECTION.nms_iou,
+                                                  multi_label=EVAL_DETECTION.multi_label)
             metrics = self.ledger.metrics_later(self.evaluator.scorer(self._eval_yolo))
         seconds = time.time() - t0   # training and the evaluation's inference; saving follows
         ckpt = None
@@ -339,10 +340,9 @@ class Trainer:
         # settled (written) once the next epoch's first loss shows these weights did not explode
         self.ledger.hold(FinishedEpoch(number, losses, lr, seconds, ckpt, metrics))
 
-    @staticmethod
-    def _fitness(metrics: dict) -> float:
-        """What best.pt maximises; a validation split without objects has no mAP (NaN): 0, so best.pt still exists."""
-        return metrics["map50"] if metrics["map50"] == metrics["map50"] else 0.0
+    def _fitness(self, metrics: dict) -> float:
+        """What best.pt maximises: (1 - w) mAP50 + w mAP50-95, w = hyp fitness_map50_95 (0 when no objects)."""
+        return checkpoint_fitness(metrics, self.hyp["fitness_map50_95"])
 
     def _checkpoint(self, epoch: int) -> dict:
         """The full checkpoint of this moment; the ledger fills in `metrics` and `best_fitness` when it settles."""
