@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         print_config("train.py", {"run folder": run.folder, "model": model.model,
                                   "attention": ", ".join(f"{p}={spec_text(model.block_at(p))}"
                                                          for p in run.trainer.model.attention_points()),
-                                  "head": model.head, "input": "x".join(map(str, model.input_shape)),
+                                  "head": head_text(run.trainer.loss_fn.head),
+                                  "input": "x".join(map(str, model.input_shape)),
                                   **run.config.flat(), **{k: run.hyp[k] for k in HYP_FLAGS if k in run.hyp},
                                   "lr0": run.hyp["lr0"], "device": run.device,
                                   "classes": ", ".join(data.class_names),
@@ -54,6 +55,11 @@ def main(argv: list[str] | None = None) -> Path | None:
               f"{metrics.get('map50_95', float('nan')):.4f}); weights in {run.folder}/best.pt and last.pt, "
               f"curves in {run.folder}/")
     return run.folder
+
+
+def head_text(head) -> str:
+    """'yolov5 (anchor_t=4.0, obj_iou_ratio=1.0)': the head style and its training settings."""
+    return f"{head.name} ({', '.join(f'{k}={v}' for k, v in head.settings().items())})"
 
 
 if __name__ == "__main__":
