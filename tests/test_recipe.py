@@ -4,14 +4,16 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 import yaml
 
 import get_map
+from nets.common import ConvBNAct
 from nets.yolo import MODEL_DATA
 from nets.yolo_training import RECIPE_DEFAULTS, load_hyp
 from utils.config import EVAL_DETECTION, PREDICT_DETECTION, TrainConfig
 from utils.engine.evaluate import checkpoint_fitness
-from utils.engine.optim import lr_lambda
+from utils.engine.optim import build_optimizer, lr_lambda, warmup
 from utils.engine.run import parse_train_flags, resolve_run, resolved_hyp, resumed_hyp
 
 
@@ -88,3 +90,19 @@ def test_evaluation_uses_the_coco_style_protocol():
     assert get_map.parse_args(["--weights", "w.pt"]).detect == EVAL_DETECTION
     old = get_map.parse_args(["--weights", "w.pt", "--nms-iou", "0.5", "--no-multi-label"]).detect
     assert (old.nms_iou, old.multi_label) == (0.5, False)
+
+
+def test_parameter_groups_and_warm_up_follow_ultralytics():
+    """Decay on conv weights only; halfway through warm-up: weights at half lr, bias lr halfway down from 0.1,
+    momentum halfway up from 0.8."""
+    model = torch.nn.Sequential(ConvBNAct(3, 4, 3), torch.nn.Conv2d(4, 6, 1))
+    opt = build_optimizer(model, "sgd", 0.01, 0.937, 0.0005)
+    norm, decayed, biases = opt.param_groups
+    same = lambda group, params: [id(p) for p in group["params"]] == [id(p) for p in params]   # noqa: E731
+    assert same(norm, [model[0].bn.weight]) and norm["weight_decay"] == 0
+    assert [p.ndim for p in decayed["params"]] == [4, 4] and decayed["weight_decay"] == 0.0005
+    assert same(biases, [model[0].bn.bias, model[1].bias]) and biases["weight_decay"] == 0
+    hyp = load_hyp("yolov5n")
+    warmup(opt, 50, 100, 1.0, hyp, sgd=True)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.005, 0.055])
+    assert {round(g["momentum"], 6) for g in opt.param_groups} == {0.8685}
