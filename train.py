@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> Path | None:
                                   "attention": ", ".join(f"{p}={spec_text(model.block_at(p))}"
                                                          for p in run.trainer.model.attention_points()),
                                   "head": model.head, "input": "x".join(map(str, model.input_shape)),
-                                  **run.config.flat(), "lr0": run.hyp["lr0"], "device": run.device,
+                                  **run.config.flat(), "cache": f"{data.cache} ({data.cache_plan.reason})",
+                                  "lr0": run.hyp["lr0"], "device": run.device,
                                   "classes": ", ".join(data.class_names),
                                   "images": f"{len(data.train_records)} train / {len(data.val_records)} val",
                                   "validation": data.val_source,

@@ -251,7 +251,9 @@ class DataConfig:
                                     shown="val, else a share of the training split")
     val_fraction: float = setting(0.1, "share of the training split held out for validation when the data has no "
                                        "val split", low=0.0, high=0.5)
-    cache: str = setting("none", "keep decoded images in memory", choices=("none", "ram", "gpu"))
+    cache: str = setting("auto", "keep decoded images in memory; auto = gpu when they fit 40%% of free GPU memory, "
+                                 "else ram when they fit half the available RAM, else none",
+                         choices=("auto", "none", "ram", "gpu"))
     augment: str = setting("auto", "where augmentation runs; auto = gpu when on CUDA with --cache, else cpu workers",
                            choices=("auto", "cpu", "gpu"))
     workers: int = setting(4, "data-loading processes per GPU", low=0, resume=True)

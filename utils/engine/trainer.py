@@ -144,7 +144,7 @@ class Trainer:
                      f"eager ({'--no-cuda-graph' if not args.cuda_graph else blocker})")
         self._val_has_objects = any(len(r.boxes) for r in data.val_records)
         self.evaluator = Evaluator(data.val_records, data.class_names, batch_size=max(data.batch_size, 8),
-                                   keep_batches=config.data.cache != "none",
+                                   keep_batches=data.cache != "none",
                                    workers=config.data.workers) if self.main else None
 
     def _restore(self, ckpt: dict) -> None:
