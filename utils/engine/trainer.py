@@ -137,7 +137,7 @@ class Trainer:
         if resume_ckpt:
             self._restore(resume_ckpt)
         blocker = graph_blocker(self.device, data.on_gpu, self.scaler.is_enabled(), self.accumulate,
-                                args.sync_bn and world > 1)
+                                args.sync_bn and world > 1, world)
         self.graphs = args.cuda_graph and blocker is None
         if self.main and self.device.type == "cuda":
             log.info("training step: %s", "captured as a CUDA graph" if self.graphs else
@@ -231,7 +231,7 @@ class Trainer:
             totals = torch.zeros(4, device=self.device)
             bar = tqdm(self.data.batches(epoch, mosaic), total=nb, desc=f"epoch {epoch + 1}/{args.epochs}",
                        disable=not self.main, file=sys.stdout, leave=False)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=False)   # in place: captured steps hold the gradient buffers
             for i, (images, targets) in enumerate(bar):
                 step = i + nb * epoch
                 if step <= warmup_steps:
