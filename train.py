@@ -12,14 +12,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nets.backbones import backbone_listing
 from utils.cli import print_config, run_cli, spec_text
-from utils.engine.run import parse_train_flags, prepare_run, resolve_run, train_parser
-from utils.engine.torch_utils import is_main_process
+from utils.config import parse_train_flags, train_parser
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     given = parse_train_flags(argv, train_parser(__doc__))
+    # torch and the rest load only now: --help and flag errors answer without them (seconds saved)
+    from nets.backbones import backbone_listing  # noqa: PLC0415
+    from utils.engine.run import prepare_run, resolve_run  # noqa: PLC0415
+    from utils.engine.torch_utils import is_main_process  # noqa: PLC0415
+
     if given.get("backbone") == "list":     # before anything is loaded or made
         print(backbone_listing())
         return None

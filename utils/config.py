@@ -383,3 +383,18 @@ def from_flat(cls: type, values: dict) -> Any:
 def resume_flags(*classes: type) -> set[str]:
     """Fields a resumed run may change."""
     return {f.name for cls in classes for f in fields(cls) if f.metadata.get("resume")}
+
+
+RUN_PARTS = (ModelConfig, DataConfig, TrainConfig)
+
+
+def train_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """train.py's flags, generated from the configuration dataclasses (no torch needed: --help stays instant)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser, *RUN_PARTS)
+    return parser
+
+
+def parse_train_flags(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> dict:
+    """The flags given on the command line (absent ones are left out), by field name."""
+    return vars((parser or train_parser()).parse_args(argv))

@@ -8,6 +8,8 @@ ratio, padding) is the same rule, `letterbox_geometry`, so boxes map back identi
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -35,8 +37,9 @@ def linear_weights(src: int, dst: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(dst, src, device=device, dtype=torch.float64).scatter_add_(1, taps, weights).float()
 
 
+@lru_cache(maxsize=64)
 def resize_weights(src: int, dst: int, shrink: bool, device: torch.device) -> torch.Tensor:
-    """One axis's [dst, src] resampling matrix (identity when the size is kept)."""
+    """One axis's [dst, src] resampling matrix (identity when the size is kept); kept per size pair, read-only."""
     if src == dst:
         return torch.eye(src, device=device)
     return area_weights(src, dst, device) if shrink else linear_weights(src, dst, device)
