@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import numpy as np
 from tqdm import tqdm
 
 from nets.attention import load_plugin
@@ -27,9 +28,8 @@ from utils.cli import add_plugin_flag, detect_config, print_config, run_cli
 from utils.engine.folders import OutputError, inside, make_dir, numbered_dir, prepare_out, safe_component, write_text
 from utils.config import MAX_INPUT_SIZE, DetectConfig, add_flags, check_ranges, from_flat, setting
 from utils.data.dataset import ImageReadError, load_image
-from utils.engine.predict_io import (BackgroundWrites, UniqueStems, as_bgr, class_counts, draw_fps, image_size,
-                                     json_entries, keep_classes, parse_class_filter, save_crops, write_image,
-                                     yolo_label_lines)
+from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, json_entries, keep_classes,
+                                     parse_class_filter, save_crops, write_image, yolo_label_lines)
 from utils.data.image_batches import DecodedBatch, ImageBatches, device_decode_available
 from utils.data.sources import Source, display_available, open_video, resolve_source
 from yolo import YOLO
@@ -92,8 +92,10 @@ class Outputs:
         self.needs_pixels = args.save_images or args.crop or self.show
         self.writes = BackgroundWrites(threads=0 if self.show else None)   # windows belong to the main thread
 
-    def image(self, name: str, image, detections, wait_ms: int = 1) -> None:
-        """Record one image's results (BGR array or RGB tensor); its files are written by the background writer."""
+    def image(self, name: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
+              wait_ms: int = 1) -> None:
+        """Record one image's results (its BGR pixels needed only when `needs_pixels`; size = (h, w));
+        its files are written by the background writer."""
         detections = keep_classes(detections, self.wanted)
         stem = self.stems(name)           # safe and distinct: a.jpg and a.png do not overwrite each other
         if self.args.save_json:
@@ -102,17 +104,16 @@ class Outputs:
         self.totals.update(counts)
         if self.args.count:
             print(f"{name}: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing"))
-        self.writes.submit(self._write, stem, image if self.needs_pixels else None, image_size(image), detections,
-                           wait_ms)
+        self.writes.submit(self._write, stem, image if self.needs_pixels else None, size, detections, wait_ms)
 
-    def _write(self, stem: str, image, size: tuple[int, int], detections, wait_ms: int) -> None:
+    def _write(self, stem: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
+               wait_ms: int) -> None:
         """The files of one image: drawing, labels, crops; with --show, the window too (main thread)."""
         if self.args.save_txt:
             labels = make_dir(inside(self.out, "labels"))
             write_text(inside(labels, f"{stem}.txt"), "\n".join(yolo_label_lines(detections, size[1], size[0])) + "\n")
         if image is None:
             return
-        image = as_bgr(image)
         if self.args.save_images or self.show:
             drawn = self.yolo.detect_image(image, detections)
             if self.args.save_images:
@@ -143,13 +144,14 @@ def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int, dec
     """Every image of the source, batched; unreadable ones are skipped and counted (a single one is an error)."""
     paths, skipped, found, on_host = source.paths, [], 0, 0
     single = len(paths) == 1
-    made = _device_batches(yolo, paths, batch) if decode == "device" else _opencv_batches(yolo, paths, batch)
+    made = (_device_batches(yolo, paths, batch, outputs.needs_pixels) if decode == "device" else
+            _opencv_batches(yolo, paths, batch))
     try:
-        for chunk, images, dets in made:
+        for chunk, images, sizes, dets in made:
             skipped += chunk.skipped
             on_host += chunk.on_host
-            for path, image, det in zip(chunk.paths, images, dets):
-                outputs.image(path.name, image, det, wait_ms=0 if single else 1)
+            for path, image, size, det in zip(chunk.paths, images, sizes, dets):
+                outputs.image(path.name, image, size, det, wait_ms=0 if single else 1)
                 found += len(keep_classes(det, outputs.wanted))
         outputs.finish()
     finally:
@@ -165,7 +167,7 @@ def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int, dec
 
 
 def _opencv_batches(yolo: YOLO, paths: list[Path], batch: int):
-    """(chunk, BGR arrays, detections) per batch: decoded by OpenCV here, letterboxed on host threads."""
+    """(chunk, BGR arrays, sizes, detections) per batch: decoded by OpenCV here, letterboxed on host threads."""
     for start in tqdm(range(0, len(paths), batch), desc="predict", disable=len(paths) <= batch, file=sys.stdout):
         chunk = DecodedBatch([], [])
         images = []
@@ -177,14 +179,21 @@ def _opencv_batches(yolo: YOLO, paths: list[Path], batch: int):
                 if len(paths) == 1:
                     raise
                 chunk.skipped.append(path)
-        yield chunk, images, yolo.predict(images, batch_size=batch) if images else []
+        yield chunk, images, [im.shape[:2] for im in images], yolo.predict(images, batch_size=batch) if images else []
 
 
-def _device_batches(yolo: YOLO, paths: list[Path], batch: int):
-    """(chunk, RGB tensors, detections) per batch: read and decoded on a background thread, on the model's device."""
-    batches = ImageBatches(paths, batch, yolo.device)
+def _device_batches(yolo: YOLO, paths: list[Path], batch: int, needs_pixels: bool):
+    """(chunk, BGR arrays or Nones, sizes, detections) per batch: read and decoded on a background thread, on the
+    model's device; the arrays are copied back there only when the outputs need pixels."""
+    batches = ImageBatches(paths, batch, yolo.device, host_copies=needs_pixels)
     for chunk in tqdm(batches, total=len(batches), desc="predict", disable=len(paths) <= batch, file=sys.stdout):
-        yield chunk, chunk.images, yolo.predict_tensors(chunk.images)
+        if yolo.captures(len(chunk.images)):
+            with batches.lock:             # no decoding on the other thread while the graph is captured
+                dets = yolo.predict_tensors(chunk.images)
+        else:
+            dets = yolo.predict_tensors(chunk.images)
+        sizes = [tuple(im.shape[1:]) for im in chunk.images]
+        yield chunk, chunk.host or [None] * len(chunk.images), sizes, dets
 
 
 def open_writer(path: Path, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:

@@ -162,6 +162,11 @@ class YOLO:
         return letterbox_tensors([im.to(self.device, non_blocking=True) for im in images], self.input_shape,
                                  self.letterbox)
 
+    def captures(self, batch_size: int) -> bool:
+        """Whether the next forward pass of this batch size captures a CUDA graph (no other thread may use CUDA then)."""
+        key = (batch_size, 3, *self.input_shape)
+        return self.cuda_graph and key not in self._graphs
+
     def predict_tensors(self, images: list[torch.Tensor]) -> list[np.ndarray]:
         """Decoded RGB uint8 tensors [3,H,W] (e.g. decoded on the GPU) -> per image [N,6] in original pixels."""
         return self.infer(*self.preprocess_tensors(images)) if images else []

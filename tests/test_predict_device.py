@@ -81,6 +81,10 @@ def test_decode_chunk_falls_back_to_opencv_and_counts(folder):
         assert image.shape == (3, *ref.shape[:2]) and image.dtype == torch.uint8
         diff = np.abs(image.numpy().transpose(1, 2, 0)[:, :, ::-1].astype(int) - ref.astype(int))
         assert diff.mean() < 1.0, (path.name, diff.mean())        # libjpeg-turbo in both: (nearly) the same pixels
+    assert chunk.host is None
+    copies = decode_chunk(paths, torch.device("cpu"), host_copies=True)    # BGR arrays for the writers
+    for image, bgr in zip(copies.images, copies.host):
+        np.testing.assert_array_equal(bgr, image.numpy().transpose(1, 2, 0)[:, :, ::-1])
     # the background reader gives the same batches, in order
     batches = list(ImageBatches(paths, 4, torch.device("cpu")))
     assert [p for b in batches for p in b.paths] == chunk.paths

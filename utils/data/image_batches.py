@@ -4,6 +4,11 @@ JPEGs are decoded in one batched call of torchvision's decode_jpeg on the target
 on CUDA, libjpeg-turbo on the CPU); other formats, and JPEGs that call refuses, are decoded by
 OpenCV (`load_image`, the project's one decoder) and counted. Pixels are as stored (no EXIF
 rotation), as `load_image` gives them. While the caller runs a batch, the next ones are read.
+
+The reading thread's CUDA calls (nvJPEG, copies) would break a CUDA graph captured meanwhile on
+another thread, so it decodes holding `ImageBatches.lock`: a caller that captures holds it too. With
+`host_copies` the thread also copies each image back as a BGR array, so that writer threads never
+touch CUDA.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ class DecodedBatch:
 
     paths: list[Path]
     images: list[torch.Tensor]
+    host: list[np.ndarray] | None = None                  # the same images as BGR arrays (host_copies)
     skipped: list[Path] = field(default_factory=list)    # unreadable by any decoder
     on_host: int = 0                                      # decoded by OpenCV instead of decode_jpeg
 
@@ -43,8 +49,11 @@ def _rgb_tensor(bgr: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1))).to(device)
 
 
-def decode_chunk(paths: list[Path], device: torch.device) -> DecodedBatch:
-    """Decode a chunk: its JPEGs in one decode_jpeg call on `device`, the rest (and any it refuses) by OpenCV."""
+def decode_chunk(paths: list[Path], device: torch.device, host_copies: bool = False) -> DecodedBatch:
+    """Decode a chunk: its JPEGs in one decode_jpeg call on `device`, the rest (and any it refuses) by OpenCV.
+
+    host_copies: also return every image as a BGR array (copied back from the device where decoded there).
+    """
     from torchvision.io import ImageReadMode, decode_jpeg  # noqa: PLC0415 (imported by the thread that decodes)
 
     raw: list[bytes | None] = []
@@ -68,25 +77,32 @@ def decode_chunk(paths: list[Path], device: torch.device) -> DecodedBatch:
                     decoded.append(None)
         for i, image in zip(jpegs, decoded):
             images[i] = image
-    batch = DecodedBatch([], [])
+    batch = DecodedBatch([], [], [] if host_copies else None)
     for path, image in zip(paths, images):
+        bgr = None
         if image is None:
             try:
-                image = _rgb_tensor(load_image(path), device)
+                bgr = load_image(path)
             except ImageReadError:
                 batch.skipped.append(path)
                 continue
+            image = _rgb_tensor(bgr, device)
             batch.on_host += 1
         batch.paths.append(path)
         batch.images.append(image)
+        if host_copies:
+            batch.host.append(bgr if bgr is not None else
+                              np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()[:, :, ::-1]))
     return batch
 
 
 class ImageBatches:
     """Iterate DecodedBatch of `batch` paths each, decoded on a background thread up to QUEUE_DEPTH ahead."""
 
-    def __init__(self, paths: list[Path], batch: int, device: torch.device):
-        self.paths, self.batch, self.device = list(paths), batch, device
+
+    def __init__(self, paths: list[Path], batch: int, device: torch.device, host_copies: bool = False):
+        self.paths, self.batch, self.device, self.host_copies = list(paths), batch, device, host_copies
+        self.lock = threading.Lock()      # held while the thread decodes: a caller capturing a CUDA graph takes it
 
     def __len__(self) -> int:
         return -(-len(self.paths) // self.batch)
@@ -108,7 +124,9 @@ class ImageBatches:
         def produce() -> None:
             try:
                 for start in range(0, len(self.paths), self.batch):
-                    if not put(decode_chunk(self.paths[start:start + self.batch], self.device)):
+                    with self.lock:
+                        item = decode_chunk(self.paths[start:start + self.batch], self.device, self.host_copies)
+                    if not put(item):
                         return
                 put(_DONE)
             except BaseException as exc:        # handed to the consumer, raised there

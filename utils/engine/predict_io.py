@@ -13,7 +13,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 from utils.engine.folders import OutputError, inside, make_dir, safe_component
 
@@ -121,18 +120,6 @@ def draw_fps(image: np.ndarray, fps: float) -> np.ndarray:
     cv2.putText(image, f"FPS {fps:.1f}", (10, int(30 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 255, 0),
                 max(1, int(2 * scale)), cv2.LINE_AA)
     return image
-
-
-def as_bgr(image: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A BGR array as it is, or an RGB uint8 tensor [3,H,W] (any device) as a BGR array HxWx3."""
-    if isinstance(image, torch.Tensor):
-        return np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()[:, :, ::-1])
-    return image
-
-
-def image_size(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
-    """(height, width) of a BGR array HxWx3 or an RGB tensor [3,H,W]."""
-    return tuple(image.shape[1:3]) if isinstance(image, torch.Tensor) else image.shape[:2]
 
 
 class BackgroundWrites:

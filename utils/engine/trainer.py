@@ -140,8 +140,9 @@ class Trainer:
                                 args.sync_bn and world > 1, world)
         self.graphs = args.cuda_graph and blocker is None
         if self.main and self.device.type == "cuda":
-            log.info("training step: %s", "captured as a CUDA graph" if self.graphs else
-                     f"eager ({'--no-cuda-graph' if not args.cuda_graph else blocker})")
+            accumulating = f" (gradients accumulated over {self.accumulate} batches)" if self.accumulate > 1 else ""
+            log.info("training step: %s%s", "captured as a CUDA graph" if self.graphs else
+                     f"eager ({'--no-cuda-graph' if not args.cuda_graph else blocker})", accumulating)
         self._val_has_objects = any(len(r.boxes) for r in data.val_records)
         self.evaluator = Evaluator(data.val_records, data.class_names, batch_size=max(data.batch_size, 8),
                                    keep_batches=data.cache != "none",
