@@ -68,12 +68,12 @@ def decode_chunk(paths: list[Path], device: torch.device, host_copies: bool = Fa
         tensors = [torch.frombuffer(bytearray(raw[i]), dtype=torch.uint8) for i in jpegs]
         try:
             decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:                # one bad file fails the batch: find which, one by one
+        except (RuntimeError, ValueError):  # one bad file fails the batch: find which, one by one
             decoded = []
             for tensor in tensors:
                 try:
                     decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError:
+                except (RuntimeError, ValueError):
                     decoded.append(None)
         for i, image in zip(jpegs, decoded):
             images[i] = image
