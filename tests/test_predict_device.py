@@ -156,3 +156,32 @@ def test_no_save_images_writes_only_what_is_asked(weights, folder, tmp_path):
                   "--no-save-images", "--save-txt", "--out", str(out)])
     assert {p.parent.name for p in out.rglob("*") if p.is_file()} == {"labels"}
     assert len(list((out / "labels").iterdir())) == 9
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_nvjpeg_batches_and_the_cli_on_cuda(weights, folder, tmp_path, capsys):
+    """On the GPU: nvJPEG pixels near libjpeg-turbo's, and the CLI's device path (reading thread, graph capture
+    under the lock, background writer) gives the files and boxes of the host path."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    paths = sorted(folder.iterdir())
+    on_gpu, on_cpu = decode_chunk(paths, device, host_copies=True), decode_chunk(paths, torch.device("cpu"))
+    assert on_gpu.paths == on_cpu.paths and on_gpu.on_host == on_cpu.on_host == 1
+    for gpu_image, cpu_image in zip(on_gpu.images, on_cpu.images):
+        assert gpu_image.is_cuda
+        assert (gpu_image.cpu().int() - cpu_image.int()).abs().float().mean() < 2.0
+    results = {}
+    for decode in ("opencv", "device"):
+        out = tmp_path / decode
+        predict.main(["--weights", str(weights), "--source", str(folder), "--conf", "0.0001", "--decode", decode,
+                      "--save-json", "--batch", "4", "--out", str(out)])
+        capsys.readouterr()
+        results[decode] = {e["image"]: [] for e in json.loads((out / "predictions.json").read_text())}
+        for e in json.loads((out / "predictions.json").read_text()):
+            results[decode][e["image"]].append([*e["box"], e["score"], e["class"]])
+        assert len(list(out.glob("*.jpg"))) == 9
+    assert results["device"].keys() == results["opencv"].keys()
+    for name, boxes in results["opencv"].items():
+        assert matched(np.array(boxes), np.array(results["device"][name])) >= 0.8, name
