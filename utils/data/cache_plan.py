@@ -59,7 +59,8 @@ def available_ram() -> int | None:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    """Bytes as GiB, or MiB below one GiB (small sets would read 0.00 GiB)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def plan_cache(requested: str, sizes: DecodedBytes, device: torch.device, gpu_possible: bool, processes: int = 1,
