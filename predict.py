@@ -4,7 +4,9 @@
   python predict.py --weights best.pt --source img.jpg --mode fps
   python predict.py --weights best.pt --source folder/ --mode heatmap
 
-Model, classes and input size come from the checkpoint.
+Model, classes and input size come from the checkpoint. On CUDA, folders of JPEGs are decoded and
+letterboxed on the GPU in batches while the next batch is read (--decode); results are written by
+background threads.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import numpy as np
 from tqdm import tqdm
 
 from nets.attention import load_plugin
@@ -25,8 +28,9 @@ from utils.cli import add_plugin_flag, detect_config, print_config, run_cli
 from utils.engine.folders import OutputError, inside, make_dir, numbered_dir, prepare_out, safe_component, write_text
 from utils.config import MAX_INPUT_SIZE, DetectConfig, add_flags, check_ranges, from_flat, setting
 from utils.data.dataset import ImageReadError, load_image
-from utils.engine.predict_io import (UniqueStems, class_counts, draw_fps, json_entries, keep_classes, parse_class_filter,
-                                     save_crops, write_image, yolo_label_lines)
+from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, json_entries, keep_classes,
+                                     parse_class_filter, save_crops, write_image, yolo_label_lines)
+from utils.data.image_batches import DecodedBatch, ImageBatches, device_decode_available
 from utils.data.sources import Source, display_available, open_video, resolve_source
 from yolo import YOLO
 
@@ -59,6 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--count", action="store_true", help="print the number of objects per class")
     p.add_argument("--classes", help="keep only these classes: names or indices, comma-separated")
     p.add_argument("--show", action="store_true", help="show results in a window (where a display exists)")
+    p.add_argument("--save-images", action=argparse.BooleanOptionalAction, default=True,
+                   help="the images with boxes drawn (default on; --no-save-images keeps only --save-txt/--save-json/"
+                        "--crop/--count results)")
+    p.add_argument("--decode", default="auto", choices=("auto", "opencv", "device"),
+                   help="how image folders are decoded: opencv (host threads), device (JPEGs in batches with "
+                        "torchvision's decode_jpeg on the model's device, nvJPEG on CUDA, and letterboxed there; "
+                        "other files by OpenCV); auto = device on CUDA, else opencv")
     args = p.parse_args(argv)
     args.detect = detect_config(args)
     settings = from_flat(PredictSettings, vars(args))
@@ -68,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Outputs:
-    """Writes every product of a prediction run under one folder."""
+    """Writes every product of a prediction run under one folder; images' files are written in the background."""
 
     def __init__(self, args: argparse.Namespace, yolo: YOLO, out: Path, wanted: set[int] | None):
         self.args, self.yolo, self.out, self.wanted = args, yolo, out, wanted
@@ -78,55 +89,111 @@ class Outputs:
         self.show = args.show and display_available()
         if args.show and not self.show:
             print("note: --show: no display here; results are only saved", file=sys.stderr)
+        self.needs_pixels = args.save_images or args.crop or self.show
+        self.writes = BackgroundWrites(threads=0 if self.show else None)   # windows belong to the main thread
 
-    def image(self, name: str, image, detections, wait_ms: int = 1) -> None:
-        """Save one image's drawing and the requested extras; with --show, wait `wait_ms` (0 = a key)."""
+    def image(self, name: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
+              wait_ms: int = 1) -> None:
+        """Record one image's results (its BGR pixels needed only when `needs_pixels`; size = (h, w));
+        its files are written by the background writer."""
         detections = keep_classes(detections, self.wanted)
         stem = self.stems(name)           # safe and distinct: a.jpg and a.png do not overwrite each other
-        drawn = self.yolo.detect_image(image, detections)
-        write_image(inside(self.out, f"{stem}.jpg"), drawn)
-        h, w = image.shape[:2]
-        if self.args.save_txt:
-            labels = make_dir(inside(self.out, "labels"))
-            write_text(inside(labels, f"{stem}.txt"), "\n".join(yolo_label_lines(detections, w, h)) + "\n")
         if self.args.save_json:
             self.records += json_entries(name, detections, self.yolo.class_names)
-        if self.args.crop:
-            save_crops(inside(self.out, "crops"), stem, image, detections, self.yolo.class_names)
         counts = class_counts(detections, self.yolo.class_names)
         self.totals.update(counts)
         if self.args.count:
             print(f"{name}: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing"))
-        if self.show:
-            cv2.imshow("predict", drawn)
-            cv2.waitKey(wait_ms)
+        self.writes.submit(self._write, stem, image if self.needs_pixels else None, size, detections, wait_ms)
+
+    def _write(self, stem: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
+               wait_ms: int) -> None:
+        """The files of one image: drawing, labels, crops; with --show, the window too (main thread)."""
+        if self.args.save_txt:
+            labels = make_dir(inside(self.out, "labels"))
+            write_text(inside(labels, f"{stem}.txt"), "\n".join(yolo_label_lines(detections, size[1], size[0])) + "\n")
+        if image is None:
+            return
+        if self.args.save_images or self.show:
+            drawn = self.yolo.detect_image(image, detections)
+            if self.args.save_images:
+                write_image(inside(self.out, f"{stem}.jpg"), drawn)
+            if self.show:
+                cv2.imshow("predict", drawn)
+                cv2.waitKey(wait_ms)
+        if self.args.crop:
+            save_crops(inside(self.out, "crops"), stem, image, detections, self.yolo.class_names)
 
     def finish(self) -> None:
+        """Wait for the background writes (raising the first failure), then write predictions.json."""
+        self.writes.finish()
         if self.args.save_json:
             write_text(inside(self.out, "predictions.json"), json.dumps(self.records, indent=1))
 
 
-def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int) -> None:
+def decode_mode(requested: str, yolo: YOLO) -> str:
+    """--decode auto -> device on CUDA where torchvision can decode JPEGs, else opencv; device without it is an error."""
+    if requested == "auto":
+        return "device" if yolo.device.type == "cuda" and device_decode_available() else "opencv"
+    if requested == "device" and not device_decode_available():
+        raise ValueError("--decode device: this torchvision has no decode_jpeg; use --decode opencv")
+    return requested
+
+
+def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int, decode: str = "opencv") -> None:
     """Every image of the source, batched; unreadable ones are skipped and counted (a single one is an error)."""
-    paths, skipped, found = source.paths, [], 0
-    for start in tqdm(range(0, len(paths), batch), desc="predict", disable=len(paths) <= batch, file=sys.stdout):
-        chunk = []
-        for path in paths[start:start + batch]:
-            try:
-                chunk.append((path, load_image(path)))
-            except ImageReadError:
-                if len(paths) == 1:
-                    raise
-                skipped.append(path)
-        if not chunk:
-            continue
-        for (path, image), dets in zip(chunk, yolo.predict([im for _, im in chunk], batch_size=batch)):
-            outputs.image(path.name, image, dets, wait_ms=0 if len(paths) == 1 else 1)
-            found += len(keep_classes(dets, outputs.wanted))
+    paths, skipped, found, on_host = source.paths, [], 0, 0
+    single = len(paths) == 1
+    made = (_device_batches(yolo, paths, batch, outputs.needs_pixels) if decode == "device" else
+            _opencv_batches(yolo, paths, batch))
+    try:
+        for chunk, images, sizes, dets in made:
+            skipped += chunk.skipped
+            on_host += chunk.on_host
+            for path, image, size, det in zip(chunk.paths, images, sizes, dets):
+                outputs.image(path.name, image, size, det, wait_ms=0 if single else 1)
+                found += len(keep_classes(det, outputs.wanted))
+        outputs.finish()
+    finally:
+        made.close()                   # stops the reading thread at once if a write failed
+        outputs.writes.close()
+    if on_host:
+        print(f"warning: {on_host} images were decoded by OpenCV on the host (not JPEG, or decode_jpeg refused "
+              f"them)", file=sys.stderr)
     if skipped:
         print(f"warning: skipped {len(skipped)} unreadable images (first: {skipped[0]})", file=sys.stderr)
     summary = ", ".join(f"{k} {v}" for k, v in sorted(outputs.totals.items())) or "no objects"
     print(f"{len(paths) - len(skipped)} images, {found} objects ({summary}) -> {outputs.out}")
+
+
+def _opencv_batches(yolo: YOLO, paths: list[Path], batch: int):
+    """(chunk, BGR arrays, sizes, detections) per batch: decoded by OpenCV here, letterboxed on host threads."""
+    for start in tqdm(range(0, len(paths), batch), desc="predict", disable=len(paths) <= batch, file=sys.stdout):
+        chunk = DecodedBatch([], [])
+        images = []
+        for path in paths[start:start + batch]:
+            try:
+                images.append(load_image(path))
+                chunk.paths.append(path)
+            except ImageReadError:
+                if len(paths) == 1:
+                    raise
+                chunk.skipped.append(path)
+        yield chunk, images, [im.shape[:2] for im in images], yolo.predict(images, batch_size=batch) if images else []
+
+
+def _device_batches(yolo: YOLO, paths: list[Path], batch: int, needs_pixels: bool):
+    """(chunk, BGR arrays or Nones, sizes, detections) per batch: read and decoded on a background thread, on the
+    model's device; the arrays are copied back there only when the outputs need pixels."""
+    batches = ImageBatches(paths, batch, yolo.device, host_copies=needs_pixels)
+    for chunk in tqdm(batches, total=len(batches), desc="predict", disable=len(paths) <= batch, file=sys.stdout):
+        if yolo.captures(len(chunk.images)):
+            with batches.lock:             # no decoding on the other thread while the graph is captured
+                dets = yolo.predict_tensors(chunk.images)
+        else:
+            dets = yolo.predict_tensors(chunk.images)
+        sizes = [tuple(im.shape[1:]) for im in chunk.images]
+        yield chunk, chunk.host or [None] * len(chunk.images), sizes, dets
 
 
 def open_writer(path: Path, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
@@ -227,6 +294,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         return None
     # inputs are checked before the output folder exists: a failed run leaves nothing behind
     wanted = parse_class_filter(args.classes, yolo.class_names)
+    decode = decode_mode(args.decode, yolo)
     cap = open_video(source) if source.kind != "images" else None
     if source.kind == "images" and len(source.paths) == 1:
         load_image(source.paths[0])     # a single unreadable image is an error, not a skipped file
@@ -239,16 +307,17 @@ def main(argv: list[str] | None = None) -> Path | None:
     print_config("predict.py", {"weights": args.weights, "model": yolo.config["model"],
                                 "attention": yolo.config["attention"], "source": args.source, "mode": args.mode,
                                 "input": "x".join(map(str, yolo.input_shape)), "device": yolo.device,
-                                "conf": detect.conf, "nms_iou": detect.nms_iou, "out": out})
+                                "conf": detect.conf, "nms_iou": detect.nms_iou,
+                                **({"decode": decode} if source.kind == "images" else {}), "out": out})
     if args.mode == "heatmap":
         run_heatmap(yolo, source, out)
         return out
     outputs = Outputs(args, yolo, out, wanted)
     if source.kind == "images":
-        predict_images(yolo, source, outputs, args.batch)
+        predict_images(yolo, source, outputs, args.batch, decode)
     else:
         predict_video(yolo, source, cap, outputs)
-    outputs.finish()
+        outputs.finish()
     return out
 
 

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nets.backbones import backbone_listing
 from utils.cli import print_config, run_cli, spec_text
-from utils.engine.run import HYP_FLAGS, parse_train_flags, prepare_run, resolve_run, train_parser
-from utils.engine.torch_utils import is_main_process
+from utils.config import parse_train_flags, train_parser
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     given = parse_train_flags(argv, train_parser(__doc__))
+    # torch and the rest load only now: --help and flag errors answer without them (seconds saved)
+    from nets.backbones import backbone_listing  # noqa: PLC0415
+    from utils.engine.run import HYP_FLAGS, prepare_run, resolve_run  # noqa: PLC0415
+    from utils.engine.torch_utils import is_main_process  # noqa: PLC0415
+
     if given.get("backbone") == "list":     # before anything is loaded or made
         print(backbone_listing())
         return None
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> Path | None:
                                   "head": head_text(run.trainer.loss_fn.head),
                                   "input": "x".join(map(str, model.input_shape)),
                                   **run.config.flat(), **{k: run.hyp[k] for k in HYP_FLAGS if k in run.hyp},
+                                  "cache": f"{data.cache} ({data.cache_plan.reason})",
                                   "lr0": run.hyp["lr0"], "device": run.device,
                                   "classes": ", ".join(data.class_names),
                                   "images": f"{len(data.train_records)} train / {len(data.val_records)} val",

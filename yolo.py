@@ -22,6 +22,7 @@ from nets.common import fuse_conv_bn
 from nets.heads import build_head
 from nets.yolo import as_model_config, build_model
 from utils.ops.images import letterbox
+from utils.ops.tensor_letterbox import letterbox_tensors
 from utils.ops.boxes import CellCache, non_max_suppression, split_level
 from utils.engine.checkpoint import load_checkpoint
 from utils.config import PREDICT_DETECTION, ModelConfig
@@ -151,6 +152,24 @@ class YOLO:
         else:
             list(_preprocess_pool().map(fit, range(len(images))))
         return torch.from_numpy(batch).permute(0, 3, 1, 2), metas
+
+    @torch.no_grad()
+    def preprocess_tensors(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
+        """RGB uint8 tensors [3,H,W] (any device) -> the batch on this device and metas, as `preprocess` makes them.
+
+        The letterbox runs where the model does (utils/ops/tensor_letterbox.py), with the same geometry.
+        """
+        return letterbox_tensors([im.to(self.device, non_blocking=True) for im in images], self.input_shape,
+                                 self.letterbox)
+
+    def captures(self, batch_size: int) -> bool:
+        """Whether the next forward pass of this batch size captures a CUDA graph (no other thread may use CUDA then)."""
+        key = (batch_size, 3, *self.input_shape)
+        return self.cuda_graph and key not in self._graphs
+
+    def predict_tensors(self, images: list[torch.Tensor]) -> list[np.ndarray]:
+        """Decoded RGB uint8 tensors [3,H,W] (e.g. decoded on the GPU) -> per image [N,6] in original pixels."""
+        return self.infer(*self.preprocess_tensors(images)) if images else []
 
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:

@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.engine.train_data import TrainData  # noqa: E402
-from utils.engine.run import parse_train_flags, prepare_run, resolve_run, train_parser  # noqa: E402
+from utils.config import parse_train_flags, train_parser  # noqa: E402
+from utils.engine.run import prepare_run, resolve_run  # noqa: E402
 
 
 def batches_forever(data: TrainData):

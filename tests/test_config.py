@@ -15,7 +15,8 @@ from nets.attention import CBAM, CoordAttention
 from nets.yolo import build_model, make_config, model_config
 from utils.engine.checkpoint import save_checkpoint
 from utils.config import (DataConfig, ModelConfig, TrainConfig, flag_name, parse_attention_spec)
-from utils.engine.run import parse_train_flags, resolve_run, train_parser
+from utils.config import parse_train_flags, train_parser
+from utils.engine.run import resolve_run
 from utils.data.sample_data import make_sample_dataset
 from yolo import YOLO
 

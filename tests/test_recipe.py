@@ -14,7 +14,8 @@ from nets.yolo_training import RECIPE_DEFAULTS, load_hyp
 from utils.config import EVAL_DETECTION, PREDICT_DETECTION, TrainConfig
 from utils.engine.evaluate import checkpoint_fitness
 from utils.engine.optim import build_optimizer, lr_lambda, warmup
-from utils.engine.run import parse_train_flags, resolve_run, resolved_hyp, resumed_hyp
+from utils.config import parse_train_flags
+from utils.engine.run import resolve_run, resolved_hyp, resumed_hyp
 
 
 def test_linear_schedule_falls_from_one_to_lrf():

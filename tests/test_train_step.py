@@ -107,7 +107,8 @@ def test_graph_blocker_names_the_reason():
     assert "CUDA" in graph_blocker(cpu, True, False, 1, False)
     assert "CPU augmentation" in graph_blocker(gpu, False, False, 1, False)
     assert "fp16" in graph_blocker(gpu, True, True, 1, False)
-    assert "--nbs" in graph_blocker(gpu, True, False, 4, False)
+    assert graph_blocker(gpu, True, False, 4, False) is None          # accumulation is captured too
+    assert "--nbs" in graph_blocker(gpu, True, False, 4, False, world=2)
     assert "--sync-bn" in graph_blocker(gpu, True, False, 1, True)
 
 
@@ -136,30 +137,87 @@ def batches(device, n, batch=4, rows=12, seed=0):
     return out
 
 
-def run_steps(device, graphs, optimizer="sgd", epochs=3):
+def run_steps(device, graphs, optimizer="sgd", epochs=3, accumulate=1, amp=torch.bfloat16, capture=None):
+    """Losses, weights, EMA weights and the TrainStep after `epochs` passes over 3 batches (the last short);
+    the optimiser applies every `accumulate` batches and after each epoch's last, as the trainer does."""
     model, loss_fn, opt, ema, hyp = detector_setup(device, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    step = TrainStep(model, loss_fn, opt, scaler, ema, torch.bfloat16, device, 1, graphs)
+    extra = {"capture": capture} if capture is not None else {}
+    step = TrainStep(model, loss_fn, opt, scaler, ema, amp, device, 1, graphs, **extra)
     data = batches(device, 3)
     losses, k = [], 0
     for _ in range(epochs):
-        for images, targets in data:
+        for i, (images, targets) in enumerate(data):
             warmup(opt, k, 20, 1.0, hyp, sgd=optimizer == "sgd")   # host changes lr/momentum every step
-            loss, _ = step(images, targets)
-            losses.append(loss.clone())
+            loss, parts = step(images, targets, last=(i + 1) % accumulate == 0 or i + 1 == len(data))
+            losses.append(torch.stack([loss, parts["box"], parts["obj"], parts["cls"]]).float().clone())
             k += 1
     weights = torch.cat([p.detach().float().flatten() for p in model.parameters()])
     averaged = torch.cat([p.detach().float().flatten() for p in ema.ema.parameters()])
     return torch.stack(losses), weights, averaged, step
 
 
+def replay_eagerly(work, pool):
+    """A stand-in for CUDA-graph capture on the CPU: records nothing, each replay runs `work` itself."""
+    return work
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_graph_bookkeeping_trains_like_eager_steps_on_cpu(accumulate):
+    """The graphed path (static inputs and outputs, one graph per shape and apply-or-not, EMA advanced on the
+    host, gradients zeroed in place) gives exactly the eager path's training when the captured work is rerun."""
+    cpu = torch.device("cpu")
+    eager = run_steps(cpu, graphs=False, epochs=5, accumulate=accumulate, amp=None)
+    graphed = run_steps(cpu, graphs=True, epochs=5, accumulate=accumulate, amp=None, capture=replay_eagerly)
+    # full batch: apply or not (accumulate 2), short last batch: apply; each seen once per epoch, captured at the 4th
+    assert graphed[3].captured == (3 if accumulate == 2 else 2)
+    for a, b in zip(eager[:3], graphed[:3]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    if accumulate == 2:                  # accumulating is not the same training as applying every batch
+        assert not torch.allclose(eager[1], run_steps(cpu, graphs=False, epochs=5, amp=None)[1])
+
+
+def test_accumulated_step_applies_the_sum_of_the_batches_gradients():
+    """Three batches then the optimiser (eager path) = the summed per-batch gradients, clipped, one step, one EMA."""
+    cpu = torch.device("cpu")
+    model, loss_fn, opt, ema, hyp = detector_setup(cpu)
+    ref_model = copy.deepcopy(model)
+    ref_opt = build_optimizer(ref_model, "sgd", 0.01, hyp["momentum"], hyp["weight_decay"])
+    ref_ema = ModelEMA(ref_model)
+    step = TrainStep(model, loss_fn, opt, torch.amp.GradScaler("cpu", enabled=False), ema, None, cpu, 1, False)
+    data = [(im.float(), t) for im, t in batches(cpu, 3, batch=2)[:2]]
+    for _ in range(2):                                   # two optimiser steps of 2 batches each
+        for i, (images, targets) in enumerate(data):
+            step(images, targets, last=i == 1)
+    params = [p for p in ref_model.parameters() if p.requires_grad]
+    for _ in range(2):
+        total = [torch.zeros_like(p) for p in params]
+        for images, targets in data:
+            loss, _ = loss_fn(ref_model(images), targets)
+            total = [t + g for t, g in zip(total, torch.autograd.grad(loss, params))]
+        for p, g in zip(params, total):
+            p.grad = g
+        torch.nn.utils.clip_grad_norm_(params, max_norm=10.0)
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        ref_ema.update(ref_model)
+    for mine, ref in ((model, ref_model), (ema.ema, ref_ema.ema)):
+        torch.testing.assert_close(torch.cat([p.detach().flatten() for p in mine.parameters()]),
+                                   torch.cat([p.detach().flatten() for p in ref.parameters()]), rtol=1e-4, atol=1e-6)
+    assert ema.updates == 2
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())   # zeroed in place after the step
+
+
 @cuda
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_graphed_steps_train_like_eager_steps(optimizer):
+@pytest.mark.parametrize("optimizer,accumulate", [("sgd", 1), ("adam", 1), ("sgd", 2), ("adam", 2)])
+def test_graphed_steps_train_like_eager_steps(optimizer, accumulate):
     device = torch.device("cuda", torch.cuda.current_device())
-    eager_losses, eager_w, eager_ema, _ = run_steps(device, graphs=False, optimizer=optimizer, epochs=6)
-    graph_losses, graph_w, graph_ema, step = run_steps(device, graphs=True, optimizer=optimizer, epochs=6)
-    assert step.captured == 2                 # the full and the short batch shape
+    eager_losses, eager_w, eager_ema, _ = run_steps(device, graphs=False, optimizer=optimizer, epochs=6,
+                                                    accumulate=accumulate)
+    graph_losses, graph_w, graph_ema, step = run_steps(device, graphs=True, optimizer=optimizer, epochs=6,
+                                                       accumulate=accumulate)
+    # the full and the short batch shape; with accumulation the full one also without the optimiser
+    assert step.captured == (2 if accumulate == 1 else 3)
     torch.testing.assert_close(graph_losses, eager_losses, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(graph_w, eager_w, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(graph_ema, eager_ema, rtol=2e-3, atol=2e-3)

@@ -252,7 +252,9 @@ class DataConfig:
                                     shown="val, else a share of the training split")
     val_fraction: float = setting(0.1, "share of the training split held out for validation when the data has no "
                                        "val split", low=0.0, high=0.5)
-    cache: str = setting("none", "keep decoded images in memory", choices=("none", "ram", "gpu"))
+    cache: str = setting("auto", "keep decoded images in memory; auto = gpu when they fit 40%% of free GPU memory, "
+                                 "else ram when they fit half the available RAM, else none",
+                         choices=("auto", "none", "ram", "gpu"))
     augment: str = setting("auto", "where augmentation runs; auto = gpu when on CUDA with --cache, else cpu workers",
                            choices=("auto", "cpu", "gpu"))
     workers: int = setting(4, "data-loading processes per GPU", low=0, resume=True)
@@ -307,7 +309,7 @@ class TrainConfig:
     ema: bool = setting(True, "exponential moving average of weights")
     sync_bn: bool = setting(False, "synchronised BatchNorm across GPUs")
     cuda_graph: bool = setting(True, "replay each training step as one CUDA graph where possible (needs GPU "
-                                     "augmentation, bf16 or fp32, --batch >= --nbs)", resume=True)
+                                     "augmentation and bf16 or fp32; with --batch below --nbs one GPU)", resume=True)
     eval_period: int = setting(1, "evaluate on the val split every N epochs", low=1)
     save_period: int = setting(0, "also keep epochN.pt every N epochs (0 = off)", low=0)
     seed: int = setting(0, "random seed", low=0, high=2**31 - 1)
@@ -405,3 +407,18 @@ def from_flat(cls: type, values: dict) -> Any:
 def resume_flags(*classes: type) -> set[str]:
     """Fields a resumed run may change."""
     return {f.name for cls in classes for f in fields(cls) if f.metadata.get("resume")}
+
+
+RUN_PARTS = (ModelConfig, DataConfig, TrainConfig)
+
+
+def train_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """train.py's flags, generated from the configuration dataclasses (no torch needed: --help stays instant)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser, *RUN_PARTS)
+    return parser
+
+
+def parse_train_flags(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> dict:
+    """The flags given on the command line (absent ones are left out), by field name."""
+    return vars((parser or train_parser()).parse_args(argv))

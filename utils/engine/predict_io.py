@@ -5,7 +5,10 @@ path through `inside`, so a hostile class name or file name cannot write outside
 """
 from __future__ import annotations
 
-from collections import Counter
+import os
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -117,3 +120,37 @@ def draw_fps(image: np.ndarray, fps: float) -> np.ndarray:
     cv2.putText(image, f"FPS {fps:.1f}", (10, int(30 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 255, 0),
                 max(1, int(2 * scale)), cv2.LINE_AA)
     return image
+
+
+class BackgroundWrites:
+    """Runs write jobs on a few threads (OpenCV's encoders release the GIL), so saving keeps pace with inference.
+
+    At most `window` jobs are pending (memory stays bounded); a job's error is raised on the caller's thread,
+    at a later submit or at `finish`. threads 0: every job runs at once on the caller's thread.
+    """
+
+    def __init__(self, threads: int | None = None, window: int | None = None):
+        threads = min(8, os.cpu_count() or 1) if threads is None else threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="writer") if threads else None
+        self.window = window or 8 * max(threads, 1)
+        self.pending: deque[Future] = deque()
+
+    def submit(self, job: Callable, *args) -> None:
+        if self.pool is None:
+            job(*args)
+            return
+        while self.pending and (self.pending[0].done() or len(self.pending) >= self.window):
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(job, *args))
+
+    def finish(self) -> None:
+        """Wait for every job; the first failure is raised (the jobs not started are dropped)."""
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)

@@ -1,12 +1,11 @@
 """From command-line flags to a ready training run: the one set-up train.py, bench/ and tests share.
 
-`parse_train_flags` -> the flags given; `resolve_run` -> a checked RunConfig (a resume merges the
+`utils.config.parse_train_flags` -> the flags given; `resolve_run` -> a checked RunConfig (a resume merges the
 checkpoint's settings with the flags a resume may change); `prepare_run` -> device, data, model and
 trainer, with the run folder made only once everything is known good.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import shutil
@@ -20,28 +19,15 @@ from nets.yolo import complete_model_config
 from nets.yolo_training import RECIPE_DEFAULTS, load_hyp
 from utils.engine.checkpoint import load_checkpoint, remove_stale_temps, write_error
 from utils.engine.folders import numbered_dir
-from utils.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, add_flags, check_ranges, flag_name,
+from utils.config import (RUN_PARTS, DataConfig, ModelConfig, RunConfig, TrainConfig, check_ranges, flag_name,
                           from_flat, parse_attention_spec, resume_flags, split_given)
 from utils.engine.train_data import TrainData
 from utils.engine.torch_utils import distributed_env, init_distributed, is_main_process, select_device
 from utils.engine.trainer import Trainer
 
 log = logging.getLogger(__name__)
-RUN_PARTS = (ModelConfig, DataConfig, TrainConfig)
 # training flags that override the hyp key of the same name when given
 HYP_FLAGS = ("mosaic", "mixup", "label_smoothing", "lr_schedule", "special_aug_ratio", "fitness_map50_95")
-
-
-def train_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """train.py's flags, generated from the configuration dataclasses."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(parser, *RUN_PARTS)
-    return parser
-
-
-def parse_train_flags(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> dict:
-    """The flags given on the command line (absent ones are left out), by field name."""
-    return vars((parser or train_parser()).parse_args(argv))
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 from utils.config import DataConfig
 from utils.data.dataset import (DatasetError, LoadReport, Record, default_fallback, load_voc, read_class_names,
                                 split_exists)
+from utils.data.cache_plan import GPU_SHARE, CachePlan, decoded_bytes, plan_cache
 from utils.data.gpu_augment import GpuAugmenter
 from utils.data.loader import (AugmentSampler, TrainDataset, cpu_loader, decode_all, image_tensor, loaded_sizes,
                           padded_boxes, to_training_batch)
@@ -20,8 +21,6 @@ from utils.log import get_logger
 from utils.data.sample_data import DEFAULT_ROOT, ensure_sample_dataset
 
 log = get_logger(__name__)
-# keep the GPU image cache under this share of free GPU memory; the rest is for training
-GPU_CACHE_SHARE = 0.4
 
 
 def resolve_data_root(data: str) -> Path:
@@ -129,8 +128,12 @@ class TrainData:
         splits = load_splits(data)
         self.train_records, self.val_records, self.class_names = splits.train, splits.val, splits.class_names
         self.val_source = splits.val_source  # which split (or share of the training split) validates
+        self.cache_plan: CachePlan = plan_cache(
+            data.cache, decoded_bytes(self.train_records, len(self.val_records), self.input_shape), device,
+            gpu_possible=data.augment != "cpu", processes=world)
+        self.cache = self.cache_plan.choice      # none, ram or gpu: --cache auto resolved
         images = None
-        if data.cache != "none":
+        if self.cache != "none":
             images, failed = decode_all(self.train_records, self.input_shape, max(data.workers, 1), progress)
             if failed:
                 log.warning("skipped %d training images that cannot be decoded (first: %s)", len(failed),
@@ -168,13 +171,13 @@ class TrainData:
     def _gpu_augmenter(self, images: list[np.ndarray]) -> GpuAugmenter:
         tensor = image_tensor(images, self.input_shape)
         where = "RAM"
-        if self.config.cache == "gpu" and self.device.type == "cuda":
+        if self.cache == "gpu" and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            if tensor.numel() < GPU_CACHE_SHARE * free:
+            if tensor.numel() < GPU_SHARE * free:
                 tensor, where = tensor.to(self.device), "GPU memory"
             else:
                 log.warning("%.1f GiB of images do not fit in %.0f%% of free GPU memory; caching them in RAM instead",
-                            tensor.numel() / 2**30, GPU_CACHE_SHARE * 100)
+                            tensor.numel() / 2**30, GPU_SHARE * 100)
         if tensor.device.type == "cpu" and self.device.type == "cuda":
             tensor, where = tensor.pin_memory(), "pinned RAM"
         log.info("cached %d images (%.0f MiB) in %s; augmenting on %s", len(images), tensor.numel() / 2**20, where,

@@ -6,12 +6,18 @@ is replayed with one call. That is possible because the step never waits for the
 is dense with fixed shapes, the GPU batches have fixed-size targets, and everything the host
 changes between steps (lr, momentum, EMA weight) lives in device scalars filled before a replay.
 
-Graphs are keyed by the input shapes (a short last batch gets its own) and share one memory pool:
-every tensor that outlives a replay (weights, optimiser and EMA state, static inputs) lives
-outside it, and the outputs are read before the next replay is queued.
+Gradients accumulated over several batches (--batch below --nbs) take two graphs per input shape,
+sharing its static inputs and outputs: accumulate only (forward + backward), and accumulate + apply
+(clip, optimiser, gradients zeroed in place, EMA). The gradient buffers are allocated once, outside
+the graphs, and never replaced, so eager steps and replays of either graph may follow each other in
+any order. Both graphs capture `TrainStep._work`, the function the eager path runs.
+
+Graphs share one memory pool: every tensor that outlives a replay (weights, gradients, optimiser
+and EMA state, static inputs and outputs) lives outside it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -21,15 +27,18 @@ from torch.nn.parallel import DistributedDataParallel
 from utils.engine.optim import hyper_on_device
 from utils.engine.torch_utils import ModelEMA
 
-# eager steps of a shape before it is captured: lazy initialisation (cuBLAS/cuDNN handles, the
-# loss's constant cache) must happen outside capture; DDP needs 11 to settle its buckets
+# eager steps of a (shape, apply) pair before it is captured: lazy initialisation (cuBLAS/cuDNN handles,
+# the loss's constant cache, optimiser state) must happen outside capture; DDP needs 11 to settle its buckets
 EAGER_BEFORE_CAPTURE, EAGER_BEFORE_CAPTURE_DDP = 3, 11
 MAX_GRAPHS = 4          # distinct input shapes captured; others run eagerly
 MAX_GRAD_NORM = 10.0
 
+# capture(work, pool) -> replay: records `work` (which must not run yet) and returns what reruns it
+Capture = Callable[[Callable[[], None], object], Callable[[], None]]
+
 
 def graph_blocker(device: torch.device, gpu_batches: bool, scaler_enabled: bool, accumulate: int,
-                  sync_bn: bool) -> str | None:
+                  sync_bn: bool, world: int = 1) -> str | None:
     """Why the step cannot be captured as a CUDA graph here, or None when it can."""
     if device.type != "cuda":
         return "not on CUDA"
@@ -37,51 +46,74 @@ def graph_blocker(device: torch.device, gpu_batches: bool, scaler_enabled: bool,
         return "CPU augmentation (batch shapes vary and the step waits for workers anyway)"
     if scaler_enabled:
         return "fp16 loss scaling checks for inf on the host"
-    if accumulate > 1:
-        return f"gradients accumulate over {accumulate} batches (--batch below --nbs)"
+    if accumulate > 1 and world > 1:     # DDP's reducer under two graphs is untested
+        return f"gradients accumulate over {accumulate} batches (--batch below --nbs) across {world} processes"
     if sync_bn:
         return "--sync-bn"
     return None
 
 
+def cuda_graph_capture(work: Callable[[], None], pool) -> Callable[[], None]:
+    """Capture `work` as a CUDA graph in `pool`; returns its replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        work()
+    return graph.replay
+
+
 class TrainStep:
-    """Callable (images, targets, last) -> (summed loss, parts); `last` = apply the optimiser after this batch."""
+    """Callable (images, targets, last) -> (summed loss, parts); `last` = apply the optimiser after this batch.
+
+    capture: how a graph is recorded (cuda_graph_capture; tests give a stand-in that replays `work` eagerly,
+    to check the graph bookkeeping on the CPU).
+    """
 
     def __init__(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 ema: ModelEMA | None, amp: torch.dtype | None, device: torch.device, world: int, graphs: bool):
+                 ema: ModelEMA | None, amp: torch.dtype | None, device: torch.device, world: int, graphs: bool,
+                 capture: Capture = cuda_graph_capture):
         self.raw, self.loss_fn, self.optimizer, self.scaler, self.ema = model, loss_fn, optimizer, scaler, ema
         self.amp, self.device, self.world = amp, device, world
-        self.graphs_on = graphs
-        self.side = torch.cuda.Stream(device) if graphs else None
-        with torch.cuda.stream(self.side) if graphs else nullcontext():   # DDP built on the side stream to be capturable
+        self.graphs_on, self._record = graphs, capture
+        self.side = torch.cuda.Stream(device) if graphs and device.type == "cuda" else None
+        with self._on_side():                       # DDP built on the side stream to be capturable
             ids = [device.index] if device.type == "cuda" else None
             self.model = DistributedDataParallel(model, device_ids=ids) if world > 1 else model
         if graphs:
             hyper_on_device(optimizer, device)
         self.eager_before_capture = EAGER_BEFORE_CAPTURE_DDP if world > 1 else EAGER_BEFORE_CAPTURE
-        self._graphs: dict[tuple, _CapturedStep] = {}
+        self._statics: dict[tuple, _StaticIO] = {}               # per input shape
+        self._graphs: dict[tuple, Callable[[], None]] = {}       # (shape, last) -> replay
         self._seen: dict[tuple, int] = {}
-        self._pool = torch.cuda.graph_pool_handle() if graphs else None
+        self._pool = torch.cuda.graph_pool_handle() if self.side is not None else None
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, last: bool = True):
         images, targets = self._prepare(images), targets.to(self.device, non_blocking=True).float()
         if not self.graphs_on:
             return self._eager(images, targets, last)
-        key = (tuple(images.shape), images.dtype, tuple(targets.shape))
-        graph = self._graphs.get(key)
-        if graph is None:
+        shape = (tuple(images.shape), images.dtype, tuple(targets.shape))
+        key = (shape, last)
+        replay = self._graphs.get(key)
+        if replay is None:
             self._seen[key] = self._seen.get(key, 0) + 1
-            if self._seen[key] <= self.eager_before_capture or len(self._graphs) >= MAX_GRAPHS:
-                return self._eager_on_side_stream(images, targets)
-            graph = self._graphs[key] = self._capture(images, targets)
-        if self.ema is not None:
+            full = shape not in self._statics and len(self._statics) >= MAX_GRAPHS
+            if self._seen[key] <= self.eager_before_capture or full:
+                return self._eager_on_side_stream(images, targets, last)
+            replay = self._graphs[key] = self._capture(shape, images, targets, last)
+        static = self._statics[shape]
+        if last and self.ema is not None:
             self.ema.advance()
-        return graph(images, targets)
+        static.images.copy_(images)
+        static.targets.copy_(targets)
+        replay()
+        return static.results()
 
     @property
     def captured(self) -> int:
-        """How many input shapes run as CUDA graphs."""
+        """How many (input shape, apply or not) steps run as CUDA graphs."""
         return len(self._graphs)
+
+    def _on_side(self):
+        return torch.cuda.stream(self.side) if self.side is not None else nullcontext()
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Float 0..1 images (both data paths, utils/data/loader.py) -> on the device, channels_last on CUDA."""
@@ -92,12 +124,13 @@ class TrainStep:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
-    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, cache: bool = True):
+    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, cache: bool):
         # autocast's weight cache must be off inside a capture (its copies would be freed after it)
         autocast = torch.autocast(self.device.type, dtype=self.amp, cache_enabled=cache) if self.amp else nullcontext()
         with autocast:
             outputs = self.model(images)
         loss, parts = self.loss_fn(outputs, targets)
+        # gradients add into the existing .grad buffers in place (autograd outside create_graph)
         self.scaler.scale(loss * self.world).backward()   # DDP averages gradients over processes
         return loss.detach(), parts
 
@@ -108,48 +141,66 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def _eager(self, images: torch.Tensor, targets: torch.Tensor, last: bool):
-        loss, parts = self._forward_backward(images, targets)
+    def _zero_grads(self) -> None:
+        """Zero the gradient buffers in place: captured graphs hold their addresses, so they are never replaced."""
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
+
+    def _work(self, images: torch.Tensor, targets: torch.Tensor, last: bool, cache: bool = True):
+        """What one batch does: forward and backward, and with `last` apply, zero the gradients, blend the EMA.
+
+        The eager path runs it; a capture records it unchanged (the host's EMA count is advanced outside).
+        """
+        loss, parts = self._forward_backward(images, targets, cache)
         if last:
             self._apply()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grads()
             if self.ema is not None:
-                self.ema.update(self.raw)
+                self.ema.blend(self.raw)
         return loss, parts
 
-    def _eager_on_side_stream(self, images: torch.Tensor, targets: torch.Tensor):
+    def _eager(self, images: torch.Tensor, targets: torch.Tensor, last: bool):
+        if last and self.ema is not None:
+            self.ema.advance()
+        return self._work(images, targets, last)
+
+    def _eager_on_side_stream(self, images: torch.Tensor, targets: torch.Tensor, last: bool):
         """An eager step before capture, on the stream captures use, as CUDA's capture recipe asks."""
+        if self.side is None:
+            return self._eager(images, targets, last)
         self.side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.side):
-            result = self._eager(images, targets, last=True)
+        with self._on_side():
+            result = self._eager(images, targets, last)
         torch.cuda.current_stream(self.device).wait_stream(self.side)
         return result
 
-    def _capture(self, images: torch.Tensor, targets: torch.Tensor) -> _CapturedStep:
-        torch.cuda.synchronize(self.device)
-        self.optimizer.zero_grad(set_to_none=True)   # gradients are then allocated inside the graph's pool
-        static_images, static_targets = images.clone(), targets.clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            loss, parts = self._forward_backward(static_images, static_targets, cache=False)
-            self._apply()
-            if self.ema is not None:
-                self.ema.blend(self.raw)
-        # eager steps must not accumulate into the graph's gradient buffers
-        self.optimizer.zero_grad(set_to_none=True)
-        return _CapturedStep(graph, static_images, static_targets, loss, parts)
+    def _capture(self, shape: tuple, images: torch.Tensor, targets: torch.Tensor, last: bool) -> Callable[[], None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        static = self._statics.get(shape)
+        if static is None:      # allocated outside the pool: they outlive every replay
+            static = self._statics[shape] = _StaticIO(images.clone(), targets.clone(), self.device)
+
+        def work() -> None:
+            loss, parts = self._work(static.images, static.targets, last, cache=False)
+            static.store(loss, parts)
+
+        return self._record(work, self._pool)
 
 
-class _CapturedStep:
-    """A captured step and its static input/output tensors."""
+class _StaticIO:
+    """The fixed input and output tensors of one input shape's graphs; a replay overwrites the outputs."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, images: torch.Tensor, targets: torch.Tensor,
-                 loss: torch.Tensor, parts: dict):
-        self.graph, self.images, self.targets, self.loss, self.parts = graph, images, targets, loss, parts
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, device: torch.device):
+        self.images, self.targets = images, targets
+        self.out = torch.zeros(4, device=device)     # loss, then the parts
+        self.keys: tuple[str, ...] = ()
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor):
-        """Run the step on new inputs; the outputs are overwritten by the next replay."""
-        self.images.copy_(images)
-        self.targets.copy_(targets)
-        self.graph.replay()
-        return self.loss, self.parts
+    def store(self, loss: torch.Tensor, parts: dict) -> None:
+        self.keys = tuple(parts)
+        self.out.copy_(torch.stack([loss.float(), *(parts[k].float() for k in self.keys)]))
+
+    def results(self) -> tuple[torch.Tensor, dict]:
+        """(loss, parts) as views of the outputs: read them before the next replay."""
+        return self.out[0], {k: self.out[i + 1] for i, k in enumerate(self.keys)}

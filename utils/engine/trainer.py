@@ -156,7 +156,7 @@ class Trainer:
         self.ledger = EpochLedger(run_dir, args.epochs, args.save_period, self.writer, self._fitness,
                                   self._val_has_objects, best_fitness, saved_epoch=self.start_epoch)
         self.evaluator = Evaluator(data.val_records, data.class_names, batch_size=max(data.batch_size, 8),
-                                   keep_batches=config.data.cache != "none",
+                                   keep_batches=data.cache != "none",
                                    workers=config.data.workers) if self.main else None
 
     def _restore(self, ckpt: dict) -> None:
@@ -208,15 +208,16 @@ class Trainer:
         images_per_step = phase.batch * self.world * phase.accumulate
         self.optimizer.param_groups[DECAY_GROUP]["weight_decay"] = self.hyp["weight_decay"] * images_per_step / self.args.nbs
         blocker = graph_blocker(self.device, self.data.on_gpu, self.scaler.is_enabled(), phase.accumulate,
-                                self.args.sync_bn and self.world > 1)
+                                self.args.sync_bn and self.world > 1, self.world)
         graphs = self.args.cuda_graph and blocker is None
         if self.main:
             if self.args.freeze_epochs:
                 log.info("%s: batch %d, lr0 %g", "backbone frozen (its BatchNorm in eval mode)" if phase.frozen
                          else "backbone trained", phase.batch * self.world, phase.lr0)
             if self.device.type == "cuda":
-                log.info("training step: %s", "captured as a CUDA graph" if graphs else
-                         f"eager ({'--no-cuda-graph' if not self.args.cuda_graph else blocker})")
+                accumulating = f" (gradients accumulated over {phase.accumulate} batches)" if phase.accumulate > 1 else ""
+                log.info("training step: %s%s", "captured as a CUDA graph" if graphs else
+                         f"eager ({'--no-cuda-graph' if not self.args.cuda_graph else blocker})", accumulating)
         return TrainStep(self.model, self.loss_fn, self.optimizer, self.scaler, self.ema, self.amp, self.device,
                          self.world, graphs)
 
@@ -269,7 +270,7 @@ class Trainer:
             totals = torch.zeros(4, device=self.device)
             bar = tqdm(self.data.batches(epoch, mosaic), total=nb, desc=f"epoch {epoch + 1}/{args.epochs}",
                        disable=not self.main, file=sys.stdout, leave=False)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=False)   # in place: captured steps hold the gradient buffers
             for i, (images, targets) in enumerate(bar):
                 step = first_step + i
                 if step <= warmup_steps:

@@ -32,11 +32,20 @@ def load_resized(image: np.ndarray, input_shape: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR)
 
 
+def letterbox_geometry(height: int, width: int, input_shape: tuple[int, int]) -> tuple[int, int, float, int, int]:
+    """(h, w, ratio, pad_x, pad_y) of an image letterboxed into the input: resized to (h, w), centred.
+
+    The one rule both letterboxes (OpenCV arrays here, tensors in utils/ops/tensor_letterbox.py) follow,
+    so boxes map back to the same original pixels whichever made the batch.
+    """
+    h, w = fitted_size(height, width, input_shape)
+    return h, w, w / width, (input_shape[1] - w) // 2, (input_shape[0] - h) // 2
+
+
 def letterbox(image: np.ndarray, input_shape: tuple[int, int]) -> tuple[np.ndarray, float, tuple[float, float]]:
     """Resize to fit and pad with gray to the input size, centred; returns (image, ratio, (pad_x, pad_y))."""
+    h, w, ratio, pad_x, pad_y = letterbox_geometry(image.shape[0], image.shape[1], input_shape)
     resized = load_resized(image, input_shape)
-    h, w = resized.shape[:2]
-    pad_x, pad_y = (input_shape[1] - w) // 2, (input_shape[0] - h) // 2
     out = np.full((input_shape[0], input_shape[1], 3), GRAY, dtype=np.uint8)
     out[pad_y:pad_y + h, pad_x:pad_x + w] = resized
-    return out, w / image.shape[1], (float(pad_x), float(pad_y))
+    return out, ratio, (float(pad_x), float(pad_y))

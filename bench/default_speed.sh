@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Fast by default? train.py with no speed flags against the tuned command, on BCCD (trainval -> test, 416 px,
+# 100 epochs, YOLOv4-tiny phi 0, seed 0), each timed from process start to exit (per-epoch evaluation included),
+# then its test mAP from get_map.py. Target: default wall within 1.3x of the tuned one.
+#   default: --cache auto (the default), --batch 16 (the default; gradients accumulate over 4 batches to --nbs 64)
+#   tuned:   --cache gpu --batch 64
+# usage: bash bench/default_speed.sh [extra train.py flags for both...]; data ${DATA:-VOCdevkit/BCCD}; logs ${LOGS:-/tmp/logs}
+set -euo pipefail
+logs=${LOGS:-/tmp/logs}
+data=${DATA:-VOCdevkit/BCCD}
+declare -A wall
+for run in default tuned; do
+    flags=()
+    [[ $run == tuned ]] && flags=(--cache gpu --batch 64)
+    start=$EPOCHREALTIME
+    python3 train.py --data "$data" --train-split trainval --val-split test --img 416 --epochs 100 \
+        --save-dir "$logs" --name "speed_$run" --exist-ok "${flags[@]}" "$@" > "$logs/speed_$run.log" 2>&1 \
+        || { tail -5 "$logs/speed_$run.log"; exit 1; }
+    end=$EPOCHREALTIME
+    wall[$run]=$(python3 -c "print(f'{$end - $start:.1f}')")
+    # what the defaults chose: the cache (and why) and how the step ran
+    tr '\r' '\n' < "$logs/speed_$run.log" | grep -E "^(cache |batch |training step:|cached )" || true
+    python3 get_map.py --weights "$logs/speed_$run/best.pt" --data "$data" --split test \
+        --out "$logs/speed_$run/map_test" > /dev/null 2>&1
+    python3 -c "import json; s=json.load(open('$logs/speed_$run/map_test/summary.json')); print('RESULT $run wall_s=${wall[$run]} map50=%.4f map50_95=%.4f' % (s['map50'], s['map50_95']))"
+done
+python3 -c "print('RATIO default/tuned wall = %.2f (target <= 1.3)' % (${wall[default]} / ${wall[tuned]}))"

@@ -1,0 +1,133 @@
+"""Folder prediction speed, end to end from files on disk: the host path (--decode opencv) against the device path
+(--decode device), with and without saving the drawn images, plus the ceilings of each stage.
+
+  python bench/predict_speed.py --weights /tmp/logs/speed_tuned/best.pt --images VOCdevkit/BCCD/JPEGImages \
+      --count 3000 --batch 64
+
+The JPEGs are copied round-robin into a temporary folder of --count files. Each row runs predict.py's own
+folder loop (predict_images: read, decode, letterbox, model, NMS, results written by the background writer)
+on the whole folder after a warm-up pass on its first two batches (CUDA context, cuDNN, graph capture), and
+reports images/s = files / seconds. Stage rows: reading + decoding only (each path), and model + NMS only on
+a letterboxed batch, to say what bounds each path.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import predict  # noqa: E402
+from utils.data.dataset import load_image  # noqa: E402
+from utils.data.image_batches import ImageBatches  # noqa: E402
+from utils.data.sources import resolve_source  # noqa: E402
+from yolo import YOLO  # noqa: E402
+
+
+def replicate(images: Path, count: int, folder: Path) -> list[Path]:
+    """`count` copies of the JPEGs of `images`, round-robin, as distinct files."""
+    sources = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not sources:
+        raise SystemExit(f"no JPEGs in {images}")
+    for i in range(count):
+        shutil.copyfile(sources[i % len(sources)], folder / f"{i:06d}_{sources[i % len(sources)].name}")
+    return sorted(folder.iterdir())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def folder_run(yolo: YOLO, folder: Path, out: Path, decode: str, batch: int, save: bool) -> float:
+    """Seconds for predict.py's folder loop over `folder` (its results under `out`)."""
+    argv = ["--weights", yolo.weights, "--source", str(folder), "--decode", decode, "--batch", str(batch)]
+    args = predict.parse_args(argv + ([] if save else ["--no-save-images"]))
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    outputs = predict.Outputs(args, yolo, out, None)
+    source = resolve_source(str(folder))
+    sync(yolo.device)
+    start = time.perf_counter()
+    predict.predict_images(yolo, source, outputs, batch, decode)
+    sync(yolo.device)
+    return time.perf_counter() - start
+
+
+def decode_only(paths: list[Path], batch: int, device: torch.device, decode: str) -> float:
+    """Seconds to read and decode every file: decode_jpeg batches on `device`, or OpenCV on 8 host threads."""
+    sync(device)
+    start = time.perf_counter()
+    if decode == "device":
+        for _ in ImageBatches(paths, batch, device):
+            pass
+    else:
+        with ThreadPoolExecutor(8) as pool:
+            for _ in pool.map(load_image, paths):
+                pass
+    sync(device)
+    return time.perf_counter() - start
+
+
+def model_only(yolo: YOLO, paths: list[Path], batch: int, repeats: int) -> float:
+    """Seconds per image of model + decode + NMS on one letterboxed batch (no reading, no letterbox)."""
+    tensors, metas = yolo.preprocess([load_image(p) for p in paths[:batch]])
+    tensors = tensors.to(yolo.device)
+    for _ in range(3):
+        yolo.infer(tensors, metas)
+    sync(yolo.device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        yolo.infer(tensors, metas)
+    sync(yolo.device)
+    return (time.perf_counter() - start) / (repeats * len(metas))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--images", default="VOCdevkit/BCCD/JPEGImages", help="folder of JPEGs to replicate")
+    p.add_argument("--count", type=int, default=3000, help="files in the timed folder")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", default=None)
+    p.add_argument("--tmp", default=None, help="where the temporary folder goes (default the system's)")
+    args = p.parse_args()
+    yolo = YOLO(args.weights, device=args.device)
+    device = yolo.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    import torchvision  # noqa: PLC0415
+    print(f"device {name}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"batch {args.batch}, {args.count} files")
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        folder, warm = Path(tmp) / "images", Path(tmp) / "warm"
+        folder.mkdir()
+        warm.mkdir()
+        paths = replicate(Path(args.images), args.count, folder)
+        for path in paths[:2 * args.batch]:
+            shutil.copyfile(path, warm / path.name)
+        rows = []
+        for decode in ("opencv", "device"):
+            for save in (False, True):
+                folder_run(yolo, warm, Path(tmp) / "out", decode, args.batch, save)          # warm-up
+                seconds = folder_run(yolo, folder, Path(tmp) / "out", decode, args.batch, save)
+                rows.append((f"predict folder, --decode {decode}, {'saving' if save else 'not saving'} images",
+                             args.count / seconds))
+        for decode in ("opencv", "device"):
+            decode_only(paths[:2 * args.batch], args.batch, device, decode)
+            rows.append((f"read + decode only, {decode}", args.count / decode_only(paths, args.batch, device, decode)))
+        rows.append((f"model + NMS only, batch {args.batch}", 1 / model_only(yolo, paths, args.batch, 50)))
+    width = max(len(r[0]) for r in rows)
+    for label, rate in rows:
+        print(f"{label.ljust(width)}  {rate:8,.0f} img/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Image files -> batches of decoded RGB tensors on a device, read and decoded on a background thread.
+
+JPEGs are decoded in one batched call of torchvision's decode_jpeg on the target device (nvJPEG
+on CUDA, libjpeg-turbo on the CPU); other formats, and JPEGs that call refuses, are decoded by
+OpenCV (`load_image`, the project's one decoder) and counted. Pixels are as stored (no EXIF
+rotation), as `load_image` gives them. While the caller runs a batch, the next ones are read.
+
+The reading thread's CUDA calls (nvJPEG, copies) would break a CUDA graph captured meanwhile on
+another thread, so it decodes holding `ImageBatches.lock`: a caller that captures holds it too. With
+`host_copies` the thread also copies each image back as a BGR array, so that writer threads never
+touch CUDA.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.data.dataset import ImageReadError, load_image
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+QUEUE_DEPTH = 3            # batches decoded ahead of the consumer
+_DONE = object()
+
+
+def device_decode_available() -> bool:
+    """torchvision still has decode_jpeg (deprecated from 0.29 in favour of TorchCodec)."""
+    import torchvision.io  # noqa: PLC0415 (torchvision loads only where images are decoded with it)
+    return hasattr(torchvision.io, "decode_jpeg")
+
+
+@dataclass
+class DecodedBatch:
+    """The readable images of one chunk of paths: their paths and RGB uint8 [3,H,W] tensors on the device."""
+
+    paths: list[Path]
+    images: list[torch.Tensor]
+    host: list[np.ndarray] | None = None                  # the same images as BGR arrays (host_copies)
+    skipped: list[Path] = field(default_factory=list)    # unreadable by any decoder
+    on_host: int = 0                                      # decoded by OpenCV instead of decode_jpeg
+
+
+def _rgb_tensor(bgr: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1))).to(device)
+
+
+def decode_chunk(paths: list[Path], device: torch.device, host_copies: bool = False) -> DecodedBatch:
+    """Decode a chunk: its JPEGs in one decode_jpeg call on `device`, the rest (and any it refuses) by OpenCV.
+
+    host_copies: also return every image as a BGR array (copied back from the device where decoded there).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg  # noqa: PLC0415 (imported by the thread that decodes)
+
+    raw: list[bytes | None] = []
+    for path in paths:
+        try:
+            raw.append(path.read_bytes())
+        except OSError:
+            raw.append(None)                # load_image below names the failure the same way as the CPU path
+    images: list[torch.Tensor | None] = [None] * len(paths)
+    jpegs = [i for i, data in enumerate(raw) if data is not None and data[:3] == JPEG_MAGIC]
+    if jpegs:
+        tensors = [torch.frombuffer(bytearray(raw[i]), dtype=torch.uint8) for i in jpegs]
+        try:
+            decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        except (RuntimeError, ValueError):  # one bad file fails the batch: find which, one by one
+            decoded = []
+            for tensor in tensors:
+                try:
+                    decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+                except (RuntimeError, ValueError):
+                    decoded.append(None)
+        for i, image in zip(jpegs, decoded):
+            images[i] = image
+    batch = DecodedBatch([], [], [] if host_copies else None)
+    for path, image in zip(paths, images):
+        bgr = None
+        if image is None:
+            try:
+                bgr = load_image(path)
+            except ImageReadError:
+                batch.skipped.append(path)
+                continue
+            image = _rgb_tensor(bgr, device)
+            batch.on_host += 1
+        batch.paths.append(path)
+        batch.images.append(image)
+        if host_copies:
+            batch.host.append(bgr if bgr is not None else
+                              np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()[:, :, ::-1]))
+    return batch
+
+
+class ImageBatches:
+    """Iterate DecodedBatch of `batch` paths each, decoded on a background thread up to QUEUE_DEPTH ahead."""
+
+
+    def __init__(self, paths: list[Path], batch: int, device: torch.device, host_copies: bool = False):
+        self.paths, self.batch, self.device, self.host_copies = list(paths), batch, device, host_copies
+        self.lock = threading.Lock()      # held while the thread decodes: a caller capturing a CUDA graph takes it
+
+    def __len__(self) -> int:
+        return -(-len(self.paths) // self.batch)
+
+    def __iter__(self) -> Iterator[DecodedBatch]:
+        ready: queue.Queue = queue.Queue(QUEUE_DEPTH)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            """Queue an item unless the consumer has stopped; False when it has."""
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for start in range(0, len(self.paths), self.batch):
+                    with self.lock:
+                        item = decode_chunk(self.paths[start:start + self.batch], self.device, self.host_copies)
+                    if not put(item):
+                        return
+                put(_DONE)
+            except BaseException as exc:        # handed to the consumer, raised there
+                put(exc)
+
+        worker = threading.Thread(target=produce, name="image-batches", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            worker.join()
