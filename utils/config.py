@@ -243,11 +243,14 @@ def _literal(text: str) -> int | float | bool | str:
 class DataConfig:
     """Where the training and validation images come from and how they are loaded."""
 
-    data: str = setting("VOCdevkit/VOC2007", "VOC folder with Annotations/, JPEGImages/, ImageSets/Main/, or "
-                                             "'sample' (the built-in sample set)", resume=True)
+    data: str = setting("VOCdevkit/VOC2007", "dataset: a VOC folder (Annotations/, JPEGImages/, ImageSets/Main/), a "
+                                             "YOLO data.yaml, a COCO instances json or a folder with "
+                                             "annotations/instances_*.json, or 'sample' (the built-in sample set)",
+                        resume=True)
     classes: str | None = setting(None, "class-names file, one per line", type=str,
                                   shown="DATA/classes.txt, else the names found")
-    train_split: str = setting("train", "ImageSets/Main split to train on", shown="train, else trainval")
+    train_split: str = setting("train", "split to train on (VOC ImageSets/Main name, data.yaml key, COCO "
+                                        "instances_<split>)", shown="train, else trainval")
     val_split: str | None = setting(None, "split to evaluate on after each epoch and choose best.pt by", type=str,
                                     shown="val, else a share of the training split")
     val_fraction: float = setting(0.1, "share of the training split held out for validation when the data has no "

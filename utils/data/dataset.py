@@ -1,4 +1,4 @@
-"""Pascal-VOC annotations -> Records (image path, xyxy pixel boxes, labels)."""
+"""Records (image path, xyxy pixel boxes, labels), what every loader shares, and Pascal-VOC annotations -> Records."""
 from __future__ import annotations
 
 import os
@@ -50,15 +50,16 @@ class Record:
     difficult: np.ndarray  # bool [N]
     height: int
     width: int
-    image_id: str
+    image_id: str  # unique in its split: the file's path under its image folder, without the extension
+    file_name: str = ""  # the image file's path relative to its image folder or data root (COCO file_name)
 
 
 @dataclass
 class LoadReport:
-    """What load_voc skipped or dropped, for callers and tests."""
+    """What a loader skipped or dropped, for callers and tests."""
 
     split: str = ""
-    split_file: Path | None = None
+    split_file: Path | None = None  # the split list, data.yaml or instances json that named the images
     num_ids: int = 0
     num_records: int = 0
     unknown: Counter = field(default_factory=Counter)  # class name -> skipped objects
@@ -70,6 +71,9 @@ class LoadReport:
     rescaled_images: int = 0  # XML <size> differs from the image in the same ratio: boxes rescaled
     size_mismatches: int = 0  # XML <size> differs otherwise (another ratio, or no sign of a resize): kept, clipped
     fallback_from: str | None = None  # the split asked for when its fallback was read instead
+    missing_files: list[str] = field(default_factory=list)  # YOLO / COCO: listed image paths with no file
+    missing_labels: int = 0  # YOLO: images without a label file, read as images without objects
+    orphan_annotations: int = 0  # COCO: annotations of an image id the json does not list
 
     def warnings(self, root: Path) -> list[str]:
         """One line per category of skipped data."""
@@ -88,6 +92,15 @@ class LoadReport:
             first = self.missing_images[0]
             lines.append(f"warning: skipped {len(self.missing_images)} ids with no image in "
                          f"{root / 'JPEGImages'} (first: {first}, looked for {first}.jpg/.jpeg/.png/.bmp)")
+        if self.missing_files:
+            lines.append(f"warning: skipped {len(self.missing_files)} images named in {self.split_file} that do not "
+                         f"exist (first: {self.missing_files[0]})")
+        if self.missing_labels:
+            lines.append(f"warning: {self.missing_labels} images of {self.split_file} have no label file in the "
+                         f"sibling labels/ folder; read as images without objects")
+        if self.orphan_annotations:
+            lines.append(f"warning: ignored {self.orphan_annotations} annotations in {self.split_file} whose "
+                         f"image_id is not among its images")
         if self.corrupt_images:
             lines.append(f"warning: skipped {len(self.corrupt_images)} unreadable or corrupt images "
                          f"(first: {self.corrupt_images[0]})")
@@ -106,8 +119,8 @@ class LoadReport:
         """Informational lines: what was read as it is but may deserve a look."""
         if not self.size_mismatches:
             return []
-        return [f"{self.size_mismatches} annotations in {root} give a <size> other than their image file's; "
-                f"their boxes were kept in the file's pixels and clipped to it"]
+        return [f"{self.size_mismatches} annotations in {root} give an image size (VOC <size>, COCO width/height) "
+                f"other than their image file's; their boxes were kept in the file's pixels and clipped to it"]
 
 
 @dataclass
@@ -318,18 +331,29 @@ def _fit_to_image(boxes: np.ndarray, xml_size: tuple[float, float] | None, size:
     return boxes
 
 
-def _to_record(p: _Parsed, index: dict[str, int], report: LoadReport) -> Record:
-    w, h = p.size
-    keep = np.array([n in index for n in p.names], bool)
-    report.unknown.update(n for n in p.names if n not in index)
-    boxes = _fit_to_image(p.boxes[keep].copy(), p.xml_size, p.size, report)
+def make_record(image_path: str, names: list[str], boxes: np.ndarray, difficult: np.ndarray, size: tuple[int, int],
+                image_id: str, file_name: str, index: dict[str, int], report: LoadReport) -> Record:
+    """A Record from raw xyxy pixel boxes named by class: unknown classes skipped, boxes clipped, degenerate dropped."""
+    w, h = size
+    keep = np.array([n in index for n in names], bool).reshape(-1)
+    report.unknown.update(n for n in names if n not in index)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)[keep].copy()
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
     # Reversed corners end up with negative size here and are dropped too.
     ok = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
     report.degenerate_boxes += int((~ok).sum())
-    labels = np.array([index[n] for n in p.names if n in index], np.int64).reshape(-1)
-    return Record(p.image_path, boxes[ok], labels[ok], p.difficult[keep][ok], h, w, p.image_id)
+    labels = np.array([index[n] for n in names if n in index], np.int64).reshape(-1)
+    return Record(image_path, boxes[ok], labels[ok], np.asarray(difficult, bool).reshape(-1)[keep][ok], h, w,
+                  image_id, file_name)
+
+
+def _to_record(p: _Parsed, index: dict[str, int], report: LoadReport) -> Record:
+    keep = np.array([n in index for n in p.names], bool)
+    fitted = p.boxes.copy()
+    fitted[keep] = _fit_to_image(p.boxes[keep].copy(), p.xml_size, p.size, report)
+    return make_record(p.image_path, p.names, fitted, p.difficult, p.size, p.image_id,
+                       os.path.basename(p.image_path), index, report)
 
 
 def load_voc(
@@ -361,13 +385,8 @@ def load_voc(
 
     # A few threads overlap the file reads (network disks); more only fight over the GIL.
     # Chunks keep the per-future overhead off each of the ~17k small files.
-    chunks = [ids[i:i + 256] for i in range(0, len(ids), 256)]
-    parsed: list[_Parsed] = []
-    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool, \
-            tqdm(total=len(ids), desc=f"reading {report.split}", unit="xml", disable=None) as bar:
-        for chunk in pool.map(lambda c: [_parse_one(i, ann_dir, xmls, img_dir, images) for i in c], chunks):
-            parsed += chunk
-            bar.update(len(chunk))
+    parsed: list[_Parsed] = in_threads(lambda i: _parse_one(i, ann_dir, xmls, img_dir, images), ids,
+                                       f"reading {report.split}", "xml")
 
     if class_names is None and (root / "classes.txt").is_file():
         class_names = read_class_names(root / "classes.txt")
@@ -391,15 +410,50 @@ def load_voc(
             report.large_images.append((p.image_path, *p.size))
         else:
             records.append(_to_record(p, index, report))
+    log_report(report, records, root)
+    if not records:
+        raise DatasetError(f"no readable images for the {len(ids)} ids in {report.split_file}; "
+                           f"put the images in {img_dir}")
+    return records, class_names
+
+
+def log_report(report: LoadReport, records: list[Record], root: Path) -> None:
+    """Count the records and log the report's warnings (one line per category) and notes."""
     report.num_records = len(records)
     for line in report.warnings(root):
         log.warning(line.removeprefix("warning: "))
     for line in report.notes(root):
         log.info(line)
-    if not records:
-        raise DatasetError(f"no readable images for the {len(ids)} ids in {report.split_file}; "
-                           f"put the images in {img_dir}")
-    return records, class_names
+
+
+def readable_size(path: str, report: LoadReport) -> tuple[int, int] | None:
+    """(width, height) of an image file to load; None (counted in the report) when unreadable or too large."""
+    size = _image_size(path)
+    if size is None:
+        report.corrupt_images.append(path)
+    elif size[0] * size[1] > MAX_IMAGE_PIXELS:
+        report.large_images.append((path, *size))
+        return None
+    return size
+
+
+def class_index(found: list[str], class_names: list[str] | None) -> tuple[list[str], dict[str, int]]:
+    """(class names, name -> label): the given names when there are any (checked), else the names the data defines."""
+    names = list(class_names) if class_names is not None else list(found)
+    _check_class_names(names, "the given class names" if class_names is not None else "the data's class names")
+    return names, {n: i for i, n in enumerate(names)}
+
+
+def in_threads(fn, items: list, desc: str, unit: str) -> list:
+    """fn over items on a few threads (file reads overlap on network disks), in order, with a progress bar."""
+    chunks = [items[i:i + 256] for i in range(0, len(items), 256)]
+    out: list = []
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool, \
+            tqdm(total=len(items), desc=desc, unit=unit, disable=None) as bar:
+        for chunk in pool.map(lambda c: [fn(x) for x in c], chunks):
+            out += chunk
+            bar.update(len(chunk))
+    return out
 
 
 def load_image(path: str | Path) -> np.ndarray:
