@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -306,6 +307,10 @@ class TrainConfig:
                                                  "YOLOv5 .pt (read without running its pickle)", type=str,
                                            shown="none", metavar="FILE")
     hyp: str | None = setting(None, "hyperparameter YAML", type=str, shown="model_data/hyp.<family>.yaml")
+    anchor_fit: str | None = setting(None, "'auto': fit the anchors to the training boxes at --img (IoU k-means, then "
+                                           "evolution), or a FILE of w,h pairs (model_data/ format); best possible "
+                                           "recall is checked either way", flag="anchors", type=str,
+                                     shown="the model's own, with a recall check", metavar="auto|FILE")
     amp: bool | None = setting(None, "mixed precision", type=bool, shown="on with CUDA")
     ema: bool = setting(True, "exponential moving average of weights")
     sync_bn: bool = setting(False, "synchronised BatchNorm across GPUs")
@@ -331,6 +336,8 @@ class TrainConfig:
         for flag, value in (("--freeze-batch", self.freeze_batch), ("--freeze-lr", self.freeze_lr)):
             if value is not None and not self.freeze_epochs:
                 raise ValueError(f"{flag} {value}: sets the frozen phase, which needs --freeze-epochs N")
+        if self.anchor_fit not in (None, "auto") and not os.path.isfile(self.anchor_fit):
+            raise ValueError(f"--anchors {self.anchor_fit}: no such file; pass auto or a file of w,h pairs")
         return self
 
 
