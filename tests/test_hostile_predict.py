@@ -172,6 +172,8 @@ def test_same_stem_images_keep_distinct_outputs(weights, images, tmp_path):
     assert {p.name for p in (out / "labels").iterdir()} == {"a.txt", "a_png.txt"}
     rows = [line.split() for line in (out / "labels" / "a.txt").read_text().splitlines()]
     assert rows and all(len(r) == 5 and 0 <= float(r[1]) <= 1 for r in rows)    # plain YOLO labels, no score
+    with pytest.raises(ValueError, match="--save-conf adds the score to the --save-txt labels"):
+        predict.main(["--weights", str(weights), "--source", str(src / "a.jpg"), "--save-conf"])
     conf = predict.main(["--weights", str(weights), "--source", str(src / "a.jpg"), "--conf", "0.0", "--save-txt",
                          "--save-conf", "--out", str(tmp_path / "conf"), "--device", "cpu"])
     scored = [line.split() for line in (conf / "labels" / "a.txt").read_text().splitlines()]
