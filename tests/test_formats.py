@@ -187,6 +187,9 @@ def test_yolo_list_files_and_dict_or_list_names(sets, tmp_path):
         source.load("test")
     records, _ = source.load("test", fallback="val")          # get_map's default falls back, as VOC's does
     assert len(records) == 2
+    # Roboflow's export: '../train/images' written beside the data.yaml, no path:
+    (root / "data.yaml").write_text("train: ../images/train\nval: ../images/val\nnames: [a, b, c, d]\n")
+    assert len(open_data(str(root)).load("train")[0]) == 6
 
 
 @pytest.mark.parametrize("text, words", [
@@ -252,3 +255,15 @@ def test_coco_split_names_answer_to_ours(sets, tmp_path):
     records, _ = source.load("train", report=report)
     assert report.split == "train2017" and len(records) == 6
     assert len(source.load("val")[0]) == 3
+
+
+def test_a_malformed_label_stops_train_py_with_one_line_before_any_folder(sets, tmp_path, capsys):
+    from utils.cli import run_cli
+    root = _yolo_copy(sets, tmp_path)
+    label = sorted((root / "labels" / "val").glob("*.txt"))[0]
+    label.write_text("0 0.5 0.5 0.2 0.2 0.9\n")                    # a --save-conf line is not a training label
+    with pytest.raises(SystemExit) as info:
+        run_cli(train.main, ["--data", str(root / "data.yaml"), "--save-dir", str(tmp_path / "logs"), *TINY])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "\n" not in err and not (tmp_path / "logs").exists()
+    assert err.startswith(f"error: malformed label {label} line 1: expected 'class cx cy w h' (5 values)"), err

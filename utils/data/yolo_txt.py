@@ -61,8 +61,10 @@ def read_data_yaml(path: str | Path) -> YoloData:
         raise DatasetError(f"cannot read data file {path} ({exc})") from None
     if not isinstance(raw, dict):
         raise DatasetError(f"{path}: expected a mapping with train/val/test and names, got {type(raw).__name__}")
-    root = Path(str(raw.get("path") or ""))
-    root = root if root.is_absolute() else (path.parent / root)
+    given = Path(str(raw.get("path") or ""))
+    root = given if given.is_absolute() else path.parent / given
+    if not root.is_dir() and given.is_dir():      # written relative to the working directory instead
+        root = given
     splits = {}
     for key in SPLIT_KEYS:
         value = raw.get(key)
@@ -100,6 +102,8 @@ def split_images(data: YoloData, split: str) -> list[Path]:
     images: list[Path] = []
     for entry in data.splits[split]:
         where = Path(entry) if Path(entry).is_absolute() else data.root / entry
+        if not where.exists() and entry.startswith("../"):
+            where = data.root / entry[3:]     # Roboflow's '../train/images' beside its data.yaml, as ultralytics reads it
         if where.is_dir():
             images += sorted(p for p in where.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         elif where.is_file():
