@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.data.coco_json import CocoData, coco_split, find_coco, load_coco
-from utils.data.dataset import DatasetError, LoadReport, Record, load_voc, split_exists
+from utils.data.dataset import DatasetError, LoadReport, Record
 from utils.data.sample_data import DEFAULT_ROOT, ensure_sample_dataset
+from utils.data.voc import load_voc, split_exists
 from utils.data.yolo_txt import YoloData, load_yolo, read_data_yaml
 
 FORMAT_NAMES = {"voc": "Pascal VOC", "yolo": "YOLO txt", "coco": "COCO json"}

@@ -15,7 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils.data.dataset import load_voc, read_class_names
+from utils.data.dataset import read_class_names
+from utils.data.voc import load_voc
 
 SAMPLE_CLASSES = ["circle", "square", "triangle", "star"]
 GENERATOR_VERSION = 3  # bump whenever the pictures change, so old copies get regenerated
