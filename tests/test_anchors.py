@@ -62,6 +62,8 @@ def test_recall_check_warns_and_auto_refits(caplog):
     assert len(fitted.anchors) == 9 and fitted.anchors_mask == config.anchors_mask
     assert best_possible_recall(wh, np.array(fitted.anchors)) >= MIN_BPR
     assert fitness(wh, np.array(fitted.anchors)) > fitness(wh, np.array(config.anchors))
+    with pytest.raises(ValueError, match="--anchors auto: 4 boxes of at least 2 px cannot place 9 anchors"):
+        choose_anchors(config, _records(0.5)[:1], "auto", 4.0)
 
 
 def test_anchors_file_flag(tmp_path):

@@ -68,7 +68,10 @@ def choose_anchors(config: ModelConfig, records: list[Record], mode: str | None,
         else:
             log.info("%s: best possible recall %.4f on %d training boxes", what, bpr, len(wh))
         return config
-    fitted = fit_anchors(wh, len(current), thr, seed=0)
+    try:
+        fitted = fit_anchors(wh, len(current), thr, seed=0)
+    except ValueError as exc:          # too few boxes for the family's anchors
+        raise ValueError(f"--anchors auto: {exc}") from None
     new_bpr = best_possible_recall(wh, fitted, thr)
     if fitness(wh, fitted, thr) <= fitness(wh, current, thr):
         log.info("--anchors auto: best possible recall %.4f before, %.4f fitted; the fitted anchors are no better, "

@@ -44,7 +44,8 @@ def kmeans_iou(wh: np.ndarray, k: int, seed: int = 0, restarts: int = 5, iters: 
     """k anchors by k-means with 1 - IoU as the distance and the median as the centre (as the tutorials'
     kmeans_for_anchors.py); the best of `restarts` seeded starts by mean best IoU; sorted by area."""
     if len(wh) < k:
-        raise ValueError(f"{len(wh)} boxes cannot place {k} anchors; annotate more boxes or keep the default anchors")
+        raise ValueError(f"{len(wh)} boxes of at least {MIN_SIDE:g} px cannot place {k} anchors; annotate more "
+                         f"boxes or keep the default anchors")
     rng = np.random.default_rng(seed)
     best, best_score = None, -1.0
     for _ in range(restarts):
