@@ -18,8 +18,8 @@ from utils.cli import add_plugin_flag, detect_config, print_config, run_cli
 from nets.attention import load_plugin
 from utils.config import EVAL_DETECTION, DataConfig, DetectConfig, add_flags, check_ranges, from_flat, setting
 from utils.engine.folders import prepare_out, write_text
-from utils.engine.train_data import resolve_data_root
-from utils.data.dataset import LoadReport, load_voc
+from utils.data.dataset import LoadReport
+from utils.data.formats import open_data
 from utils.engine.evaluate import Evaluator
 from utils.ops.metrics import format_table
 from yolo import YOLO
@@ -37,8 +37,10 @@ class EvalSettings:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="checkpoint written by train.py (best.pt / last.pt)")
-    p.add_argument("--data", help="VOC folder or 'sample' (default: the folder the run trained on)")
-    p.add_argument("--split", default="test", help="ImageSets/Main split to evaluate (default test, else val)")
+    p.add_argument("--data", help="VOC folder, YOLO data.yaml, COCO json or folder, or 'sample' (default: the data "
+                                  "the run trained on)")
+    p.add_argument("--split", default="test", help="split to evaluate: train, val, test or the data's own name "
+                                                   "(default test, else val)")
     p.add_argument("--out", default="map_out", help="folder for detections.json, ground_truth.json, summary.json")
     add_flags(p, DetectConfig, defaults=EVAL_DETECTION)
     add_plugin_flag(p)
@@ -60,24 +62,25 @@ def main(argv: list[str] | None = None) -> dict:
     detect = args.detect
     ckpt = load_checkpoint(args.weights)
     data = args.data or (ckpt.get("train_args") or {}).get("data") or DataConfig().data
-    root = resolve_data_root(data)
+    source = open_data(data)
     class_names = ckpt["config"]["class_names"]
     report = LoadReport()
-    records, _ = load_voc(root, args.split, class_names, fallback="val" if args.split == "test" else None,
-                          report=report)
+    records, _ = source.load(args.split, class_names, fallback="val" if args.split == "test" else None,
+                             report=report)
     split = report.split                 # the split actually read (test falls back to val, with a warning)
     yolo = YOLO(args.weights, device=args.device, conf=detect.conf, nms_iou=detect.nms_iou, half=args.half,
                 multi_label=detect.multi_label)
     out = prepare_out(Path(args.out))     # a bad --out fails now, not after the whole evaluation
     print_config("get_map.py", {"weights": args.weights, "model": ckpt["config"]["model"],
-                                "attention": ckpt["config"]["attention"], "data": root, "split": split,
+                                "attention": ckpt["config"]["attention"], "data": source.path,
+                                "format": source.describe(), "split": split,
                                 "images": len(records), "classes": ", ".join(class_names),
                                 "input": "x".join(map(str, yolo.input_shape)), "device": yolo.device,
                                 "conf": detect.conf, "nms_iou": detect.nms_iou, "multi_label": detect.multi_label})
     evaluator = Evaluator(records, class_names, batch_size=args.batch, workers=args.workers)
     summary, coco_gt, coco_dets = evaluator.full(yolo, args.score_threshold)
-    summary.update(weights=str(args.weights), data=str(root), split=split, conf=detect.conf,
-                   nms_iou=detect.nms_iou, multi_label=detect.multi_label)
+    summary.update(weights=str(args.weights), data=str(source.path), format=source.format, split=split,
+                   conf=detect.conf, nms_iou=detect.nms_iou, multi_label=detect.multi_label)
     write_text(out / "detections.json", json.dumps(coco_dets))
     write_text(out / "ground_truth.json", json.dumps(coco_gt))
     write_text(out / "summary.json", json.dumps(summary, indent=2))

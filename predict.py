@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda, cuda:N or cpu (default cuda when present)")
     p.add_argument("--half", action=argparse.BooleanOptionalAction, help="fp16 on CUDA (default on with CUDA)")
     p.add_argument("--out", help="output folder (default a new img_out/exp<N>)")
-    p.add_argument("--save-txt", action="store_true", help="YOLO-format labels (class cx cy w h score) per image")
+    p.add_argument("--save-txt", action="store_true", help="YOLO-format labels (class cx cy w h, normalised) per image")
+    p.add_argument("--save-conf", action="store_true", help="with --save-txt: the score as a sixth column")
     p.add_argument("--save-json", action="store_true", help="all detections in predictions.json")
     p.add_argument("--crop", action="store_true", help="cut-outs of each detection under crops/<class>/")
     p.add_argument("--count", action="store_true", help="print the number of objects per class")
@@ -71,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "torchvision's decode_jpeg on the model's device, nvJPEG on CUDA, and letterboxed there; "
                         "other files by OpenCV); auto = device on CUDA, else opencv")
     args = p.parse_args(argv)
+    if args.save_conf and not args.save_txt:
+        raise ValueError("--save-conf adds the score to the --save-txt labels; pass --save-txt too")
     args.detect = detect_config(args)
     settings = from_flat(PredictSettings, vars(args))
     check_ranges(settings)          # before the checkpoint is read or any folder made
@@ -111,7 +114,8 @@ class Outputs:
         """The files of one image: drawing, labels, crops; with --show, the window too (main thread)."""
         if self.args.save_txt:
             labels = make_dir(inside(self.out, "labels"))
-            write_text(inside(labels, f"{stem}.txt"), "\n".join(yolo_label_lines(detections, size[1], size[0])) + "\n")
+            lines = yolo_label_lines(detections, size[1], size[0], score=self.args.save_conf)
+            write_text(inside(labels, f"{stem}.txt"), "".join(f"{line}\n" for line in lines))
         if image is None:
             return
         if self.args.save_images or self.show:

@@ -1,8 +1,10 @@
-"""Train YOLOv4-tiny / YOLOv5 with attention on Pascal-VOC-format data.
+"""Train YOLOv4-tiny / YOLOv5 with attention on Pascal VOC, YOLO txt or COCO json data.
 
   python train.py --phi 4                                  # YOLOv4-tiny + Coordinate Attention on VOCdevkit/VOC2007
   python train.py --data sample --phi cbam --epochs 30     # the built-in sample set
   python train.py --model yolov5s --phi 4 --data path/to/VOC
+  python train.py --data path/to/data.yaml --anchors auto  # YOLO txt labels; anchors fitted to the boxes
+  python train.py --data path/to/coco                      # COCO: annotations/instances_<split>.json
   python train.py --attention feat1=ca,feat2=cbam:reduction=8 --plugin my_blocks.py   # blocks per point
   python train.py --backbone resnet18 [--backbone list]   # a torchvision (or timm:NAME) backbone
   python train.py --resume logs/<run>/last.pt [--epochs 200]
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> Path | None:
                                   **run.config.flat(), **{k: run.hyp[k] for k in HYP_FLAGS if k in run.hyp},
                                   "cache": f"{data.cache} ({data.cache_plan.reason})",
                                   "lr0": run.hyp["lr0"], "device": run.device,
-                                  "classes": ", ".join(data.class_names),
+                                  "format": data.source.describe(), "classes": ", ".join(data.class_names),
                                   "images": f"{len(data.train_records)} train / {len(data.val_records)} val",
                                   "validation": data.val_source,
                                   "augmentation": "GPU (batched)" if data.on_gpu else

@@ -8,7 +8,7 @@ from utils.data.cache_plan import GIB, decoded_bytes, plan_cache
 from utils.data.dataset import Record
 from utils.data.loader import decode_all, image_tensor
 from utils.data.sample_data import ensure_sample_dataset
-from utils.data.dataset import load_voc
+from utils.data.voc import load_voc
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""utils/data/dataset.py: VOC parsing on small datasets written into tmp_path."""
+"""utils/data/voc.py and dataset.py: VOC parsing on small datasets written into tmp_path."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,15 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.data.dataset import (
-    DatasetError,
-    ImageReadError,
-    LoadReport,
-    load_image,
-    load_voc,
-    read_class_names,
-    resolve_split,
-)
+from utils.data.dataset import DatasetError, ImageReadError, LoadReport, load_image, read_class_names
+from utils.data.voc import load_voc, resolve_split
 
 
 def voc_xml(objects=(), filename="x.jpg", size=(100, 100), difficult_tag=True) -> str:

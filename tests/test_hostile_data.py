@@ -14,7 +14,8 @@ import train
 import utils.data.dataset as dataset
 from utils.cli import run_cli
 from utils.config import DataConfig
-from utils.data.dataset import DatasetError, ImageReadError, LoadReport, load_image, load_voc
+from utils.data.dataset import DatasetError, ImageReadError, LoadReport, load_image
+from utils.data.voc import load_voc
 from utils.data.sample_data import make_sample_dataset
 from utils.engine.train_data import carve_validation, load_splits
 

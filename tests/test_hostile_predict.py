@@ -170,6 +170,14 @@ def test_same_stem_images_keep_distinct_outputs(weights, images, tmp_path):
                         "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert {p.name for p in out.glob("*.jpg")} == {"a.jpg", "a_png.jpg"}
     assert {p.name for p in (out / "labels").iterdir()} == {"a.txt", "a_png.txt"}
+    rows = [line.split() for line in (out / "labels" / "a.txt").read_text().splitlines()]
+    assert rows and all(len(r) == 5 and 0 <= float(r[1]) <= 1 for r in rows)    # plain YOLO labels, no score
+    with pytest.raises(ValueError, match="--save-conf adds the score to the --save-txt labels"):
+        predict.main(["--weights", str(weights), "--source", str(src / "a.jpg"), "--save-conf"])
+    conf = predict.main(["--weights", str(weights), "--source", str(src / "a.jpg"), "--conf", "0.0", "--save-txt",
+                         "--save-conf", "--out", str(tmp_path / "conf"), "--device", "cpu"])
+    scored = [line.split() for line in (conf / "labels" / "a.txt").read_text().splitlines()]
+    assert [r[:5] for r in scored] == rows and all(len(r) == 6 and 0 <= float(r[5]) <= 1 for r in scored)
     crops = {p.name.rsplit("_", 1)[0] for p in (out / "crops").rglob("*.jpg")}
     assert crops == {"a", "a_png"}
     drawn_a = cv2.imread(str(out / "a.jpg"))

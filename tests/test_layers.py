@@ -17,6 +17,8 @@ ALLOWED = {
     "models": {"foundation", "ops", "models"},
     "engine": {"foundation", "ops", "data", "models", "engine"},
     "cli": {"foundation", "cli"},
+    # command-line tools run as modules (python -m utils.tools.NAME): scripts that live inside the package
+    "scripts": {"foundation", "ops", "data", "models", "engine", "cli", "scripts"},
 }
 
 
@@ -34,7 +36,7 @@ def layer(module: str) -> str | None:
         return "data"
     if module == "nets" or module.startswith("nets."):
         return "models"
-    if module in SCRIPTS:
+    if module in SCRIPTS or module.startswith("utils.tools"):
         return "scripts"
     return None
 

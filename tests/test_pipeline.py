@@ -13,7 +13,7 @@ import get_map
 import predict
 import train
 from utils.cli import run_cli
-from utils.data.dataset import load_voc
+from utils.data.voc import load_voc
 from utils.engine.evaluate import Evaluator
 from utils.data.sample_data import SAMPLE_CLASSES, make_sample_dataset
 from yolo import YOLO

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -243,11 +244,14 @@ def _literal(text: str) -> int | float | bool | str:
 class DataConfig:
     """Where the training and validation images come from and how they are loaded."""
 
-    data: str = setting("VOCdevkit/VOC2007", "VOC folder with Annotations/, JPEGImages/, ImageSets/Main/, or "
-                                             "'sample' (the built-in sample set)", resume=True)
+    data: str = setting("VOCdevkit/VOC2007", "dataset: a VOC folder (Annotations/, JPEGImages/, ImageSets/Main/), a "
+                                             "YOLO data.yaml, a COCO instances json or a folder with "
+                                             "annotations/instances_*.json, or 'sample' (the built-in sample set)",
+                        resume=True)
     classes: str | None = setting(None, "class-names file, one per line", type=str,
                                   shown="DATA/classes.txt, else the names found")
-    train_split: str = setting("train", "ImageSets/Main split to train on", shown="train, else trainval")
+    train_split: str = setting("train", "split to train on (VOC ImageSets/Main name, data.yaml key, COCO "
+                                        "instances_<split>)", shown="train, else trainval")
     val_split: str | None = setting(None, "split to evaluate on after each epoch and choose best.pt by", type=str,
                                     shown="val, else a share of the training split")
     val_fraction: float = setting(0.1, "share of the training split held out for validation when the data has no "
@@ -305,6 +309,10 @@ class TrainConfig:
                                                  "YOLOv5 .pt (read without running its pickle)", type=str,
                                            shown="none", metavar="FILE")
     hyp: str | None = setting(None, "hyperparameter YAML", type=str, shown="model_data/hyp.<family>.yaml")
+    anchor_fit: str | None = setting(None, "'auto': fit the anchors to the training boxes at --img (IoU k-means, then "
+                                           "evolution), or a FILE of w,h pairs (model_data/ format); best possible "
+                                           "recall is checked either way", flag="anchors", type=str,
+                                     shown="the model's own, with a recall check", metavar="auto|FILE")
     amp: bool | None = setting(None, "mixed precision", type=bool, shown="on with CUDA")
     ema: bool = setting(True, "exponential moving average of weights")
     sync_bn: bool = setting(False, "synchronised BatchNorm across GPUs")
@@ -330,6 +338,8 @@ class TrainConfig:
         for flag, value in (("--freeze-batch", self.freeze_batch), ("--freeze-lr", self.freeze_lr)):
             if value is not None and not self.freeze_epochs:
                 raise ValueError(f"{flag} {value}: sets the frozen phase, which needs --freeze-epochs N")
+        if self.anchor_fit not in (None, "auto") and not os.path.isfile(self.anchor_fit):
+            raise ValueError(f"--anchors {self.anchor_fit}: no such file; pass auto or a file of w,h pairs")
         return self
 
 

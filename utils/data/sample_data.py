@@ -1,4 +1,4 @@
-"""Built-in sample dataset: filled shapes on varied backgrounds, written in Pascal-VOC layout.
+"""Built-in sample dataset: filled shapes on varied backgrounds, written in Pascal-VOC layout (and as YOLO txt or COCO json).
 
 The class of an object is its shape; colours are random, so a detector has to learn shape.
 Every image is drawn from its own numpy Generator seeded by (seed, index): the same arguments
@@ -15,10 +15,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from utils.data.dataset import read_class_names
+from utils.data.voc import load_voc
+
 SAMPLE_CLASSES = ["circle", "square", "triangle", "star"]
 GENERATOR_VERSION = 3  # bump whenever the pictures change, so old copies get regenerated
 MARKER = ".generated"
 DEFAULT_ROOT = "VOCdevkit/sample"
+SPLITS = ("train", "val", "test")
 DEFAULTS = dict(n_train=240, n_val=60, n_test=60, size=(320, 320), seed=0, vary_width=0.15)
 
 # several objects per image give a small detector enough positives to learn from in a CPU demo
@@ -298,3 +302,46 @@ def ensure_sample_dataset(root: str | os.PathLike = DEFAULT_ROOT, **kw) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # lost a race to an identical copy
     shutil.rmtree(old, ignore_errors=True)
     return root
+
+
+def sample_as_yolo(voc_root: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The VOC dataset at voc_root (with classes.txt) rewritten as YOLO txt under out; returns out/data.yaml."""
+    voc_root, out = Path(voc_root), Path(out)
+    names = read_class_names(voc_root / "classes.txt")
+    for split in SPLITS:
+        records, _ = load_voc(voc_root, split, names)
+        for sub in ("images", "labels"):
+            (out / sub / split).mkdir(parents=True, exist_ok=True)
+        for r in records:
+            shutil.copyfile(r.image_path, out / "images" / split / r.file_name)
+            cxcy, wh = (r.boxes[:, :2] + r.boxes[:, 2:]) / 2, r.boxes[:, 2:] - r.boxes[:, :2]
+            norm = np.concatenate([cxcy, wh], 1) / [r.width, r.height, r.width, r.height]
+            lines = "".join(f"{c} " + " ".join(f"{v:.6f}" for v in row) + "\n" for c, row in zip(r.labels, norm))
+            (out / "labels" / split / f"{Path(r.file_name).stem}.txt").write_text(lines)
+    names_yaml = "".join(f"  {i}: {n}\n" for i, n in enumerate(names))
+    (out / "data.yaml").write_text(f"path: .\ntrain: images/train\nval: images/val\ntest: images/test\n"
+                                   f"names:\n{names_yaml}")
+    return out / "data.yaml"
+
+
+def sample_as_coco(voc_root: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The VOC dataset at voc_root rewritten as COCO json (out/annotations/instances_<split>.json, images in
+    out/<split>/; difficult objects become iscrowd); returns out."""
+    voc_root, out = Path(voc_root), Path(out)
+    names = read_class_names(voc_root / "classes.txt")
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        records, _ = load_voc(voc_root, split, names)
+        (out / split).mkdir(exist_ok=True)
+        images, annotations = [], []
+        for i, r in enumerate(records, start=1):
+            shutil.copyfile(r.image_path, out / split / r.file_name)
+            images.append({"id": i, "file_name": r.file_name, "width": r.width, "height": r.height})
+            for box, label, crowd in zip(r.boxes.tolist(), r.labels.tolist(), r.difficult.tolist()):
+                w, h = box[2] - box[0], box[3] - box[1]
+                annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": label + 1,
+                                    "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": int(crowd)})
+        categories = [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(names)]
+        (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+            {"images": images, "annotations": annotations, "categories": categories}))
+    return out

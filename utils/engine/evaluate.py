@@ -19,7 +19,8 @@ log = get_logger(__name__)
 
 def ground_truth(record: Record) -> GroundTruth:
     """A record's objects as metrics.GroundTruth (difficult flags kept: ignored by VOC, crowd for COCO)."""
-    return GroundTruth(record.boxes, record.labels, record.difficult, record.height, record.width, record.image_id)
+    return GroundTruth(record.boxes, record.labels, record.difficult, record.height, record.width, record.image_id,
+                       record.file_name)
 
 
 def quick_metrics(detections: list[np.ndarray], truths: list[GroundTruth], num_classes: int) -> dict:

@@ -40,12 +40,13 @@ def keep_classes(detections: np.ndarray, wanted: set[int] | None) -> np.ndarray:
     return detections[np.isin(detections[:, 5].astype(int), list(wanted))]
 
 
-def yolo_label_lines(detections: np.ndarray, width: int, height: int) -> list[str]:
-    """One line per box: class cx cy w h score, coordinates normalised to the image."""
+def yolo_label_lines(detections: np.ndarray, width: int, height: int, score: bool = False) -> list[str]:
+    """One YOLO label line per box: class cx cy w h normalised to the image, then the score when `score`."""
     lines = []
-    for x1, y1, x2, y2, score, cls in detections:
-        lines.append(f"{int(cls)} {(x1 + x2) / 2 / width:.6f} {(y1 + y2) / 2 / height:.6f} "
-                     f"{(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f} {score:.5f}")
+    for x1, y1, x2, y2, conf, cls in detections:
+        line = (f"{int(cls)} {(x1 + x2) / 2 / width:.6f} {(y1 + y2) / 2 / height:.6f} "
+                f"{(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}")
+        lines.append(f"{line} {conf:.5f}" if score else line)
     return lines
 
 

@@ -17,6 +17,7 @@ import torch
 from nets.attention import load_plugin
 from nets.yolo import complete_model_config
 from nets.yolo_training import RECIPE_DEFAULTS, load_hyp
+from utils.engine.anchors import choose_anchors
 from utils.engine.checkpoint import load_checkpoint, remove_stale_temps, write_error
 from utils.engine.folders import numbered_dir
 from utils.config import (RUN_PARTS, DataConfig, ModelConfig, RunConfig, TrainConfig, check_ranges, flag_name,
@@ -68,7 +69,8 @@ def resolve_run(given: dict) -> Resolved:
     changes = {k: v for k, v in given.items() if k in allowed}
     config = RunConfig(complete_model_config(ModelConfig.from_dict(ckpt["config"])),
                        from_flat(DataConfig, {**stored, **changes}),
-                       from_flat(TrainConfig, {**stored, "plugin": [], **changes}))
+                       # the anchors are the checkpoint's: the file or fit that chose them is not read again
+                       from_flat(TrainConfig, {**stored, "plugin": [], "anchor_fit": None, **changes}))
     _check(config)
     if ckpt["epoch"] >= config.train.epochs:
         raise ValueError(f"--resume {path}: the run already finished {ckpt['epoch']} epochs; "
@@ -162,6 +164,7 @@ def prepare_run(resolved: Resolved, folder: Path | None = None, progress: bool =
                      hyp, device, rank, world, progress=progress and is_main_process())
     if ckpt is None:
         model = complete_model_config(dataclasses.replace(config.model, class_names=data.class_names))
+        model = choose_anchors(model, data.train_records, config.train.anchor_fit, hyp.get("anchor_t"))
         config = dataclasses.replace(config, model=model)
     folder = folder or resolved.folder or run_dir(config)
     trainer = Trainer(config, hyp, data, folder, ckpt, rank, world)

@@ -5,34 +5,20 @@ import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from utils.config import DataConfig
-from utils.data.dataset import (DatasetError, LoadReport, Record, default_fallback, load_voc, read_class_names,
-                                split_exists)
 from utils.data.cache_plan import GPU_SHARE, CachePlan, decoded_bytes, plan_cache
+from utils.data.dataset import DatasetError, LoadReport, Record, default_fallback, read_class_names
+from utils.data.formats import DataSource, open_data
 from utils.data.gpu_augment import GpuAugmenter
 from utils.data.loader import (AugmentSampler, TrainDataset, cpu_loader, decode_all, image_tensor, loaded_sizes,
                           padded_boxes, to_training_batch)
 from utils.log import get_logger
-from utils.data.sample_data import DEFAULT_ROOT, ensure_sample_dataset
 
 log = get_logger(__name__)
-
-
-def resolve_data_root(data: str) -> Path:
-    """`sample` -> the generated sample set; otherwise a VOC folder that must hold annotations."""
-    if data == "sample":
-        return ensure_sample_dataset(DEFAULT_ROOT)
-    root = Path(data)
-    if not (root / "Annotations").is_dir() or not any((root / "Annotations").iterdir()):
-        hint = (" put Pascal VOC there (Annotations/, JPEGImages/, ImageSets/Main/: see VOCdevkit/README.md),"
-                " or pass --data sample to train on the built-in sample set")
-        raise DatasetError(f"--data {data}: no annotations in {root / 'Annotations'};{hint}")
-    return root
 
 
 # Keys the hash that picks the held-out validation images: fixed, not --seed, so every run of a study
@@ -48,6 +34,7 @@ class Splits:
     val: list[Record]
     class_names: list[str]
     val_source: str  # "val", "test (no val split)", "10% of trainval (29 images)"
+    source: DataSource
 
 
 def carve_validation(records: list[Record], fraction: float) -> tuple[list[Record], list[Record]]:
@@ -72,22 +59,22 @@ def _check_train_objects(records: list[Record], report: LoadReport) -> None:
                            f"{unknown}; annotate the images or pass --train-split naming an annotated split")
 
 
-def _validation(root: Path, data: DataConfig, train: list[Record], train_report: LoadReport,
+def _validation(source: DataSource, data: DataConfig, train: list[Record], train_report: LoadReport,
                 names: list[str]) -> tuple[list[Record], list[Record], str]:
     """(train, val, source): the val split asked for, else `val`, else a share carved out of train."""
-    split = data.val_split or ("val" if split_exists(root, "val") else None)
+    split = data.val_split or ("val" if source.has_split("val") else None)
     if split is not None:
         report = LoadReport()
-        val, _ = load_voc(root, split, names, fallback=default_fallback(split), report=report)
+        val, _ = source.load(split, names, fallback=default_fallback(split), report=report)
         if report.split == "test" and split != "test":      # asked for by name, it is the user's choice
             log.warning("evaluating on the test split after each epoch: best.pt is chosen on it, so its test "
                         "numbers are optimistic; leave --val-split out to hold out a share of %s instead",
                         train_report.split)
         return train, val, report.split + (f" (no {report.fallback_from} split)" if report.fallback_from else "")
-    main = root / "ImageSets" / "Main"
+    main = source.split_place
     if data.val_fraction <= 0 or len(train) < 2:
         why = "--val-fraction is 0" if data.val_fraction <= 0 else f"{train_report.split} has only {len(train)} image"
-        raise DatasetError(f"no val split in {main} and {why}; pass --val-split NAME (a file in {main}) "
+        raise DatasetError(f"no val split in {main} and {why}; pass --val-split NAME (a split of {main}) "
                            f"or --val-fraction above 0 with at least 2 training images")
     train, val = carve_validation(train, data.val_fraction)
     source = f"{data.val_fraction * 100:g}% of {train_report.split} ({len(val)} images)"
@@ -97,13 +84,13 @@ def _validation(root: Path, data: DataConfig, train: list[Record], train_report:
 
 def load_splits(data: DataConfig) -> Splits:
     """Train and validation records with one class list (the train split's)."""
-    root = resolve_data_root(data.data)
+    data_source = open_data(data.data)
     names = read_class_names(data.classes) if data.classes else None
     report = LoadReport()
-    train, names = load_voc(root, data.train_split, names, fallback=default_fallback(data.train_split),
-                            report=report)
+    train, names = data_source.load(data.train_split, names, fallback=default_fallback(data.train_split),
+                                    report=report)
     _check_train_objects(train, report)
-    train, val, source = _validation(root, data, train, report, names)
+    train, val, source = _validation(data_source, data, train, report, names)
     shared = {r.image_id for r in train} & {r.image_id for r in val}
     if shared:      # e.g. training on trainval (train + val) while validating on val
         log.warning("%d of the %d validation images (%s) are also in the training split %s: their mAP is "
@@ -113,7 +100,7 @@ def load_splits(data: DataConfig) -> Splits:
         # without a mAP the trainer cannot rank the epochs
         log.warning("the validation split %s has no objects: mAP cannot be measured, so best.pt follows the last "
                     "evaluated epoch; pass --val-split naming an annotated split to choose by mAP", source)
-    return Splits(train, val, names, source)
+    return Splits(train, val, names, source, data_source)
 
 
 class TrainData:
@@ -128,6 +115,7 @@ class TrainData:
         splits = load_splits(data)
         self.train_records, self.val_records, self.class_names = splits.train, splits.val, splits.class_names
         self.val_source = splits.val_source  # which split (or share of the training split) validates
+        self.source = splits.source          # the dataset and its format
         self.cache_plan: CachePlan = plan_cache(
             data.cache, decoded_bytes(self.train_records, len(self.val_records), self.input_shape), device,
             gpu_possible=data.augment != "cpu", processes=world)

@@ -36,6 +36,7 @@ class GroundTruth:
     height: int
     width: int
     image_id: str
+    file_name: str = ""  # the image file's relative path, for COCO tools; empty: the image id is used
 
 
 # ----------------------------------------------------------------------------- input helpers
@@ -209,11 +210,12 @@ def _xywh(boxes: np.ndarray) -> np.ndarray:
 
 
 def coco_ground_truth(ground_truths: Sequence[GroundTruth], class_names: Sequence[str]) -> dict:
-    """COCO-format ground truth: image ids 1..N (file_name = image id), category id = class index + 1."""
+    """COCO-format ground truth: image ids 1..N (file_name: the image's relative path), category id = class index + 1."""
     images, annotations = [], []
     for i, gt in enumerate(ground_truths, start=1):
         # Images without objects are listed too: detections on them are false positives.
-        images.append({"id": i, "file_name": str(_field(gt, "image_id")),
+        file_name = (gt.get("file_name") if isinstance(gt, dict) else gt.file_name) or _field(gt, "image_id")
+        images.append({"id": i, "file_name": str(file_name),
                        "height": int(_field(gt, "height")), "width": int(_field(gt, "width"))})
         boxes, labels, difficult = _gt_arrays(gt, len(class_names))
         for box, label, diff in zip(_xywh(boxes), labels, difficult):
