@@ -59,8 +59,6 @@ def main(argv: list[str] | None = None) -> dict:
     own.add_argument("--repeats", type=int, default=3, help="timed windows of --steps steps; the median is reported")
     own.add_argument("--profile", action="store_true", help="also print where a few steps spend CPU and GPU time")
     own.add_argument("--no-cudnn-benchmark", action="store_true", help="cuDNN heuristics instead of autotuning")
-    own.add_argument("--compile", choices=("none", "model", "all"), default="none",
-                     help="experiment: torch.compile the model (and the loss) before the step is captured")
     bench_args, argv = own.parse_known_args(argv)
     steps, warmup = bench_args.steps, bench_args.warmup
     resolved = resolve_run(parse_train_flags(argv + ["--eval-period", "1000"], train_parser()))
@@ -69,10 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world = trainer.rank, trainer.world
     if bench_args.no_cudnn_benchmark:
         torch.backends.cudnn.benchmark = False
-    if bench_args.compile != "none":   # compiled during the eager steps before capture (inside warmup_s)
-        trainer.model = torch.compile(trainer.model, dynamic=False)
-        if bench_args.compile == "all":
-            trainer.loss_fn = torch.compile(trainer.loss_fn, dynamic=False)
     step = trainer.enter_phase(trainer.phase_of(0))
     trainer.model.train()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -97,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     # every rank ran the same number of steps on its share of the global batch
     result = {"model": config.model.model, "backbone": config.model.backbone, "attention": config.model.uniform_attention() or "mixed",
               "img": config.model.input_shape[0], "batch": config.train.batch, "gpus": world,
-              "cudnn_benchmark": torch.backends.cudnn.benchmark, "cuda_graphs": step.captured, "compile": bench_args.compile,
+              "cudnn_benchmark": torch.backends.cudnn.benchmark, "cuda_graphs": step.captured, "compile": config.train.compile,
               "augment": "gpu" if data.on_gpu else f"cpu x{config.data.workers}", "amp": str(trainer.amp),
               "warmup_s": warmup_s, "img_per_s": seen * world / elapsed, "ms_per_step": elapsed / steps * 1000,
               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,

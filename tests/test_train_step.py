@@ -273,3 +273,25 @@ def test_training_step_never_reads_values_back(model_name):
         loss, parts = step(images.float(), targets)
     assert recorder.found == []
     assert torch.isfinite(loss)
+
+
+def test_compiled_step_traces_the_same_model_and_loss(monkeypatch):
+    """--compile: the step runs torch.compile'd forward and loss (traced here with the eager backend, which needs
+    no C compiler), and two steps give the eager path's losses and weights."""
+    import utils.engine.train_step as train_step
+    monkeypatch.setattr(train_step, "COMPILE_BACKEND", "eager")
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model, loss_fn, opt, ema, hyp = detector_setup(cpu)
+    twin = copy.deepcopy(model)
+    twin_opt = build_optimizer(twin, "sgd", 0.01, hyp["momentum"], hyp["weight_decay"])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    compiled = TrainStep(model, loss_fn, opt, scaler, ema, None, cpu, 1, False, compiled=True)
+    eager = TrainStep(twin, loss_fn, twin_opt, scaler, ModelEMA(twin), None, cpu, 1, False)
+    assert compiled.forward is not model and eager.forward is twin
+    for images, targets in [(im.float(), t) for im, t in batches(cpu, 3, batch=2)[:2]]:
+        a, _ = compiled(images, targets)
+        b, _ = eager(images, targets)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)

@@ -318,6 +318,9 @@ class TrainConfig:
     sync_bn: bool = setting(False, "synchronised BatchNorm across GPUs")
     cuda_graph: bool = setting(True, "replay each training step as one CUDA graph where possible (needs GPU "
                                      "augmentation and bf16 or fp32; with --batch below --nbs one GPU)", resume=True)
+    compile: bool = setting(False, "torch.compile the model and the loss inside the training step (fused Triton "
+                                   "kernels: faster steps after tens of seconds of compilation; for long runs on "
+                                   "CUDA)", resume=True)
     eval_period: int = setting(1, "evaluate on the val split every N epochs", low=1)
     save_period: int = setting(0, "also keep epochN.pt every N epochs (0 = off)", low=0)
     seed: int = setting(0, "random seed", low=0, high=2**31 - 1)

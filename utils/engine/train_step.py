@@ -61,6 +61,9 @@ def cuda_graph_capture(work: Callable[[], None], pool) -> Callable[[], None]:
     return graph.replay
 
 
+COMPILE_BACKEND = "inductor"   # torch.compile's default (Triton kernels on CUDA); tests trace with "eager"
+
+
 class TrainStep:
     """Callable (images, targets, last) -> (summed loss, parts); `last` = apply the optimiser after this batch.
 
@@ -70,7 +73,7 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  ema: ModelEMA | None, amp: torch.dtype | None, device: torch.device, world: int, graphs: bool,
-                 capture: Capture = cuda_graph_capture):
+                 capture: Capture = cuda_graph_capture, compiled: bool = False):
         self.raw, self.loss_fn, self.optimizer, self.scaler, self.ema = model, loss_fn, optimizer, scaler, ema
         self.amp, self.device, self.world = amp, device, world
         self.graphs_on, self._record = graphs, capture
@@ -78,6 +81,9 @@ class TrainStep:
         with self._on_side():                       # DDP built on the side stream to be capturable
             ids = [device.index] if device.type == "cuda" else None
             self.model = DistributedDataParallel(model, device_ids=ids) if world > 1 else model
+        # compiled during the eager steps before capture; a capture records the compiled kernels
+        self.forward = torch.compile(self.model, dynamic=False, backend=COMPILE_BACKEND) if compiled else self.model
+        self.loss = torch.compile(loss_fn, dynamic=False, backend=COMPILE_BACKEND) if compiled else loss_fn
         if graphs:
             hyper_on_device(optimizer, device)
         self.eager_before_capture = EAGER_BEFORE_CAPTURE_DDP if world > 1 else EAGER_BEFORE_CAPTURE
@@ -128,8 +134,8 @@ class TrainStep:
         # autocast's weight cache must be off inside a capture (its copies would be freed after it)
         autocast = torch.autocast(self.device.type, dtype=self.amp, cache_enabled=cache) if self.amp else nullcontext()
         with autocast:
-            outputs = self.model(images)
-        loss, parts = self.loss_fn(outputs, targets)
+            outputs = self.forward(images)
+        loss, parts = self.loss(outputs, targets)
         # gradients add into the existing .grad buffers in place (autograd outside create_graph)
         self.scaler.scale(loss * self.world).backward()   # DDP averages gradients over processes
         return loss.detach(), parts

@@ -219,7 +219,7 @@ class Trainer:
                 log.info("training step: %s%s", "captured as a CUDA graph" if graphs else
                          f"eager ({'--no-cuda-graph' if not self.args.cuda_graph else blocker})", accumulating)
         return TrainStep(self.model, self.loss_fn, self.optimizer, self.scaler, self.ema, self.amp, self.device,
-                         self.world, graphs)
+                         self.world, graphs, compiled=self.args.compile)
 
     def _train_mode(self, phase: Phase) -> None:
         """Training mode, with a frozen backbone's BatchNorm layers kept on their (pretrained) running statistics."""
