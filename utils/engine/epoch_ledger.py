@@ -60,10 +60,14 @@ class EpochLedger:
         """Run `compute` (an mAP over detections already made) on the background thread."""
         return self._pool.submit(compute)
 
-    def hold(self, epoch: FinishedEpoch) -> None:
-        """Hold a finished epoch until it can be settled; an epoch still held is settled first (waiting)."""
+    def settle(self) -> None:
+        """Settle the held epoch now, waiting for its metrics (an unjudged one counts as sane: no read said otherwise)."""
         if self._held is not None:
             self._settle(self._held.sane if self._held.sane is not None else True)
+
+    def hold(self, epoch: FinishedEpoch) -> None:
+        """Hold a finished epoch until it can be settled; an epoch still held is settled first (waiting)."""
+        self.settle()
         self._held = epoch
 
     def judge(self, sane: bool, why: str = "") -> None:

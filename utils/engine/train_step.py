@@ -17,6 +17,8 @@ and EMA state, static inputs and outputs) lives outside it.
 """
 from __future__ import annotations
 
+import threading
+
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -73,10 +75,13 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  ema: ModelEMA | None, amp: torch.dtype | None, device: torch.device, world: int, graphs: bool,
-                 capture: Capture = cuda_graph_capture, compiled: bool = False):
+                 capture: Capture = cuda_graph_capture, compiled: bool = False,
+                 capture_lock: threading.Lock | None = None):
         self.raw, self.loss_fn, self.optimizer, self.scaler, self.ema = model, loss_fn, optimizer, scaler, ema
         self.amp, self.device, self.world = amp, device, world
         self.graphs_on, self._record = graphs, capture
+        # held while a graph is recorded: other threads' CUDA work (the evaluation) must not run inside a capture
+        self._capture_lock = capture_lock or threading.Lock()
         self.side = torch.cuda.Stream(device) if graphs and device.type == "cuda" else None
         with self._on_side():                       # DDP built on the side stream to be capturable
             ids = [device.index] if device.type == "cuda" else None
@@ -182,17 +187,18 @@ class TrainStep:
         return result
 
     def _capture(self, shape: tuple, images: torch.Tensor, targets: torch.Tensor, last: bool) -> Callable[[], None]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        static = self._statics.get(shape)
-        if static is None:      # allocated outside the pool: they outlive every replay
-            static = self._statics[shape] = _StaticIO(images.clone(), targets.clone(), self.device)
+        with self._capture_lock:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            static = self._statics.get(shape)
+            if static is None:      # allocated outside the pool: they outlive every replay
+                static = self._statics[shape] = _StaticIO(images.clone(), targets.clone(), self.device)
 
-        def work() -> None:
-            loss, parts = self._work(static.images, static.targets, last, cache=False)
-            static.store(loss, parts)
+            def work() -> None:
+                loss, parts = self._work(static.images, static.targets, last, cache=False)
+                static.store(loss, parts)
 
-        return self._record(work, self._pool)
+            return self._record(work, self._pool)
 
 
 class _StaticIO:

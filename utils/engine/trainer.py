@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import bisect
+import copy
 import math
+import threading
 import sys
 import time
 from dataclasses import dataclass
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -149,6 +152,9 @@ class Trainer:
         self.watch = DivergenceWatch()
         self.writer = CheckpointWriter()
         self._eval_yolo: YOLO | None = None
+        self._eval_model: torch.nn.Module | None = None    # CUDA: a copy of the weights evaluated on a side stream
+        self._eval_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.main else None
+        self._gpu_lock = threading.Lock()      # the evaluation thread and graph captures take turns
         if resume_ckpt:
             self._restore(resume_ckpt)
         self._val_has_objects = any(len(r.boxes) for r in data.val_records)
@@ -219,7 +225,7 @@ class Trainer:
                 log.info("training step: %s%s", "captured as a CUDA graph" if graphs else
                          f"eager ({'--no-cuda-graph' if not self.args.cuda_graph else blocker})", accumulating)
         return TrainStep(self.model, self.loss_fn, self.optimizer, self.scaler, self.ema, self.amp, self.device,
-                         self.world, graphs, compiled=self.args.compile)
+                         self.world, graphs, compiled=self.args.compile, capture_lock=self._gpu_lock)
 
     def _train_mode(self, phase: Phase) -> None:
         """Training mode, with a frozen backbone's BatchNorm layers kept on their (pretrained) running statistics."""
@@ -319,19 +325,14 @@ class Trainer:
                                 f"{advice} (or check the labels)")
 
     def _end_epoch(self, epoch: int, losses: list[float], lr: float, t0: float) -> None:
-        """Rank 0: detect on the validation records now (their mAP follows in the background), hold the epoch."""
+        """Rank 0: start the evaluation of this epoch's weights (its mAP follows in the background), hold the epoch."""
         if not self.main:
             return
         args, number = self.args, epoch + 1
-        metrics = None
-        if number % args.eval_period == 0 or number == args.epochs:
-            if self._eval_yolo is None:
-                eval_model = self.ema.ema if self.ema is not None else unwrap(self.model)
-                self._eval_yolo = YOLO.from_model(eval_model, self.config, self.device, conf=EVAL_DETECTION.conf,
-                                                  nms_iou=EVAL_DETECTION.nms_iou,
-                                                  multi_label=EVAL_DETECTION.multi_label)
-            metrics = self.ledger.metrics_later(self.evaluator.scorer(self._eval_yolo))
-        seconds = time.time() - t0   # training and the evaluation's inference; saving follows
+        self.ledger.settle()            # the last epoch's evaluation is done before its weights are replaced
+        evaluated = number % args.eval_period == 0 or number == args.epochs
+        metrics = self._start_evaluation() if evaluated else None
+        seconds = time.time() - t0   # training (and on CPU the evaluation's detections); saving follows
         ckpt = None
         if self.watch.exploding:        # keep the last good checkpoint: these weights may be the explosion's
             log.warning("epoch %d: loss %.4g is over %gx the run's median %.4g; not saved, last.pt keeps epoch %d",
@@ -340,6 +341,36 @@ class Trainer:
             ckpt = detached_copy(self._checkpoint(number))
         # settled (written) once the next epoch's first loss shows these weights did not explode
         self.ledger.hold(FinishedEpoch(number, losses, lr, seconds, ckpt, metrics))
+
+    def _start_evaluation(self) -> Future:
+        """The validation mAP of this moment's weights, computed on the ledger's thread.
+
+        On CUDA the weights are copied (device to device) and detected on a side stream while the next epoch
+        trains; on the CPU the detections are made now and only the mAP arithmetic runs in the background.
+        """
+        source = self.ema.ema if self.ema is not None else unwrap(self.model)
+        if self._eval_stream is None:
+            if self._eval_yolo is None:
+                self._eval_yolo = self._evaluation_yolo(source)
+            return self.ledger.metrics_later(self.evaluator.scorer(self._eval_yolo))
+        if self._eval_model is None:
+            self._eval_model = copy.deepcopy(source).eval()
+            self._eval_yolo = self._evaluation_yolo(self._eval_model)
+        with torch.no_grad():
+            torch._foreach_copy_(list(self._eval_model.state_dict().values()), list(source.state_dict().values()))
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def evaluate() -> dict:
+            with self._gpu_lock, torch.cuda.stream(self._eval_stream):
+                self._eval_stream.wait_event(copied)
+                return self.evaluator.quick(self._eval_yolo)
+
+        return self.ledger.metrics_later(evaluate)
+
+    def _evaluation_yolo(self, model: torch.nn.Module) -> YOLO:
+        return YOLO.from_model(model, self.config, self.device, conf=EVAL_DETECTION.conf,
+                               nms_iou=EVAL_DETECTION.nms_iou, multi_label=EVAL_DETECTION.multi_label)
 
     def _fitness(self, metrics: dict) -> float:
         """What best.pt maximises: (1 - w) mAP50 + w mAP50-95, w = hyp fitness_map50_95 (0 when no objects)."""
