@@ -81,7 +81,8 @@ def build_variants(phi: str | None = None, models: str | None = None, backbones:
         axes.append([(b, ("--backbone", b)) for b in split_list(backbones, "--backbone")])
     if attention:
         axes.append([(spec, ("--attention", spec)) for spec in attention])
-    variants = [Variant(safe_component("-".join(label for label, _ in combo)),
+    varying = [a for a in axes if len(a) > 1] or axes[:1]      # a one-value axis is a shared flag, not a name
+    variants = [Variant(safe_component("-".join(label for (label, _), axis in zip(combo, axes) if axis in varying)),
                         tuple(f for _, flags in combo for f in flags)) for combo in itertools.product(*axes)] \
         if axes else []
     for item in named or []:

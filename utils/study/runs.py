@@ -57,10 +57,11 @@ def last_epoch(folder: Path) -> int:
 
 
 def train_command(run: RunSpec, python: str, train_script: Path, shared_flags: list[str], device_flag: str,
-                  resume: bool) -> list[str]:
+                  resume: bool, epochs: int) -> list[str]:
     """train.py for a fresh run (shared flags, the variant's flags, seed, folder) or the resume of its last.pt."""
     if resume:
-        return [python, str(train_script), "--resume", str(run.folder / "last.pt"), "--device", device_flag]
+        return [python, str(train_script), "--resume", str(run.folder / "last.pt"), "--epochs", str(epochs),
+                "--device", device_flag]
     return [python, str(train_script), *shared_flags, *run.variant.flags, "--seed", str(run.seed),
             "--save-dir", str(run.folder.parent), "--name", run.folder.name, "--exist-ok", "--device", device_flag]
 
