@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from utils.ops.coco_map import CocoMatches, mean_ap, precision_from_matches
+from utils.ops.coco_map import CocoMatches, mean_ap, precision_from_matches, resampled_maps
 
 METRICS = ("map50", "map50_95")
 
@@ -45,11 +45,6 @@ def resample_weights(num_images: int, resamples: int, seed: int = 0) -> np.ndarr
     """[resamples, N]: how often each image is drawn in each resample of N images with replacement."""
     rng = np.random.default_rng(seed)
     return rng.multinomial(num_images, np.full(num_images, 1.0 / num_images), size=resamples).astype(float)
-
-
-def resampled_maps(matches: CocoMatches, weights: np.ndarray) -> np.ndarray:
-    """[resamples, 2]: (map50, map50_95) of each resample."""
-    return np.array([mean_ap(precision_from_matches(matches, w)) for w in weights])
 
 
 def paired_deltas(baseline: dict[int, CocoMatches], variant: dict[int, CocoMatches], weights: np.ndarray,
