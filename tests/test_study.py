@@ -171,3 +171,4 @@ def test_auto_jobs_by_memory_cores_and_runs():
     assert auto_jobs(["0", "1"], 15, cpus=16, free_gib={"0": 139.0, "1": 20.0}) == 5   # the fuller GPU decides
     assert auto_jobs(["0"], 15, cpus=4, free_gib={"0": 139.0}) == 4
     assert auto_jobs(["0"], 3, cpus=16, free_gib={"0": 2.0}) == 1
+    assert auto_jobs(["GPU-3f2a"], 15, cpus=16, free_gib={"0": 139.0}) == 1       # memory unknown: one at a time

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -106,7 +107,9 @@ def _devices(settings: StudyConfig) -> tuple[list[str | None], str]:
     bad = [i for i in ids if not i.isdigit() or int(i) >= count]
     if bad or len(set(ids)) != len(ids):
         raise ValueError(f"--devices {settings.devices}: expected distinct GPU indices below {count}, or cpu")
-    return ids, "cuda"
+    # indices count the GPUs this process sees; a run must be pinned by the name its parent sees them by
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return ([visible[int(i)] for i in ids] if len(visible) >= count else ids), "cuda"
 
 
 def plan_study(settings: StudyConfig, train_args: list[str]) -> Plan:

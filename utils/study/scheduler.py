@@ -67,8 +67,12 @@ def auto_jobs(devices: list[str | None], runs: int, cpus: int | None = None,
         return 1
     cpus = cpus or os.cpu_count() or 1
     free = free_gpu_memory_gib() if free_gib is None else free_gib
-    memory = min((free.get(str(d), 0.0) for d in devices), default=0.0)
-    by_memory = int(memory // RUN_MEMORY_GIB) if free else cpus
+    unknown = [d for d in devices if str(d) not in free]
+    if unknown:
+        log.info("free memory of GPU %s unknown (no nvidia-smi, or not a plain index): 1 run at once; "
+                 "pass --jobs N to pack more", unknown[0])
+        return 1
+    by_memory = int(min(free[str(d)] for d in devices) // RUN_MEMORY_GIB)
     per_device = -(-runs // len(devices))
     return max(1, min(by_memory, max(1, cpus // len(devices)), per_device))
 
