@@ -14,9 +14,9 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 data=${DATA:-VOCdevkit/BCCD}
 logs=${LOGS:-/tmp/study_speed}
-phis=(0 1 2 3 4)
-seeds=3
-train=(--epochs 100 --img 416 --batch 64 --cache gpu)
+read -r -a phis <<< "${PHIS:-0 1 2 3 4}"       # PHIS, SEEDS, TRAIN: override for a quick dry run on CPU
+seeds=${SEEDS:-3}
+read -r -a train <<< "${TRAIN:---epochs 100 --img 416 --batch 64 --cache gpu}"
 rm -rf "$logs"
 mkdir -p "$logs"
 
@@ -32,7 +32,7 @@ for phi in "${phis[@]}"; do
         > "$logs/lone_phi$phi.log" 2>&1 || { echo "lone run phi $phi failed:"; tail -3 "$logs/lone_phi$phi.log"; exit 1; }
     end=$EPOCHREALTIME
     secs=$("$py" -c "print(f'{$end - $start:.1f}')")
-    lone_total=$("$py" -c "print($lone_total + $secs)")
+    lone_total=$("$py" -c "print(round($lone_total + $secs, 1))")
     lone_map[$phi]=$(best_map50 "$logs/lone/phi$phi")
     echo "lone phi $phi: ${secs} s, best val mAP50 ${lone_map[$phi]}"
 done
