@@ -17,18 +17,13 @@ from pathlib import Path
 
 from utils.cli import run_cli
 from utils.config import StudyConfig, add_flags, check_ranges, from_flat
-from utils.study.runner import plan_study, run_study
+from utils.study.runner import OneLineParser, plan_study, run_study
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:       # one line through run_cli, not a usage block
-        raise ValueError(message)
-
-
 def parse_args(argv: list[str] | None) -> tuple[StudyConfig, list[str]]:
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                      epilog="every other flag is passed to train.py (python train.py --help lists them)")
     add_flags(parser, StudyConfig)
     known, train_args = parser.parse_known_args(argv)

@@ -13,7 +13,7 @@ import torch
 import study
 from utils.cli import run_cli
 from utils.data.sample_data import make_sample_dataset
-from utils.study.plan import build_variants, parse_seeds
+from utils.study.plan import PLAN_FILE, build_variants, check_plan, parse_seeds, plan_dict
 from utils.study.runs import error_line
 from utils.study.scheduler import Job, auto_jobs, run_jobs
 
@@ -124,6 +124,19 @@ def test_variants_cross_axes_and_name_themselves():
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("4,7") == [4, 7]
     with pytest.raises(ValueError, match="given twice"):
         build_variants(phi="0,none")
+
+
+def test_a_study_folder_resumes_only_the_same_study(tmp_path):
+    variants = build_variants(phi="0,4")
+    plan = plan_dict(variants, [0, 1], ["--epochs", "3", "--img", "64"], {"epochs": 3, "input_shape": [64, 64]})
+    (tmp_path / PLAN_FILE).write_text(json.dumps(plan))
+    check_plan(tmp_path, plan_dict(variants, [0, 1, 2], ["--img", "64", "--epochs", "3"],     # order, more seeds: ok
+                                   {"input_shape": [64, 64], "epochs": 3}))
+    check_plan(tmp_path, plan_dict(build_variants(phi="0,4,se"), [0], [], plan["train_settings"]))  # a new variant
+    with pytest.raises(ValueError, match="holds a study with other settings"):
+        check_plan(tmp_path, plan_dict(variants, [0, 1], ["--epochs", "4"], {"epochs": 4, "input_shape": [64, 64]}))
+    with pytest.raises(ValueError, match="variant ca was"):
+        check_plan(tmp_path, plan_dict(build_variants(named=["ca=--phi 4 --lr 0.1"]), [0], [], plan["train_settings"]))
 
 
 def test_error_line_takes_the_last_error_or_the_traceback_end():

@@ -119,8 +119,10 @@ def runs_of(variants: list[Variant], seeds: list[int], study_dir: Path) -> list[
     return [RunSpec(v, s, study_dir / f"{v.name}_s{s}") for s in seeds for v in variants]
 
 
-def plan_dict(variants: list[Variant], seeds: list[int], train_flags: list[str]) -> dict:
-    return {"variants": {v.name: list(v.flags) for v in variants}, "seeds": seeds, "train_flags": list(train_flags)}
+def plan_dict(variants: list[Variant], seeds: list[int], train_flags: list[str], train_settings: dict) -> dict:
+    """What plan.json keeps: the variants' flags, the seeds, and the shared train flags as given and as parsed."""
+    return {"variants": {v.name: list(v.flags) for v in variants}, "seeds": seeds, "train_flags": list(train_flags),
+            "train_settings": train_settings}
 
 
 def check_plan(study_dir: Path, plan: dict) -> None:
@@ -133,7 +135,7 @@ def check_plan(study_dir: Path, plan: dict) -> None:
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: unreadable ({exc}); remove it or pass another --name") from None
     why = None
-    if old.get("train_flags") != plan["train_flags"]:
+    if old.get("train_settings") != plan["train_settings"]:      # as parsed: the order of the flags does not matter
         why = f"train flags {' '.join(old.get('train_flags', []))!r} there, {' '.join(plan['train_flags'])!r} now"
     for name, flags in plan["variants"].items():
         if name in old.get("variants", {}) and old["variants"][name] != flags:

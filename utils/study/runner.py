@@ -39,8 +39,8 @@ LEVEL = 0.95
 INTERRUPTED_CODES = (130, -2)     # train.py after Ctrl-C / killed by SIGINT: resumed next time, not failed
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose mistakes are one-line ValueErrors (the CLI prints `error: ...`)."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one-line ValueErrors (the CLI prints `error: ...`, not a usage block)."""
 
     def error(self, message: str) -> None:
         raise ValueError(message)
@@ -59,6 +59,7 @@ class Plan:
     devices: list[str | None]
     device_flag: str
     epochs: int
+    train_settings: dict
     data_root: Path
     validation: str
     plugins: list[str]
@@ -115,7 +116,7 @@ def _devices(settings: StudyConfig) -> tuple[list[str | None], str]:
 def plan_study(settings: StudyConfig, train_args: list[str]) -> Plan:
     """Every check, nothing written (the sample data set may be generated, as train.py does)."""
     check_train_flags(train_args)
-    parser = _Parser(prog="study.py (train flags)", allow_abbrev=False)
+    parser = OneLineParser(prog="study.py (train flags)", allow_abbrev=False)
     add_flags(parser, *RUN_PARTS)
     given = parse_train_flags(train_args, parser)
     variants = build_variants(settings.phi, settings.model, settings.backbone, settings.attention, settings.variant)
@@ -136,8 +137,14 @@ def plan_study(settings: StudyConfig, train_args: list[str]) -> Plan:
     validation = check_splits(root, data, settings.test_split)
     devices, device_flag = _devices(settings)
     folder = Path(settings.save_dir) / settings.name
-    return Plan(settings, folder, variants, seeds, list(train_args), runs_of(variants, seeds, folder), devices,
-                device_flag, epochs, root, validation, list(given.get("plugin", [])))
+    plan = Plan(settings, folder, variants, seeds, list(train_args), runs_of(variants, seeds, folder), devices,
+                device_flag, epochs, given, root, validation, list(given.get("plugin", [])))
+    check_plan(folder, _plan_dict(plan))
+    return plan
+
+
+def _plan_dict(plan: Plan) -> dict:
+    return plan_dict(plan.variants, plan.seeds, plan.train_flags, plan.train_settings)
 
 
 def _jobs(plan: Plan, train_script: Path) -> tuple[list[Job], dict[str, RunSpec]]:
@@ -242,10 +249,9 @@ def analyse(plan: Plan) -> tuple[list[VariantResult], dict]:
 
 def run_study(plan: Plan, train_script: Path) -> tuple[str, Path]:
     """Make the folder, train, evaluate, write study.md/csv/json and study.png; returns (markdown, folder)."""
-    check_plan(plan.folder, plan_dict(plan.variants, plan.seeds, plan.train_flags))
     prepare_out(plan.folder)
     old = json.loads((plan.folder / PLAN_FILE).read_text()) if (plan.folder / PLAN_FILE).is_file() else {}
-    merged = plan_dict(plan.variants, plan.seeds, plan.train_flags)
+    merged = _plan_dict(plan)
     merged["variants"] = {**old.get("variants", {}), **merged["variants"]}
     merged["seeds"] = sorted(set(old.get("seeds", [])) | set(plan.seeds))
     write_text(plan.folder / PLAN_FILE, json.dumps(merged, indent=1))
