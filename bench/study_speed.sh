@@ -20,7 +20,7 @@ read -r -a train <<< "${TRAIN:---epochs 100 --img 416 --batch 64 --cache gpu}"
 rm -rf "$logs"
 mkdir -p "$logs"
 
-best_map50() {   # the best per-epoch validation mAP50 in a run's results.csv
+best_map50() {   # the best per-epoch validation mAP50 in a run's results.csv (a fingerprint of the run)
     "$py" -c "import csv, sys; print(max(float(r['mAP50']) for r in csv.DictReader(open(sys.argv[1]))))" "$1/results.csv"
 }
 

@@ -37,7 +37,8 @@ def test_detections(best: Path, records: list[Record], class_names: list[str], d
             if np.array_equal(saved["stamp"], _stamp(best)) and np.array_equal(saved["ids"], ids):
                 counts = saved["counts"]
                 return np.split(saved["rows"], np.cumsum(counts)[:-1]) if len(counts) else []
-    yolo = YOLO(best, device=device, conf=EVAL_DETECTION.conf, nms_iou=EVAL_DETECTION.nms_iou)
+    yolo = YOLO(best, device=device, conf=EVAL_DETECTION.conf, nms_iou=EVAL_DETECTION.nms_iou,
+                multi_label=EVAL_DETECTION.multi_label)
     detections, used = Evaluator(records, class_names).detect(yolo)
     if len(used) != len(records):
         raise ValueError(f"{len(records) - len(used)} test images cannot be read; fix or remove them so every "
