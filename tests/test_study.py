@@ -17,7 +17,8 @@ from utils.study.plan import PLAN_FILE, build_variants, check_plan, parse_seeds,
 from utils.study.runs import error_line
 from utils.study.scheduler import Job, auto_jobs, run_jobs
 
-# A block that trains normally except in the run seeded 1, where its forward raises: an injected failure.
+# A block that trains normally except in the run seeded 1, where its training forward raises: an injected
+# failure. (Eval-mode forwards pass: the study's own cost and latency measurements run them in this process.)
 FLAKY = textwrap.dedent('''
     import torch
     from torch import nn
@@ -30,7 +31,7 @@ FLAKY = textwrap.dedent('''
             self.gate = nn.Parameter(torch.ones(channels))
 
         def forward(self, x):
-            if torch.initial_seed() == 1:
+            if self.training and torch.initial_seed() == 1:
                 raise ValueError("flaky block: injected failure")
             return x * self.gate.view(1, -1, 1, 1)
 ''')
