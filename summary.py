@@ -1,4 +1,4 @@
-"""Parameters, GFLOPs and attention points of a model.
+"""Parameters, GFLOPs (every op, and conv/matmul only) and attention points of a model.
 
   python summary.py --phi 4 [--model yolov5s] [--img 416] [--classes 20]
   python summary.py --all                                   # every phi 0-11
@@ -10,27 +10,12 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from nets.attention import ATTENTION_NAMES, load_plugin
 from nets.backbones import backbone_listing
 from nets.yolo import build_model, complete_model_config
 from utils.cli import add_plugin_flag, format_rows, run_cli, spec_text
 from utils.config import ModelConfig, add_flags, parse_attention_spec
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of parameters (trainable and frozen)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_gflops(model: torch.nn.Module, img: int) -> float:
-    """Forward GFLOPs for one image (a multiply-add counts 2), from torch.utils.flop_counter."""
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, img, img))
-    return counter.get_total_flops() / 1e9
+from utils.ops.cost import count_parameters, model_cost
 
 
 def class_count(value: str) -> int:
@@ -73,13 +58,17 @@ def main(argv: list[str] | None = None) -> None:
     for variant in variants:
         config = complete_model_config(variant)
         model = build_model(config)
-        params = count_parameters(model)
+        cost = model_cost(model, img)
+        params = cost["parameters"]
         label = config.uniform_attention() or "per point"
         phi = config.to_dict()["phi"]
         rows.append(["-" if phi is None else phi, label, f"{params:,}", f"{params - base:+,}",
-                     f"{count_gflops(model, img):.2f}"])
+                     f"{cost['gflops_matmul']:.3f}", f"{cost['gflops']:.3f}", f"{cost['attention_gflops'] * 1e3:.2f}"])
     print(f"{spec.model}, {num_classes} classes, {img}x{img} input")
-    print(format_rows(rows, ["phi", "attention", "parameters", "vs phi 0", "GFLOPs"]))
+    print(format_rows(rows, ["phi", "attention", "parameters", "vs phi 0", "GFLOPs conv/matmul", "GFLOPs all ops",
+                             "of which attention (MFLOPs)"]))
+    print("conv/matmul: what torch.utils.flop_counter counts; all ops adds pooling, elementwise gates, "
+          "activations, sigmoid/softmax and normalisation (utils/ops/cost.py)")
     if not args.all:
         layout = model.attention_layout(img)
         print("\nattention points")

@@ -28,7 +28,7 @@ def layer(module: str) -> str | None:
         return "foundation"
     if module == "utils.cli":
         return "cli"
-    if module == "yolo" or module.startswith("utils.engine"):
+    if module == "yolo" or module.startswith(("utils.engine", "utils.study")):
         return "engine"
     if module.startswith("utils.ops"):
         return "ops"

@@ -435,3 +435,33 @@ def train_parser(description: str | None = None) -> argparse.ArgumentParser:
 def parse_train_flags(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> dict:
     """The flags given on the command line (absent ones are left out), by field name."""
     return vars((parser or train_parser()).parse_args(argv))
+
+
+@dataclass
+class StudyConfig:
+    """The attention study: variants x seeds, where they run and how they are compared (study.py's own flags)."""
+
+    phi: str | None = setting(None, "variants: comma list of phis or block names, e.g. 0,1,2,3,4", type=str,
+                              metavar="LIST")
+    model: str | None = setting(None, "variants: comma list of models, e.g. yolov4-tiny,yolov5n", type=str,
+                                metavar="LIST")
+    backbone: str | None = setting(None, "variants: comma list of backbones, e.g. cspdarknet53-tiny,resnet18",
+                                   type=str, metavar="LIST")
+    attention: list = setting([], "a variant per spec (repeatable; the --attention syntax of train.py), e.g. "
+                                  "--attention feat1=ca --attention feat1=ca,feat2=cbam", type=str, metavar="SPEC")
+    variant: list = setting([], "a named variant of any train flags (repeatable), e.g. "
+                                "--variant 'ca_lr=--phi ca --lr 0.02'", type=str, metavar="NAME=FLAGS")
+    seeds: str = setting("3", "number of seeds (0..N-1) or a list, e.g. 0,1,2", metavar="N|LIST")
+    baseline: str | None = setting(None, "the variant deltas are measured against", type=str,
+                                   shown="the first variant", metavar="NAME")
+    name: str = setting("study", "study folder name under --save-dir; run the same command again to resume it")
+    save_dir: str = setting("logs", "parent folder of the study folder")
+    test_split: str = setting("test", "ImageSets/Main split the table is computed on (never used for best.pt)")
+    jobs: int | None = setting(None, "training runs at once per device", type=int, low=1,
+                               shown="1 on CPU; on GPU by free memory and CPU cores")
+    devices: str | None = setting(None, "GPU indices to spread the runs over, e.g. 0,1, or cpu", type=str,
+                                  shown="every visible GPU, else cpu", metavar="LIST")
+    mps: str = setting("auto", "CUDA MPS for concurrent runs, started and stopped by the study (auto: when "
+                               "available, on CUDA, with --jobs > 1)", choices=("auto", "on", "off"))
+    bootstrap: int = setting(1000, "paired bootstrap resamples of the test images", low=10)
+    retry_failed: bool = setting(False, "run again the runs an earlier call recorded as failed")

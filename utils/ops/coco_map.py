@@ -20,6 +20,7 @@ difficult objects too, no per-image cap) is a different rule, so it is not reuse
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -131,17 +132,35 @@ def _match(d_key: np.ndarray, d_box: np.ndarray, g_key: np.ndarray, g_box: np.nd
     return matched, matched_ignored
 
 
-def coco_precision(
+@dataclass
+class CocoMatches:
+    """Per-detection COCO outcomes, fixed once matched: a resample of images only re-weights them.
+
+    Matching is per image, so whether a detection is a true or false positive does not depend on which other
+    images are in the set; only the per-class accumulation does. Detections are in accumulation order
+    (class, then score descending, then image, then rank in the image); ignored ones are neither tp nor fp.
+    """
+
+    tps: np.ndarray        # [T, D] bool
+    fps: np.ndarray        # [T, D] bool
+    det_image: np.ndarray  # [D] image index of each detection
+    bounds: np.ndarray     # [K + 1] each class's slice of the detections
+    positives: np.ndarray  # [N, K] non-ignored objects per image and class
+
+
+def coco_matches(
     detections: Sequence[np.ndarray], ground_truths: Sequence[GroundTruth], num_classes: int,
     max_dets: int = MAX_DETS,
-) -> np.ndarray:
-    """COCOeval's precision[T, 101, K] (area "all", maxDets max_dets); -1 for classes without objects."""
+) -> CocoMatches:
+    """COCOeval's matching of every detection of the set (area "all", maxDets max_dets)."""
     d_img, dets, g_img, g_box, g_lab, g_diff = _flatten(detections, ground_truths, num_classes)
     d_cls = np.rint(dets[:, 5]).astype(np.int64)
     d_score, d_box = dets[:, 4], _xywh(dets[:, :4])
     g_box = _xywh(g_box)
     g_area = g_box[:, 2] * g_box[:, 3]
     ignore = g_diff | (g_area < AREA_ALL[0]) | (g_area > AREA_ALL[1])
+    positives = np.zeros((len(ground_truths), num_classes), np.int64)
+    np.add.at(positives, (g_img[~ignore], g_lab[~ignore]), 1)
 
     # Per (image, category): score order, ties kept in input order (COCOeval's mergesort), best max_dets.
     d_key, g_key = d_img * num_classes + d_cls, g_img * num_classes + g_lab
@@ -162,13 +181,28 @@ def coco_precision(
 
     # Per category over all images: score order, ties by image then by the per-image order.
     acc = np.lexsort((d_rank, d_img, -d_score, d_cls))
-    tps, fps, d_cls = tps[:, acc], fps[:, acc], d_cls[acc]
-    bounds = np.searchsorted(d_cls, np.arange(num_classes + 1))
-    num_pos = np.bincount(g_lab[~ignore], minlength=num_classes)
-    precision = -np.ones((len(IOU_THRESHOLDS), len(RECALL_POINTS), num_classes))
+    return CocoMatches(tps[:, acc], fps[:, acc], d_img[acc], np.searchsorted(d_cls[acc], np.arange(num_classes + 1)),
+                       positives)
+
+
+def precision_from_matches(m: CocoMatches, weights: np.ndarray | None = None) -> np.ndarray:
+    """COCOeval's precision[T, 101, K] of the matched set, or of a resample: weights[i] = copies of image i.
+
+    A resample with image i taken w times equals COCOeval on a set holding w adjacent copies of image i.
+    """
+    num_t, num_k = m.tps.shape[0], len(m.bounds) - 1
+    w_img = np.ones(len(m.positives)) if weights is None else np.asarray(weights, float)
+    num_pos = (w_img[:, None] * m.positives).sum(0)
+    w_det = w_img[m.det_image]
+    precision = -np.ones((num_t, len(RECALL_POINTS), num_k))
     for c in np.flatnonzero(num_pos):
-        tp_sum = np.cumsum(tps[:, bounds[c]:bounds[c + 1]], axis=1).astype(float)
-        fp_sum = np.cumsum(fps[:, bounds[c]:bounds[c + 1]], axis=1).astype(float)
+        lo, hi = m.bounds[c], m.bounds[c + 1]
+        w = w_det[lo:hi]
+        tp_sum = np.cumsum(m.tps[:, lo:hi] * w, axis=1)
+        fp_sum = np.cumsum(m.fps[:, lo:hi] * w, axis=1)
+        if weights is not None:      # images left out of a resample add no detections
+            present = w > 0
+            tp_sum, fp_sum = tp_sum[:, present], fp_sum[:, present]
         nd = tp_sum.shape[1]
         precision[:, :, c] = 0.0
         if not nd:
@@ -176,10 +210,26 @@ def coco_precision(
         rc = tp_sum / num_pos[c]
         pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))  # COCOeval's formula, kept for bitwise equality
         pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # best precision at this recall or beyond
-        for t in range(len(IOU_THRESHOLDS)):
+        for t in range(num_t):
             idx = np.searchsorted(rc[t], RECALL_POINTS, side="left")
             precision[t, :, c] = np.where(idx < nd, pr[t, np.minimum(idx, nd - 1)], 0.0)
     return precision
+
+
+def coco_precision(
+    detections: Sequence[np.ndarray], ground_truths: Sequence[GroundTruth], num_classes: int,
+    max_dets: int = MAX_DETS,
+) -> np.ndarray:
+    """COCOeval's precision[T, 101, K] (area "all", maxDets max_dets); -1 for classes without objects."""
+    return precision_from_matches(coco_matches(detections, ground_truths, num_classes, max_dets))
+
+
+def mean_ap(precision: np.ndarray) -> tuple[float, float]:
+    """(map50, map50_95) of a precision[T, 101, K] array, as COCOeval.summarize; NaN without objects."""
+    valid, valid50 = precision > -1, precision[0] > -1
+    map50_95 = float(precision[valid].mean()) if valid.any() else math.nan
+    map50 = float(precision[0][valid50].mean()) if valid50.any() else math.nan
+    return map50, map50_95
 
 
 def coco_map(
@@ -194,7 +244,58 @@ def coco_map(
         p = precision[:, :, c]
         if (p > -1).any():
             ap50_95[c], ap50[c] = p[p > -1].mean(), p[0][p[0] > -1].mean()
-    valid, valid50 = precision > -1, precision[0] > -1
-    map50_95 = float(precision[valid].mean()) if valid.any() else math.nan
-    map50 = float(precision[0][valid50].mean()) if valid50.any() else math.nan
+    map50, map50_95 = mean_ap(precision)
     return {"map50": map50, "map50_95": map50_95, "per_class_ap50": ap50, "per_class_ap50_95": ap50_95}
+
+
+def resampled_maps(m: CocoMatches, weights: np.ndarray, chunk_elements: int = 4_000_000) -> np.ndarray:
+    """[R, 2]: (map50, map50_95) of each resample (weights [R, N]: copies of each image), vectorised over resamples.
+
+    Equal to mean_ap(precision_from_matches(m, w)) up to the order of the final means, but fast: COCOeval's
+    precision envelope peaks at true positives and a recall point is first reached at one, so only the true
+    positives of each threshold are visited; the detections before each are counted with one cumulative sum
+    of the image weights per class. Recall points are found by an integer search (the first true positive
+    whose weighted count k has k / positives >= the point in COCOeval's float arithmetic), so ties resolve
+    as in COCOeval.
+    """
+    weights = np.asarray(weights, np.float64)
+    num_r, num_t, num_k = len(weights), m.tps.shape[0], len(m.bounds) - 1
+    positives = weights @ m.positives                                  # [R, K] objects per class in each resample
+    ap_sum, classes = np.zeros((num_r, num_t)), (positives > 0).sum(1)
+    points = RECALL_POINTS[None]
+    for c in range(num_k):
+        lo, hi = m.bounds[c], m.bounds[c + 1]
+        tps, kept = m.tps[:, lo:hi], m.tps[:, lo:hi] | m.fps[:, lo:hi]
+        step = max(1, chunk_elements // max(1, hi - lo))
+        for start in range(0, num_r, step):
+            w = weights[start:start + step][:, m.det_image[lo:hi]]     # [B, Dc] weight of each detection
+            npos = positives[start:start + step, c]
+            seen = np.cumsum(w, axis=1)                                # detections up to and including each
+            safe = np.where(npos > 0, npos, 1.0)[:, None]
+            k = np.ceil(points * safe)                                 # smallest k with k / npos >= the point
+            k = np.where((k - 1) / safe >= points, k - 1, k)
+            k = np.where(k / safe < points, k + 1, k)                  # [B, 101]
+            for t in range(num_t):
+                tp_at = np.flatnonzero(tps[t])
+                if not len(tp_at):
+                    continue                                           # AP 0 where the class has objects
+                tp = np.cumsum(w[:, tp_at], axis=1)                    # [B, M] true positives so far
+                total = seen[:, tp_at]
+                ignored_at = np.flatnonzero(~kept[t])
+                if len(ignored_at):                                    # detections matched to crowd objects
+                    before = np.searchsorted(ignored_at, tp_at)
+                    ignored = np.cumsum(w[:, ignored_at], axis=1)
+                    total = total - np.where(before > 0, ignored[:, np.maximum(before - 1, 0)], 0.0)
+                pr = tp / (total + np.spacing(1))                      # tp / (tp + fp + eps), as COCOeval
+                pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
+                b, count = tp.shape
+                span = float(tp[:, -1].max()) + 2.0                    # rows of integer-valued floats: exact
+                rows = np.arange(b, dtype=np.float64)[:, None] * span
+                idx = np.searchsorted((tp + rows).ravel(), (np.minimum(k, span - 1) + rows).ravel(), "left")
+                idx = idx.reshape(b, -1) - np.arange(b)[:, None] * count
+                value = np.take_along_axis(pr, np.minimum(idx, count - 1), axis=1)
+                ap = np.where(idx < count, value, 0.0).mean(axis=1)
+                ap_sum[start:start + step, t] += np.where(npos > 0, ap, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_t = ap_sum / classes[:, None]
+    return np.stack([per_t[:, 0], per_t.mean(axis=1)], axis=1)

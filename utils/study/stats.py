@@ -1,0 +1,74 @@
+"""The study's statistics: mean +- sd over seeds and paired bootstrap deltas over test images.
+
+The delta of a variant to the baseline is averaged over the seeds both have; its interval comes from
+resampling test images with replacement, the same resample for both variants and every seed, and recomputing
+COCO mAP of each on it. Matching is done once per run (utils.ops.coco_map.coco_matches); a resample only
+re-weights the matched detections, so a thousand resamples cost seconds. The interval says how much the
+delta would move with another draw of test images of this kind; the seed spread shows in the sd columns.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from utils.ops.coco_map import CocoMatches, mean_ap, precision_from_matches, resampled_maps
+
+METRICS = ("map50", "map50_95")
+
+
+@dataclass
+class Delta:
+    """Variant minus baseline: the point estimate and its bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+
+    @property
+    def within_noise(self) -> bool:
+        """The interval covers 0 (or could not be computed)."""
+        return not (self.low > 0 or self.high < 0)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample sd (n - 1); sd is NaN for fewer than two values, both NaN for none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    mean = float(np.mean(finite))
+    return mean, float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+
+
+def resample_weights(num_images: int, resamples: int, seed: int = 0) -> np.ndarray:
+    """[resamples, N]: how often each image is drawn in each resample of N images with replacement."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(num_images, np.full(num_images, 1.0 / num_images), size=resamples).astype(float)
+
+
+def paired_deltas(baseline: dict[int, CocoMatches], variant: dict[int, CocoMatches], weights: np.ndarray,
+                  level: float = 0.95, cache: dict | None = None) -> dict[str, Delta] | None:
+    """Deltas (variant - baseline) of map50 and map50_95 over the seeds both have; None without a common seed.
+
+    cache: id(matches) -> resampled maps, so the baseline is resampled once for all variants.
+    """
+    seeds = sorted(set(baseline) & set(variant))
+    if not seeds:
+        return None
+    cache = {} if cache is None else cache
+
+    def maps(m: CocoMatches) -> np.ndarray:
+        if id(m) not in cache:
+            cache[id(m)] = (np.array(mean_ap(precision_from_matches(m))), resampled_maps(m, weights))
+        return cache[id(m)]
+
+    full = np.mean([maps(variant[s])[0] - maps(baseline[s])[0] for s in seeds], axis=0)          # [2]
+    boot = np.mean([maps(variant[s])[1] - maps(baseline[s])[1] for s in seeds], axis=0)          # [R, 2]
+    tail = (1 - level) / 2 * 100
+    out = {}
+    for k, metric in enumerate(METRICS):
+        finite = boot[:, k][np.isfinite(boot[:, k])]
+        low, high = (np.percentile(finite, [tail, 100 - tail]) if len(finite) else (math.nan, math.nan))
+        out[metric] = Delta(float(full[k]), float(low), float(high))
+    return out
