@@ -233,7 +233,7 @@ class YOLO:
         found = self.onnx.detect(x, self.conf, self.nms_iou)                       # K,7
         return [found[found[:, 0] == i, 1:] for i in range(images)]
 
-    def _run_network(self, batch: torch.Tensor) -> object:
+    def run_network(self, batch: torch.Tensor) -> object:
         """The network alone (with an in-graph-NMS ONNX model: the whole graph), for timing."""
         if self.onnx is not None and self.onnx.nms:
             return self._graph_detections(batch, batch.shape[0])
@@ -274,7 +274,7 @@ class YOLO:
         x = batch.to(self.device)
         start = time.perf_counter()
         for _ in range(iterations):
-            self._run_network(x)
+            self.run_network(x)
         sync()
         model_ms = (time.perf_counter() - start) / iterations * 1000
         start = time.perf_counter()

@@ -52,12 +52,14 @@ def providers_for(device: str | None) -> tuple[list, str]:
     return ["CPUExecutionProvider"], "onnxruntime cpu"
 
 
-def _session(path: Path, providers: list):
+def _session(path: Path, providers: list, threads: int | None = None):
     ort = _ort()
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
     options = ort.SessionOptions()
     options.log_severity_level = 3          # no per-node placement chatter
+    if threads:
+        options.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001 (onnxruntime raises its own exception types per failure)
@@ -80,10 +82,11 @@ def read_metadata(session, path: Path) -> dict[str, str]:
 class OnnxModel:
     """An ONNX Runtime session called like the network: 0..1 batch -> raw maps, or with in-graph NMS -> [K,7]."""
 
-    def __init__(self, path: str | Path, device: str | None = None):
+    def __init__(self, path: str | Path, device: str | None = None, threads: int | None = None):
+        """`threads`: CPU threads per operator (default onnxruntime's: one per physical core)."""
         self.path = Path(path)
         providers, self.label = providers_for(device)
-        self.session = _session(self.path, providers)
+        self.session = _session(self.path, providers, threads)
         self.meta = read_metadata(self.session, self.path)
         self.config: ModelConfig = as_model_config(json.loads(self.meta["model_config"]))
         self.nms = json.loads(self.meta.get("nms", "false"))
