@@ -91,6 +91,10 @@ def test_final_boxes_match_python_path_raw_and_in_graph_nms(model, phi, tmp_path
             # boxes in the original pixels: inside each image
             assert all((g[:, [0, 2]] <= im.shape[1]).all() and (g[:, [1, 3]] <= im.shape[0]).all()
                        for g, im in zip(got, images))
+    # the in-graph decode follows a dynamic input size (its grid comes from the traced output shapes)
+    expected = YOLO(weights, device="cpu", conf=conf, nms_iou=iou, img=128).predict(images)
+    got = YOLO(nms, conf=conf, nms_iou=iou, img=128).predict(images)
+    assert sum(len(d) for d in expected) >= 10 and all(matched(g, e) for g, e in zip(got, expected))
 
 
 def test_metadata_holds_the_config_and_a_fixed_batch_runs_image_by_image(tmp_path):
@@ -196,12 +200,25 @@ def test_a_block_that_cannot_export_is_named(tmp_path):
             flat = x.flatten(2)                                                  # B,C,HW
             return x * torch.linalg.eigvalsh(flat @ flat.transpose(1, 2)).mean().sigmoid()
 
+    @register_attention("eye_mask_test")
+    class EyeMask(nn.Module):
+        """Zeroes the diagonal through a boolean torch.eye: exports, but onnxruntime has no boolean EyeLike."""
+
+        def __init__(self, channels: int):
+            super().__init__()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.masked_fill(torch.eye(x.shape[2], x.shape[3], dtype=torch.bool, device=x.device), 0.0)
+
     try:
         weights = make_weights(tmp_path / "m.pt", attention_points={"feat2": {"type": "eigen_gate_test"}})
         with pytest.raises(ExportError, match=r"^attention block at feat2 \(eigen_gate_test\): .*eigvalsh"):
             export_onnx(weights, tmp_path / "m.onnx")
+        weights = make_weights(tmp_path / "m.pt", attention_points={"upsample": {"type": "eye_mask_test"}})
+        with pytest.raises(ExportError, match=r"does not run in onnxruntime .*EyeLike.*upsample_att"):
+            export_onnx(weights, tmp_path / "m.onnx")
     finally:
-        del ATTENTION_BLOCKS["eigen_gate_test"]
+        del ATTENTION_BLOCKS["eigen_gate_test"], ATTENTION_BLOCKS["eye_mask_test"]
     assert not (tmp_path / "m.onnx").exists()
 
 

@@ -9,6 +9,7 @@ onnxscript and handles every attention block and a dynamic batch and size on tor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -140,6 +141,22 @@ def simplify_model(model, name: str):
     return simplified
 
 
+def check_runs(data: bytes, args: tuple) -> None:
+    """Run the graph once in onnxruntime, when installed: an operator it lacks fails the export, not a later run."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return
+    import onnxruntime  # noqa: PLC0415
+    try:
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        session = onnxruntime.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+        session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})
+    except Exception as exc:  # noqa: BLE001 (onnxruntime's exception types vary; its message names the node)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ExportError(f"the exported graph does not run in onnxruntime ({reason}); the node name says which "
+                          f"layer or attention point") from None
+
+
 def _save(proto_bytes: bytes, out: Path) -> None:
     """Atomic write: a temp file beside `out`, then rename; a failure is OutputWriteError naming `out`."""
     try:
@@ -178,7 +195,7 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, *, img: int 
     ckpt = load_checkpoint(weights)
     config = as_model_config(ckpt["config"])
     if img is not None:
-        config = ModelConfig.from_dict({**config.to_dict(), "input_shape": [img, img]})
+        config = dataclasses.replace(config, input_shape=[img, img]).validate()
     model = build_model(config)
     model.load_state_dict(ckpt["model"])
     model = fuse_conv_bn(model.eval())
@@ -190,7 +207,7 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, *, img: int 
     strides = [config.input_shape[0] / r.shape[2] for r in raw]
     if nms:
         module = DetectionGraph(model, config, strides, max_det)
-        args = (x, torch.tensor([0.25]), torch.tensor([0.45]))
+        args = (x, torch.tensor([0.25]), torch.tensor([0.45]))          # example thresholds: inputs of the graph
         inputs, outputs = ["images", "score_threshold", "iou_threshold"], ["detections"]
         axes = {"detections": {0: "detections"}}
     else:
@@ -219,6 +236,8 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, *, img: int 
         proto.metadata_props.add(key=key, value=value)
     proto.doc_string = f"{config.model} ({config.attention}) for {len(config.class_names)} classes; {INPUT_DOC}"
     onnx.checker.check_model(proto)
-    _save(proto.SerializeToString(), out)
+    data = proto.SerializeToString()
+    check_runs(data, args)
+    _save(data, out)
     log.info("exported %s -> %s", weights, out)
     return out
