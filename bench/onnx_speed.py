@@ -8,6 +8,8 @@ Per model (random weights from a fixed seed: speed does not depend on them) and 
   model_ms   the network alone on a letterboxed batch of one (with --nms graphs: network + decode + NMS)
   e2e_ms     YOLO.predict(image in memory): letterbox + network + decode + NMS + rescale
   file_ms    YOLO.predict(path): the same plus reading and decoding the JPEG
+  file_cpu_ms  the same call's CPU time (process, all threads): on a machine shared with other work,
+             with --threads 1, the latency one free core would give
 Runtimes: torch cpu (fp32), onnxruntime cpu (fp32, raw outputs and --nms), and where CUDA is present
 torch cuda (fp16, channels_last, CUDA graph: YOLO's default) and onnxruntime cuda (fp32 and fp16; needs
 onnxruntime-gpu, else the rows say why they are missing).
@@ -37,16 +39,16 @@ from utils.engine.onnx_runtime import OnnxModel  # noqa: E402
 from yolo import YOLO  # noqa: E402
 
 
-def timed(fn, repeats: int, iters: int, sync) -> float:
-    """Median over `repeats` windows of the mean milliseconds of `iters` calls."""
+def timed(fn, repeats: int, iters: int, sync, clock=time.perf_counter) -> float:
+    """Median over `repeats` windows of the mean milliseconds of `iters` calls, on `clock`."""
     samples = []
     for _ in range(repeats):
         sync()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(iters):
             fn()
         sync()
-        samples.append((time.perf_counter() - start) / iters * 1000)
+        samples.append((clock() - start) / iters * 1000)
     return statistics.median(samples)
 
 
@@ -60,7 +62,9 @@ def measure(yolo: YOLO, path: Path, args, sync) -> dict:
         yolo.run_network(batch)
     return {"model_ms": timed(lambda: yolo.run_network(batch), args.repeats, args.iters, sync),
             "e2e_ms": timed(lambda: yolo.predict(image), args.repeats, args.iters, sync),
-            "file_ms": timed(lambda: yolo.predict(str(path)), args.repeats, args.iters, sync)}
+            "file_ms": timed(lambda: yolo.predict(str(path)), args.repeats, args.iters, sync),
+            # CPU time of this process per frame (all its threads): what a frame costs on a shared machine
+            "file_cpu_ms": timed(lambda: yolo.predict(str(path)), args.repeats, args.iters, sync, time.process_time)}
 
 
 def runtimes(weights: Path, folder: Path, args) -> list[tuple[str, dict]]:
@@ -125,7 +129,7 @@ def main() -> None:
             results.append(row)
             print(f"{model} phi {phi:>2}  {label:<28} model {row['model_ms']:7.2f} ms  e2e {row['e2e_ms']:7.2f} ms "
                   f"({1000 / row['e2e_ms']:6.1f} FPS)  with JPEG read {row['file_ms']:7.2f} ms "
-                  f"({1000 / row['file_ms']:6.1f} FPS)")
+                  f"({1000 / row['file_ms']:6.1f} FPS), CPU time {row['file_cpu_ms']:7.2f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "rows": results}, indent=1))
 
