@@ -231,7 +231,7 @@ class YOLO:
         """An in-graph-NMS model's [K,7] output split per image into [N,6] (x1, y1, x2, y2, score, class)."""
         x = batch.float().div_(255) if batch.dtype == torch.uint8 else batch.float()
         found = self.onnx.detect(x, self.conf, self.nms_iou)                       # K,7
-        return [found[found[:, 0] == i, 1:] for i in range(images)]
+        return [found[found[:, 0] == i, 1:][:self.max_det] for i in range(images)]        # best first
 
     def run_network(self, batch: torch.Tensor) -> object:
         """The network alone (with an in-graph-NMS ONNX model: the whole graph), for timing."""

@@ -21,6 +21,7 @@ from utils.config import PHI_NAMES
 from utils.data.sample_data import SAMPLE_CLASSES, make_sample_dataset
 from utils.engine.checkpoint import save_checkpoint
 from utils.engine.export import ExportError, export_onnx
+from utils.engine.onnx_runtime import providers_for
 from yolo import YOLO
 
 RNG = np.random.default_rng(0)
@@ -232,3 +233,19 @@ def test_foreign_onnx_file_and_missing_onnxruntime_are_clear_errors(tmp_path, mo
                         lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
     with pytest.raises(ValueError, match="pip install onnxruntime"):
         YOLO(foreign)
+
+
+def test_device_picks_the_execution_provider(monkeypatch):
+    import onnxruntime
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert providers_for(None) == (["CPUExecutionProvider"], "onnxruntime cpu")
+    assert providers_for("cpu")[1] == "onnxruntime cpu"
+    with pytest.raises(ValueError, match="no CUDAExecutionProvider"):
+        providers_for("cuda")
+    with pytest.raises(ValueError, match="expected cpu, cuda"):
+        providers_for("cuda:x")
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert providers_for(None) == ([("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"],
+                                   "onnxruntime cuda:0")
+    assert providers_for("1")[0][0] == ("CUDAExecutionProvider", {"device_id": 1})
+    assert providers_for(torch.device("cpu"))[1] == "onnxruntime cpu"

@@ -239,5 +239,5 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, *, img: int 
     data = proto.SerializeToString()
     check_runs(data, args)
     _save(data, out)
-    log.info("exported %s -> %s", weights, out)
+    log.debug("exported %s -> %s", weights, out)
     return out

@@ -34,15 +34,18 @@ def _ort():
     return importlib.import_module("onnxruntime")
 
 
-def providers_for(device: str | None) -> tuple[list, str]:
+def providers_for(device: str | torch.device | None) -> tuple[list, str]:
     """Execution providers for a --device value (None: CUDA when onnxruntime has it) and a short label."""
     available = _ort().get_available_providers()
-    name = (device or "").strip().lower()
+    name = ("" if device is None else str(device)).strip().lower()
     if name.isdigit():
         name = f"cuda:{name}"
     if name in ("", "cuda") or name.startswith("cuda:"):
+        index = name.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise ValueError(f"--device {device!r}: expected cpu, cuda, cuda:N or a GPU index")
         if "CUDAExecutionProvider" in available:
-            index = int(name.partition(":")[2] or 0)
+            index = int(index)
             return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"], f"onnxruntime cuda:{index}"
         if name:
             raise ValueError(f"--device {device}: this onnxruntime has no CUDAExecutionProvider (install "
@@ -82,7 +85,7 @@ def read_metadata(session, path: Path) -> dict[str, str]:
 class OnnxModel:
     """An ONNX Runtime session called like the network: 0..1 batch -> raw maps, or with in-graph NMS -> [K,7]."""
 
-    def __init__(self, path: str | Path, device: str | None = None, threads: int | None = None):
+    def __init__(self, path: str | Path, device: str | torch.device | None = None, threads: int | None = None):
         """`threads`: CPU threads per operator (default onnxruntime's: one per physical core)."""
         self.path = Path(path)
         providers, self.label = providers_for(device)
