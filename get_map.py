@@ -2,7 +2,7 @@
 
   python get_map.py --weights logs/<run>/best.pt [--data DIR] [--split test] [--out map_out]
 
-Model, classes and input size come from the checkpoint. Writes detections.json (COCO results),
+Model, classes and input size come from the checkpoint (or an exported .onnx file's metadata). Writes detections.json (COCO results),
 ground_truth.json (COCO) and summary.json into --out, so anyone can recompute the numbers.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.engine.checkpoint import load_checkpoint
+from utils.engine.onnx_runtime import is_onnx, onnx_checkpoint_view
 from utils.cli import add_plugin_flag, detect_config, print_config, run_cli
 from nets.attention import load_plugin
 from utils.config import EVAL_DETECTION, DataConfig, DetectConfig, add_flags, check_ranges, from_flat, setting
@@ -36,7 +37,8 @@ class EvalSettings:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="checkpoint written by train.py (best.pt / last.pt)")
+    p.add_argument("--weights", required=True, help="checkpoint written by train.py (best.pt / last.pt) or an "
+                                                    "exported .onnx")
     p.add_argument("--data", help="VOC folder, YOLO data.yaml, COCO json or folder, or 'sample' (default: the data "
                                   "the run trained on)")
     p.add_argument("--split", default="test", help="split to evaluate: train, val, test or the data's own name "
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     for plugin in args.plugin:
         load_plugin(plugin)
     detect = args.detect
-    ckpt = load_checkpoint(args.weights)
+    ckpt = onnx_checkpoint_view(args.weights) if is_onnx(args.weights) else load_checkpoint(args.weights)
     data = args.data or (ckpt.get("train_args") or {}).get("data") or DataConfig().data
     source = open_data(data)
     class_names = ckpt["config"]["class_names"]
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "attention": ckpt["config"]["attention"], "data": source.path,
                                 "format": source.describe(), "split": split,
                                 "images": len(records), "classes": ", ".join(class_names),
-                                "input": "x".join(map(str, yolo.input_shape)), "device": yolo.device,
+                                "input": "x".join(map(str, yolo.input_shape)), "device": yolo.runtime,
                                 "conf": detect.conf, "nms_iou": detect.nms_iou, "multi_label": detect.multi_label})
     evaluator = Evaluator(records, class_names, batch_size=args.batch, workers=args.workers)
     summary, coco_gt, coco_dets = evaluator.full(yolo, args.score_threshold)

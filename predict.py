@@ -3,10 +3,12 @@
   python predict.py --weights logs/<run>/best.pt --source img.jpg | folder/ | 'imgs/*.png' | video.mp4 | 0
   python predict.py --weights best.pt --source img.jpg --mode fps
   python predict.py --weights best.pt --source folder/ --mode heatmap
+  python predict.py --weights best.pt --mode export_onnx [--out best.onnx] [--dynamic] [--half] [--simplify] [--nms]
+  python predict.py --weights best.onnx --source img.jpg          (ONNX Runtime; every mode takes an .onnx)
 
-Model, classes and input size come from the checkpoint. On CUDA, folders of JPEGs are decoded and
-letterboxed on the GPU in batches while the next batch is read (--decode); results are written by
-background threads.
+Model, classes and input size come from the checkpoint (or the .onnx file's metadata). On CUDA, folders of
+JPEGs are decoded and letterboxed on the GPU in batches while the next batch is read (--decode); results are
+written by background threads.
 """
 from __future__ import annotations
 
@@ -32,7 +34,11 @@ from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts
                                      parse_class_filter, save_crops, write_image, yolo_label_lines)
 from utils.data.image_batches import DecodedBatch, ImageBatches, device_decode_available
 from utils.data.sources import Source, display_available, open_video, resolve_source
+from utils.engine.export import DEFAULT_OPSET, MIN_OPSET, export_onnx
 from yolo import YOLO
+
+
+EXPORT_MODE = "export_onnx"
 
 
 @dataclass
@@ -47,16 +53,19 @@ class PredictSettings:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="checkpoint written by train.py")
-    p.add_argument("--source", required=True, help="image, folder, glob, video file or webcam index (0)")
-    p.add_argument("--mode", default="predict", choices=("predict", "fps", "heatmap"),
-                   help="predict (default), fps (timing on the first image), heatmap (objectness overlay)")
+    p.add_argument("--weights", required=True, help="checkpoint written by train.py, or an exported .onnx")
+    p.add_argument("--source", help="image, folder, glob, video file or webcam index (0); all modes but export_onnx")
+    p.add_argument("--mode", default="predict", choices=("predict", "fps", "heatmap", EXPORT_MODE),
+                   help="predict (default), fps (timing on the first image), heatmap (objectness overlay), "
+                        "export_onnx (write an .onnx file)")
     add_flags(p, DetectConfig)
     add_plugin_flag(p)
     add_flags(p, PredictSettings)
     p.add_argument("--device", help="cuda, cuda:N or cpu (default cuda when present)")
-    p.add_argument("--half", action=argparse.BooleanOptionalAction, help="fp16 on CUDA (default on with CUDA)")
-    p.add_argument("--out", help="output folder (default a new img_out/exp<N>)")
+    p.add_argument("--half", action=argparse.BooleanOptionalAction,
+                   help="fp16 on CUDA (default on with CUDA); with export_onnx: fp16 weights in the file")
+    p.add_argument("--out", help="output folder (default a new img_out/exp<N>); with export_onnx: the .onnx file "
+                                 "(default the weights' name with .onnx)")
     p.add_argument("--save-txt", action="store_true", help="YOLO-format labels (class cx cy w h, normalised) per image")
     p.add_argument("--save-conf", action="store_true", help="with --save-txt: the score as a sixth column")
     p.add_argument("--save-json", action="store_true", help="all detections in predictions.json")
@@ -71,7 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="how image folders are decoded: opencv (host threads), device (JPEGs in batches with "
                         "torchvision's decode_jpeg on the model's device, nvJPEG on CUDA, and letterboxed there; "
                         "other files by OpenCV); auto = device on CUDA, else opencv")
+    add_export_flags(p)
     args = p.parse_args(argv)
+    check_export_flags(args)
     if args.save_conf and not args.save_txt:
         raise ValueError("--save-conf adds the score to the --save-txt labels; pass --save-txt too")
     args.detect = detect_config(args)
@@ -79,6 +90,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     check_ranges(settings)          # before the checkpoint is read or any folder made
     vars(args).update(dataclasses.asdict(settings))
     return args
+
+
+def add_export_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of --mode export_onnx."""
+    group = p.add_argument_group("ONNX export (--mode export_onnx)")
+    group.add_argument("--dynamic", action="store_true", help="dynamic batch and input size")
+    group.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim or onnxsim")
+    group.add_argument("--nms", action="store_true", help="decode and NMS inside the graph: the output is the final "
+                                                          "boxes [K,7] (image, x1, y1, x2, y2, score, class)")
+    group.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+
+
+def check_export_flags(args: argparse.Namespace) -> None:
+    """--source for every mode but export_onnx; export flags only with it (ValueError, a one-line CLI error)."""
+    if args.mode == EXPORT_MODE:
+        if args.opset < MIN_OPSET:
+            raise ValueError(f"--opset {args.opset}: must be at least {MIN_OPSET}")
+        return
+    if not args.source:
+        raise ValueError(f"--source is required for --mode {args.mode}")
+    given = [f for f in ("dynamic", "simplify", "nms") if getattr(args, f)] + (["opset"] if args.opset != DEFAULT_OPSET
+                                                                               else [])
+    if given:
+        raise ValueError(f"--{given[0]} applies to --mode {EXPORT_MODE} only")
+
+
+def run_export(args: argparse.Namespace) -> Path:
+    """Write the .onnx file and say what it holds."""
+    out = export_onnx(args.weights, args.out, img=args.img, dynamic=args.dynamic, half=bool(args.half),
+                      simplify=args.simplify, nms=args.nms, opset=args.opset)
+    parts = [f"opset {args.opset}", "fp16" if args.half else "fp32", "dynamic batch and size" if args.dynamic else
+             "static shape", "decode + NMS in the graph" if args.nms else "raw outputs"]
+    print(f"{args.weights} -> {out} ({', '.join(parts)}, {out.stat().st_size / 1e6:.1f} MB)")
+    return out
 
 
 class Outputs:
@@ -255,7 +300,7 @@ def predict_video(yolo: YOLO, source: Source, cap: cv2.VideoCapture, outputs: Ou
 def run_fps(yolo: YOLO, source: Source, iterations: int) -> None:
     r = yolo.measure_fps(source.paths[0], iterations)
     print(f"{yolo.config['model']} {yolo.config['attention']} at {yolo.input_shape[1]}x{yolo.input_shape[0]}, "
-          f"batch 1, {yolo.device}{' fp16' if yolo.half else ''}: model {r['model_ms']:.2f} ms ({r['model_fps']:.1f} FPS), "
+          f"batch 1, {yolo.runtime}{' fp16' if yolo.half else ''}: model {r['model_ms']:.2f} ms ({r['model_fps']:.1f} FPS), "
           f"end to end {r['e2e_ms']:.2f} ms ({r['e2e_fps']:.1f} FPS)")
 
 
@@ -286,10 +331,13 @@ def check_mode(mode: str, source: Source) -> None:
 
 def main(argv: list[str] | None = None) -> Path | None:
     args = parse_args(argv)
-    source = resolve_source(args.source)
-    check_mode(args.mode, source)
+    source = resolve_source(args.source) if args.mode != EXPORT_MODE else None
+    if source is not None:
+        check_mode(args.mode, source)
     for plugin in args.plugin:
         load_plugin(plugin)
+    if args.mode == EXPORT_MODE:
+        return run_export(args)
     detect = args.detect
     yolo = YOLO(args.weights, device=args.device, conf=detect.conf, nms_iou=detect.nms_iou, half=args.half,
                 img=args.img, multi_label=detect.multi_label)
@@ -310,7 +358,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         raise
     print_config("predict.py", {"weights": args.weights, "model": yolo.config["model"],
                                 "attention": yolo.config["attention"], "source": args.source, "mode": args.mode,
-                                "input": "x".join(map(str, yolo.input_shape)), "device": yolo.device,
+                                "input": "x".join(map(str, yolo.input_shape)), "device": yolo.runtime,
                                 "conf": detect.conf, "nms_iou": detect.nms_iou,
                                 **({"decode": decode} if source.kind == "images" else {}), "out": out})
     if args.mode == "heatmap":

@@ -1,6 +1,7 @@
 """class YOLO: the one inference pipeline (letterbox -> model -> decode -> batched NMS -> original pixels).
 
-predict.py, get_map.py, the evaluation during training, fps and heatmap modes all go through it.
+predict.py, get_map.py, the evaluation during training, fps and heatmap modes all go through it. An exported
+.onnx file takes the PyTorch network's place (utils/engine/onnx_runtime.py); everything around it is the same.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from utils.ops.images import letterbox
 from utils.ops.tensor_letterbox import letterbox_tensors
 from utils.ops.boxes import CellCache, non_max_suppression, split_level
 from utils.engine.checkpoint import load_checkpoint
+from utils.engine.onnx_runtime import OnnxModel, is_onnx
 from utils.config import PREDICT_DETECTION, ModelConfig
 from utils.data.dataset import load_image
 from utils.ops.plots import draw_detections
@@ -77,6 +79,9 @@ class YOLO:
                  letterbox: bool = True, half: bool | None = None,
                  max_det: int = 300, multi_label: bool = False, img: int | None = None,
                  cuda_graph: bool | None = None):
+        if is_onnx(weights):
+            self._init_onnx(weights, device, conf, nms_iou, letterbox, half, max_det, multi_label, img)
+            return
         ckpt = load_checkpoint(weights)
         config = as_model_config(ckpt["config"])
         model = build_model(config)
@@ -87,6 +92,26 @@ class YOLO:
         self.weights = str(weights)
         self.owns_model = True
         self._optimise_owned_model(cuda_graph)
+
+    def _init_onnx(self, weights, device, conf, nms_iou, letterbox, half, max_det, multi_label, img) -> None:
+        """An exported model run by ONNX Runtime; its precision, and its size unless exported --dynamic, are fixed."""
+        onnx = OnnxModel(weights, device)
+        config = onnx.config
+        if img is not None and img != config.input_shape[0]:
+            if not onnx.dynamic:
+                raise ValueError(f"--img {img}: {weights} was exported at {config.input_shape[0]} px without "
+                                 f"--dynamic; re-export it with --img {img} or --dynamic")
+            config = dataclasses.replace(config, input_shape=[img, img]).validate()
+        if half is not None and bool(half) != onnx.half:
+            raise ValueError(f"--half/--no-half: {weights} holds {'fp16' if onnx.half else 'fp32'} weights, fixed "
+                             f"at export (predict.py --mode export_onnx [--half])")
+        if onnx.nms and multi_label:
+            raise ValueError(f"{weights}: its in-graph NMS keeps each box's best class only; for multi-label NMS "
+                             f"export without --nms")
+        self._setup(onnx, config, "cpu", conf, nms_iou, letterbox, None, max_det, multi_label)
+        self.onnx, self.half, self.runtime = onnx, onnx.half, onnx.label
+        self.weights = str(weights)
+        self.owns_model, self.cuda_graph = True, False
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, config: ModelConfig | dict, device: str | torch.device | None = None,
@@ -105,7 +130,9 @@ class YOLO:
     def _setup(self, model, config, device, conf, nms_iou, letterbox, half, max_det, multi_label) -> None:
         config = as_model_config(config)
         self.device = select_device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval() if isinstance(model, torch.nn.Module) else model
+        self.onnx: OnnxModel | None = None
+        self.runtime = str(self.device)          # what runs the network, for display
         self.model_config = config
         self.config = config.to_dict()       # the checkpoint's plain form, for display and saving
         self.class_names = list(config.class_names)
@@ -176,6 +203,11 @@ class YOLO:
         """Raw head outputs for a uint8 (0..255) or float (0..1) batch."""
         x = batch.to(self.device, non_blocking=True)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        if self.onnx is not None:
+            if self.onnx.nms:
+                raise ValueError(f"{self.weights} was exported with --nms: it returns final boxes, not the raw maps "
+                                 f"this needs; export without --nms")
+            return self.onnx(x)
         if not self.owns_model:      # a model lent by the trainer: leave it as it is, use autocast
             autocast = torch.autocast("cuda", dtype=torch.float16) if self.half else nullcontext()
             with autocast:
@@ -194,7 +226,11 @@ class YOLO:
     def postprocess(self, outputs: list[torch.Tensor], metas: np.ndarray) -> list[np.ndarray]:
         """Raw outputs -> per image [N,6] (x1, y1, x2, y2, score, class) in original pixels."""
         pred = self.head.decode_outputs(outputs, self.cells(outputs))
-        dets = non_max_suppression(pred, self.conf, self.nms_iou, self.max_det, self.multi_label)
+        return self.to_original(non_max_suppression(pred, self.conf, self.nms_iou, self.max_det, self.multi_label),
+                                metas)
+
+    def to_original(self, dets: list[torch.Tensor], metas: np.ndarray) -> list[np.ndarray]:
+        """Per image [N,6] in input pixels -> in the original image's pixels, clipped to it."""
         # one copy to the host for the whole batch
         flat = torch.cat(dets).float().cpu().numpy() if dets else np.zeros((0, 6), np.float32)
         results = []
@@ -206,7 +242,21 @@ class YOLO:
 
     def infer(self, batch: torch.Tensor, metas: np.ndarray) -> list[np.ndarray]:
         """Preprocessed batch -> detections in original pixels."""
+        if self.onnx is not None and self.onnx.nms:
+            return self.to_original(self._graph_detections(batch, len(metas)), metas)
         return self.postprocess(self.forward(batch), metas)
+
+    def _graph_detections(self, batch: torch.Tensor, images: int) -> list[torch.Tensor]:
+        """An in-graph-NMS model's [K,7] output split per image into [N,6] (x1, y1, x2, y2, score, class)."""
+        x = batch.float().div_(255) if batch.dtype == torch.uint8 else batch.float()
+        found = self.onnx.detect(x, self.conf, self.nms_iou)                       # K,7
+        return [found[found[:, 0] == i, 1:][:self.max_det] for i in range(images)]        # best first
+
+    def run_network(self, batch: torch.Tensor) -> object:
+        """The network alone (with an in-graph-NMS ONNX model: the whole graph), for timing."""
+        if self.onnx is not None and self.onnx.nms:
+            return self._graph_detections(batch, batch.shape[0])
+        return self.forward(batch)
 
     def predict(self, images: ImageLike | list[ImageLike], batch_size: int = 32) -> list[np.ndarray]:
         """One image or a list -> per image an array [N,6] (x1, y1, x2, y2, score, class)."""
@@ -243,7 +293,7 @@ class YOLO:
         x = batch.to(self.device)
         start = time.perf_counter()
         for _ in range(iterations):
-            self.forward(x)
+            self.run_network(x)
         sync()
         model_ms = (time.perf_counter() - start) / iterations * 1000
         start = time.perf_counter()

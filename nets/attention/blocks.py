@@ -390,8 +390,10 @@ class CrissCrossAttention(_SelfAttention):
         with _no_autocast(x):
             # energies along the column (b,h,w,h') and the row (b,h,w,w')
             e_col = torch.einsum("bchw,bcgw->bhwg", q, k)
-            # a pixel is on its own row and column: count it once (in the row term)
-            self_mask = torch.eye(h, dtype=torch.bool, device=x.device)[:, None, :]   # h,1,h'
+            # a pixel is on its own row and column: count it once (in the row term); arange == arange, not
+            # torch.eye, because ONNX Runtime has no boolean EyeLike
+            rows = torch.arange(h, device=x.device)
+            self_mask = (rows[:, None] == rows[None, :])[:, None, :]                  # h,1,h'
             e_col = e_col.masked_fill(self_mask, float("-inf"))
             e_row = torch.einsum("bchw,bchv->bhwv", q, k)
             attn = torch.softmax(torch.cat([e_col, e_row], dim=-1), dim=-1)
