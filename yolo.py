@@ -31,7 +31,9 @@ from utils.config import PREDICT_DETECTION, ModelConfig
 from utils.data.dataset import load_image
 from utils.ops.plots import draw_detections
 from utils.engine.torch_utils import CudaGraphForward, select_device
+from utils.log import get_logger
 
+log = get_logger(__name__)
 ImageLike = str | Path | np.ndarray | Image.Image
 
 
@@ -105,9 +107,10 @@ class YOLO:
         if half is not None and bool(half) != onnx.half:
             raise ValueError(f"--half/--no-half: {weights} holds {'fp16' if onnx.half else 'fp32'} weights, fixed "
                              f"at export (predict.py --mode export_onnx [--half])")
-        if onnx.nms and multi_label:
-            raise ValueError(f"{weights}: its in-graph NMS keeps each box's best class only; for multi-label NMS "
-                             f"export without --nms")
+        if onnx.nms and multi_label:     # e.g. get_map.py's default protocol
+            log.warning("%s: its in-graph NMS keeps each box's best class only, so multi-label NMS is not applied "
+                        "(export without --nms for it)", weights)
+            multi_label = False
         self._setup(onnx, config, "cpu", conf, nms_iou, letterbox, None, max_det, multi_label)
         self.onnx, self.half, self.runtime = onnx, onnx.half, onnx.label
         self.weights = str(weights)
