@@ -62,8 +62,9 @@ def cam_maps(yolo: YOLO, image_bgr: np.ndarray, method: str, layer: str, per_box
     model = torch_model(yolo, "--cam")
     module, use_input = resolve_layer(model, layer)
     x, meta = model_input(yolo, image_bgr)
-    with capture(module, use_input) as store, torch.enable_grad():
-        x.requires_grad_(method != "eigen")        # gradients reach the layer even if its weights are frozen
+    gradients = method != "eigen"
+    with capture(module, use_input) as store, torch.set_grad_enabled(gradients):
+        x.requires_grad_(gradients)                 # gradients reach the layer even if its weights are frozen
         outputs = model(x)
     if not store or not isinstance(store[0], torch.Tensor) or store[0].dim() != 4:
         raise ValueError(f"--cam-layer {layer!r}: its output is not one B,C,H,W feature map")
