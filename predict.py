@@ -230,18 +230,20 @@ def run_pictures(source: Source, out: Path, suffix: str, draw) -> None:
     print(f"{len(source.paths) - len(skipped)} {suffix} images -> {out}")
 
 
-def picture_mode(args: argparse.Namespace, yolo: YOLO, wanted: set[int] | None) -> tuple[str, object] | None:
-    """(file suffix, image -> picture) of heatmap and attention modes, checked before any folder is made."""
+def picture_mode(args: argparse.Namespace, yolo: YOLO, wanted: set[int] | None) -> tuple[str, object, str] | None:
+    """(file suffix, image -> picture, what it draws) of heatmap and attention modes, checked before any folder
+    is made."""
     if args.mode == "attention":
         check_has_attention(yolo)
-        return "attention", lambda image: attention_picture(yolo, image)
+        return "attention", lambda image: attention_picture(yolo, image), "attention maps"
     if args.mode != "heatmap":
         return None
     if not args.cam:
-        return "heatmap", yolo.heatmap
+        return "heatmap", yolo.heatmap, "objectness heatmap"
     layer = args.cam_layer or default_layer(torch_model(yolo, "--cam"), yolo.input_shape[0])
     resolve_layer(torch_model(yolo, "--cam"), layer)
-    return f"{args.cam}cam", lambda image: cam_picture(yolo, image, args.cam, layer, args.cam_per_box, wanted)
+    what = f"{args.cam}cam at {layer}{', per box' if args.cam_per_box else ''}"
+    return f"{args.cam}cam", lambda image: cam_picture(yolo, image, args.cam, layer, args.cam_per_box, wanted), what
 
 
 def check_mode(mode: str, source: Source) -> None:
@@ -277,11 +279,12 @@ def main(argv: list[str] | None = None) -> Path | None:
             cap.release()
         raise
     print_config("predict.py", {"weights": args.weights, "model": yolo.config["model"],
-                                "attention": yolo.config["attention"], "source": args.source, "mode": args.mode,
+                                "attention": yolo.config["attention"], "source": args.source,
+                                "mode": f"{args.mode} ({pictures[2]})" if pictures else args.mode,
                                 "input": "x".join(map(str, yolo.input_shape)), "device": yolo.device,
                                 "conf": detect.conf, "nms_iou": detect.nms_iou, "out": out})
     if pictures:
-        run_pictures(source, out, *pictures)
+        run_pictures(source, out, *pictures[:2])
         return out
     outputs = Outputs(args, yolo, out, wanted)
     if source.kind == "images":
