@@ -116,8 +116,12 @@ def panels_figure(image_bgr: np.ndarray, rows: list[list[Panel]], row_titles: li
                 ax.set_axis_off()
                 continue
             panel = row[c]
-            {"spatial": lambda: _spatial(fig, ax, image_rgb, panel), "channel": lambda: _channel(ax, panel),
-             "text": lambda: _text(ax, panel)}[panel.kind]()
+            if panel.kind == "spatial":
+                _spatial(fig, ax, image_rgb, panel)
+            elif panel.kind == "channel":
+                _channel(ax, panel)
+            else:
+                _text(ax, panel)
             title = f"{row_titles[r]}: {panel.title}" if row_titles and c == 0 else panel.title
             ax.set_title(_wrap(title, cell_w * 1.2), fontsize=9)
     fig.tight_layout()
