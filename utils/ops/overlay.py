@@ -43,7 +43,7 @@ def _pyplot():
 
 
 def _wrap(title: str, width_in: float) -> str:
-    return "\n".join(textwrap.wrap(title, max(20, int(width_in * 13))))
+    return "\n".join(textwrap.wrap(title, max(20, int(width_in * 10))))
 
 
 def tick_labels(lo: float, hi: float, ticks: tuple[float, ...]) -> list[str]:
