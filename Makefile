@@ -28,12 +28,15 @@ demo: $(STAMP)
 	$(PY) get_map.py --weights $(DEMO)/best.pt --data sample --split test --out $(DEMO)/map_out
 	$(PY) predict.py --weights $(DEMO)/best.pt --source 'VOCdevkit/sample/JPEGImages/sample_00030*.jpg' --out $(DEMO)/predict
 	$(PY) predict.py --weights $(DEMO)/best.pt --source VOCdevkit/sample/JPEGImages/sample_000300.jpg --mode heatmap --out $(DEMO)/heatmap
+	$(PY) predict.py --weights $(DEMO)/best.pt --source VOCdevkit/sample/JPEGImages/sample_000300.jpg --mode heatmap --cam grad --cam-layer feat2 --out $(DEMO)/heatmap
+	$(PY) predict.py --weights $(DEMO)/best.pt --source VOCdevkit/sample/JPEGImages/sample_000300.jpg --mode attention --out $(DEMO)/attention
 	@echo
 	@echo "demo outputs:"
 	@echo "  run folder      $(DEMO)/  (best.pt, last.pt, results.csv, loss.png, map.png)"
 	@echo "  evaluation      $(DEMO)/map_out/summary.json (+ detections.json, ground_truth.json)"
 	@echo "  predictions     $(DEMO)/predict/*.jpg"
-	@echo "  heatmap         $(DEMO)/heatmap/sample_000300_heatmap.jpg"
+	@echo "  heatmaps        $(DEMO)/heatmap/sample_000300_heatmap.jpg, sample_000300_gradcam.jpg"
+	@echo "  attention       $(DEMO)/attention/sample_000300_attention.jpg"
 
 clean-demo:
 	rm -rf $(DEMO)

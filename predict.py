@@ -1,8 +1,10 @@
-"""Detect objects in images, folders, globs, videos and webcams; measure speed; draw objectness heatmaps.
+"""Detect objects in images, folders, globs, videos and webcams; measure speed; show where the model looks.
 
   python predict.py --weights logs/<run>/best.pt --source img.jpg | folder/ | 'imgs/*.png' | video.mp4 | 0
   python predict.py --weights best.pt --source img.jpg --mode fps
-  python predict.py --weights best.pt --source folder/ --mode heatmap
+  python predict.py --weights best.pt --source folder/ --mode heatmap                     # objectness
+  python predict.py --weights best.pt --source img.jpg --mode heatmap --cam grad --cam-layer feat2 [--cam-per-box]
+  python predict.py --weights best.pt --source img.jpg --mode attention                   # each block's own maps
   python predict.py --weights best.pt --mode export_onnx [--out best.onnx] [--dynamic] [--half] [--simplify] [--nms]
   python predict.py --weights best.onnx --source img.jpg          (ONNX Runtime; every mode takes an .onnx)
 
@@ -27,6 +29,8 @@ from tqdm import tqdm
 
 from nets.attention import load_plugin
 from utils.cli import add_plugin_flag, detect_config, print_config, run_cli
+from utils.engine.explain import (CAM_METHODS, attention_picture, cam_picture, check_has_attention, default_layer,
+                                  resolve_layer, torch_model)
 from utils.engine.folders import OutputError, inside, make_dir, numbered_dir, prepare_out, safe_component, write_text
 from utils.config import MAX_INPUT_SIZE, DetectConfig, add_flags, check_ranges, from_flat, setting
 from utils.data.dataset import ImageReadError, load_image
@@ -35,6 +39,7 @@ from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts
 from utils.data.image_batches import DecodedBatch, ImageBatches, device_decode_available
 from utils.data.sources import Source, display_available, open_video, resolve_source
 from utils.engine.export import DEFAULT_OPSET, MIN_OPSET, export_onnx
+from utils.ops.plots import detection_rects
 from yolo import YOLO
 
 
@@ -49,15 +54,23 @@ class PredictSettings:
                               shown="the checkpoint's", metavar="SIZE")
     batch: int = setting(16, "images per forward pass for folders", low=1)
     fps_iters: int = setting(100, "timed iterations in fps mode", low=1)
+    cam: str | None = setting(None, "heatmap mode: a class-activation map instead of objectness: eigen (EigenCAM), "
+                                    "grad (Grad-CAM) or layer (LayerCAM)", type=str, choices=CAM_METHODS,
+                              shown="none: objectness")
+    cam_layer: str | None = setting(None, "layer of --cam: an attention point (feat1, feat2, upsample; p3, p4, p5, "
+                                          "up5, up4), POINT:in for the map entering its block, or a submodule name",
+                                    type=str, shown="the coarsest point, feat2 or p5", metavar="LAYER")
+    cam_per_box: bool = setting(False, "--cam per detected box: each box's score is the target and the map is "
+                                       "renormalised inside each box")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="checkpoint written by train.py, or an exported .onnx")
     p.add_argument("--source", help="image, folder, glob, video file or webcam index (0); all modes but export_onnx")
-    p.add_argument("--mode", default="predict", choices=("predict", "fps", "heatmap", EXPORT_MODE),
-                   help="predict (default), fps (timing on the first image), heatmap (objectness overlay), "
-                        "export_onnx (write an .onnx file)")
+    p.add_argument("--mode", default="predict", choices=("predict", "fps", "heatmap", "attention", EXPORT_MODE),
+                   help="predict (default), fps (timing on the first image), heatmap (objectness, or --cam), "
+                        "attention (each attention block's own maps), export_onnx (write an .onnx file)")
     add_flags(p, DetectConfig)
     add_plugin_flag(p)
     add_flags(p, PredictSettings)
@@ -88,6 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.detect = detect_config(args)
     settings = from_flat(PredictSettings, vars(args))
     check_ranges(settings)          # before the checkpoint is read or any folder made
+    check_cam_flags(settings, args.mode)
     vars(args).update(dataclasses.asdict(settings))
     return args
 
@@ -124,6 +138,15 @@ def run_export(args: argparse.Namespace) -> Path:
              "static shape", "decode + NMS in the graph" if args.nms else "raw outputs"]
     print(f"{args.weights} -> {out} ({', '.join(parts)}, {out.stat().st_size / 1e6:.1f} MB)")
     return out
+
+
+def check_cam_flags(settings: PredictSettings, mode: str) -> None:
+    """--cam needs --mode heatmap; --cam-layer and --cam-per-box need --cam."""
+    if settings.cam and mode != "heatmap":
+        raise ValueError(f"--cam draws in --mode heatmap, not --mode {mode}")
+    for flag, given in (("--cam-layer", settings.cam_layer is not None), ("--cam-per-box", settings.cam_per_box)):
+        if given and not settings.cam:
+            raise ValueError(f"{flag} needs --cam eigen|grad|layer")
 
 
 class Outputs:
@@ -277,7 +300,7 @@ def predict_video(yolo: YOLO, source: Source, cap: cv2.VideoCapture, outputs: Ou
             drawn = yolo.detect_image(frame, dets)
             elapsed = time.perf_counter() - start
             fps = 1 / elapsed if not fps else 0.9 * fps + 0.1 / elapsed   # smoothed
-            writer.write(draw_fps(drawn, fps))
+            writer.write(draw_fps(drawn, fps, avoid=detection_rects(dets, yolo.class_names, frame.shape)))
             frames += 1
             bar.update()
             if outputs.show:
@@ -304,10 +327,11 @@ def run_fps(yolo: YOLO, source: Source, iterations: int) -> None:
           f"end to end {r['e2e_ms']:.2f} ms ({r['e2e_fps']:.1f} FPS)")
 
 
-def run_heatmap(yolo: YOLO, source: Source, out: Path) -> None:
-    """One objectness overlay per image; unreadable images are skipped and counted (a single one is an error)."""
+def run_pictures(source: Source, out: Path, suffix: str, draw) -> None:
+    """One picture `draw(image)` per image as <stem>_<suffix>.jpg; unreadable images are skipped and counted
+    (a single one is an error)."""
     stems, skipped = UniqueStems(), []
-    for path in tqdm(source.paths, desc="heatmap", disable=len(source.paths) == 1, file=sys.stdout):
+    for path in tqdm(source.paths, desc=suffix, disable=len(source.paths) == 1, file=sys.stdout):
         try:
             image = load_image(path)
         except ImageReadError:
@@ -315,18 +339,34 @@ def run_heatmap(yolo: YOLO, source: Source, out: Path) -> None:
                 raise
             skipped.append(path)
             continue
-        write_image(inside(out, f"{stems(path.name)}_heatmap.jpg"), yolo.heatmap(image))
+        write_image(inside(out, f"{stems(path.name)}_{suffix}.jpg"), draw(image))
     if skipped:
         print(f"warning: skipped {len(skipped)} unreadable images (first: {skipped[0]})", file=sys.stderr)
-    print(f"{len(source.paths) - len(skipped)} heatmaps -> {out}")
+    print(f"{len(source.paths) - len(skipped)} {suffix} images -> {out}")
+
+
+def picture_mode(args: argparse.Namespace, yolo: YOLO, wanted: set[int] | None) -> tuple[str, object, str] | None:
+    """(file suffix, image -> picture, what it draws) of heatmap and attention modes, checked before any folder
+    is made."""
+    if args.mode == "attention":
+        check_has_attention(yolo)
+        return "attention", lambda image: attention_picture(yolo, image), "attention maps"
+    if args.mode != "heatmap":
+        return None
+    if not args.cam:
+        return "heatmap", yolo.heatmap, "objectness heatmap"
+    layer = args.cam_layer or default_layer(torch_model(yolo, "--cam"), yolo.input_shape[0])
+    resolve_layer(torch_model(yolo, "--cam"), layer)
+    what = f"{args.cam}cam at {layer}{', per box' if args.cam_per_box else ''}"
+    return f"{args.cam}cam", lambda image: cam_picture(yolo, image, args.cam, layer, args.cam_per_box, wanted), what
 
 
 def check_mode(mode: str, source: Source) -> None:
-    """fps and heatmap modes read images, not streams."""
+    """fps, heatmap and attention modes read images, not streams."""
     if mode == "fps" and source.kind != "images":
         raise ValueError("--mode fps needs an image --source")
-    if mode == "heatmap" and source.kind != "images":
-        raise ValueError("--mode heatmap needs image --source (a file, folder or glob)")
+    if mode in ("heatmap", "attention") and source.kind != "images":
+        raise ValueError(f"--mode {mode} needs image --source (a file, folder or glob)")
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -347,6 +387,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     # inputs are checked before the output folder exists: a failed run leaves nothing behind
     wanted = parse_class_filter(args.classes, yolo.class_names)
     decode = decode_mode(args.decode, yolo)
+    pictures = picture_mode(args, yolo, wanted)
     cap = open_video(source) if source.kind != "images" else None
     if source.kind == "images" and len(source.paths) == 1:
         load_image(source.paths[0])     # a single unreadable image is an error, not a skipped file
@@ -357,12 +398,13 @@ def main(argv: list[str] | None = None) -> Path | None:
             cap.release()
         raise
     print_config("predict.py", {"weights": args.weights, "model": yolo.config["model"],
-                                "attention": yolo.config["attention"], "source": args.source, "mode": args.mode,
+                                "attention": yolo.config["attention"], "source": args.source,
+                                "mode": f"{args.mode} ({pictures[2]})" if pictures else args.mode,
                                 "input": "x".join(map(str, yolo.input_shape)), "device": yolo.runtime,
                                 "conf": detect.conf, "nms_iou": detect.nms_iou,
                                 **({"decode": decode} if source.kind == "images" else {}), "out": out})
-    if args.mode == "heatmap":
-        run_heatmap(yolo, source, out)
+    if pictures:
+        run_pictures(source, out, *pictures[:2])
         return out
     outputs = Outputs(args, yolo, out, wanted)
     if source.kind == "images":

@@ -16,7 +16,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from nets.common import fuse_conv_bn
@@ -24,8 +23,9 @@ from nets.heads import build_head
 from nets.yolo import as_model_config, build_model
 from utils.ops.images import letterbox
 from utils.ops.tensor_letterbox import letterbox_tensors
-from utils.ops.boxes import CellCache, non_max_suppression, split_level
+from utils.ops.boxes import CellCache, non_max_suppression
 from utils.engine.checkpoint import load_checkpoint
+from utils.engine.explain.objectness import objectness_picture
 from utils.engine.onnx_runtime import OnnxModel, is_onnx
 from utils.config import PREDICT_DETECTION, ModelConfig
 from utils.data.dataset import load_image
@@ -271,19 +271,9 @@ class YOLO:
         return results
 
     def heatmap(self, image: ImageLike) -> np.ndarray:
-        """The image (BGR) overlaid with the highest objectness over anchors and levels: where the model looks."""
-        bgr = to_bgr(image)
-        batch, metas = self.preprocess([bgr])
-        h, w = self.input_shape
-        heat = torch.zeros(h, w, device=self.device)
-        for raw, mask in zip(self.forward(batch), self.model_config.anchors_mask):
-            obj = split_level(raw.float(), len(mask))[0, ..., 4].sigmoid().amax(0)          # H',W'
-            heat = torch.maximum(heat, F.interpolate(obj[None, None], size=(h, w), mode="bilinear")[0, 0])
-        rx, ry, px, py, w0, h0 = metas[0]
-        crop = heat[int(py):int(py + round(h0 * ry)), int(px):int(px + round(w0 * rx))].cpu().numpy()
-        heat_map = cv2.resize(crop, (int(w0), int(h0)), interpolation=cv2.INTER_LINEAR)
-        colored = cv2.applyColorMap((heat_map.clip(0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
-        return cv2.addWeighted(bgr, 0.5, colored, 0.5, 0)
+        """The image (BGR) overlaid with the highest objectness over anchors and levels, scaled to this image's
+        min-max, with a colour bar in absolute values: where the model looks."""
+        return objectness_picture(self, to_bgr(image))
 
     def measure_fps(self, image: ImageLike, iterations: int = 100, warmup: int = 10) -> dict:
         """Milliseconds per image for the model alone and end to end (letterbox + model + decode + NMS)."""

@@ -213,7 +213,7 @@ def test_heatmap_skips_and_counts_bad_images(weights, images, tmp_path, capsys):
     out = predict.main(["--weights", str(weights), "--source", str(src), "--mode", "heatmap",
                         "--out", str(tmp_path / "out"), "--device", "cpu"])
     captured = capsys.readouterr()
-    assert len(list(out.glob("*_heatmap.jpg"))) == 2 and "2 heatmaps" in captured.out
+    assert len(list(out.glob("*_heatmap.jpg"))) == 2 and "2 heatmap images" in captured.out
     assert "skipped 1 unreadable images" in captured.err and "0_bad.jpg" in captured.err
 
 

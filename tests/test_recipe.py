@@ -87,7 +87,7 @@ def test_a_resumed_run_keeps_its_recipe():
 def test_evaluation_uses_the_coco_style_protocol():
     """conf 0.001, NMS IoU 0.6 and every class per box for mAP (as ultralytics val.py); prediction keeps its own."""
     assert (EVAL_DETECTION.conf, EVAL_DETECTION.nms_iou, EVAL_DETECTION.multi_label) == (0.001, 0.6, True)
-    assert (PREDICT_DETECTION.conf, PREDICT_DETECTION.nms_iou, PREDICT_DETECTION.multi_label) == (0.5, 0.3, False)
+    assert (PREDICT_DETECTION.conf, PREDICT_DETECTION.nms_iou, PREDICT_DETECTION.multi_label) == (0.25, 0.3, False)
     assert get_map.parse_args(["--weights", "w.pt"]).detect == EVAL_DETECTION
     old = get_map.parse_args(["--weights", "w.pt", "--nms-iou", "0.5", "--no-multi-label"]).detect
     assert (old.nms_iou, old.multi_label) == (0.5, False)

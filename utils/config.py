@@ -350,11 +350,12 @@ class TrainConfig:
 class DetectConfig:
     """Which detections are kept: score threshold and NMS overlap."""
 
-    conf: float = setting(0.5, "score threshold", low=0.0, high=1.0)
+    conf: float = setting(0.25, "score threshold", low=0.0, high=1.0)
     nms_iou: float = setting(0.3, "NMS IoU threshold", low=0.0, high=1.0)
     multi_label: bool = setting(False, "keep every class scoring above --conf for a box, not only its best")
 
 
+# prediction: ultralytics' 0.25 (the YOLOv4-tiny tutorials' 0.5 is --conf 0.5)
 PREDICT_DETECTION = DetectConfig()
 # mAP counts every detection: get_map.py and the evaluation after each epoch. IoU 0.6 and multi-label are
 # the COCO-style protocol of ultralytics' val.py, so numbers compare with theirs; crowded objects (blood

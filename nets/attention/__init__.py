@@ -2,9 +2,10 @@
 from nets.attention.registry import (ALIASES, ATTENTION_BLOCKS, attention_name, attention_phi, attention_placement,
                                      build_attention, build_point, load_plugin, register_attention,
                                      start_near_identity)
-from nets.attention.blocks import (BAM, CBAM, CCNet, DANet, ECA, GAM, SE, SGE, BatchNormSingle1d,  # noqa: E402
-                                   ChannelAttention, CoordAttention, CrissCrossAttention, HSwish,
-                                   PolarizedSelfAttention, PositionAttention, ShuffleAttention, eca_kernel_size)
+from nets.attention.blocks import (BAM, CBAM, ECA, GAM, SE, SGE, BatchNormSingle1d,  # noqa: E402
+                                   CoordAttention, HSwish, PolarizedSelfAttention, ShuffleAttention, eca_kernel_size)
+from nets.attention.self_attention import (CCNet, ChannelAttention, CrissCrossAttention, DANet,  # noqa: E402
+                                           PositionAttention)
 from utils.config import PHI_NAMES as ATTENTION_NAMES  # noqa: E402
 
 # the built-ins registered themselves in phi order on import

@@ -1,9 +1,15 @@
-"""The eleven published attention blocks, registered in phi order (nets/attention/registry.py).
+"""The published attention blocks phi 1-9, registered in phi order (nets/attention/registry.py);
+DANet and CCNet (10, 11) are in nets/attention/self_attention.py.
 
 Every block is `Block(channels, **kw)`, keeps the input shape, follows the
 paper's official code (deviations are named in the block's docstring), and is
 safe under float16/bfloat16 autocast: attention maps that sum many products
 are computed in float32.
+
+Each block also has `explain(x) -> {name: tensor}`: the gates it would apply to input x, computed by the
+same methods its forward calls, so nothing is stored and training, CUDA graphs and ONNX export see
+the forward alone. A map's shape says what it is: [B,C,1,1] a per-channel gate, [B,1,1,1] a scalar,
+anything else (B,C|1,H|1,W|1 with H or W > 1) a spatial response.
 """
 from __future__ import annotations
 
@@ -66,6 +72,10 @@ class SE(nn.Module):
         # b,c,h,w -> b,c,1,1 gate
         return x * self.fc(x)
 
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The channel gate (SE has no spatial map)."""
+        return {"channel gate": self.fc(x)}
+
     def start_near_identity(self) -> None:
         """The gate starts at NEAR_IDENTITY_GATE for every channel."""
         _set_gate(self.fc[3], NEAR_IDENTITY_GATE)
@@ -84,13 +94,22 @@ class CBAM(nn.Module):
             nn.BatchNorm2d(1),
         )
 
+    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
+        # b,c,h,w -> b,c (avg and max) -> shared MLP -> b,c,1,1
+        return torch.sigmoid(self.mlp(x.mean((2, 3))) + self.mlp(x.amax((2, 3))))[:, :, None, None]
+
+    def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
+        # b,c,h,w -> b,2,h,w (max, mean over channels) -> b,1,h,w
+        return torch.sigmoid(self.spatial(torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # channel gate: b,c,h,w -> b,c (avg and max) -> shared MLP -> b,c,1,1
-        gate = self.mlp(x.mean((2, 3))) + self.mlp(x.amax((2, 3)))
-        x = x * torch.sigmoid(gate)[:, :, None, None]
-        # spatial gate: b,c,h,w -> b,2,h,w (max, mean over channels) -> b,1,h,w
-        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return x * torch.sigmoid(self.spatial(pooled))
+        x = x * self.channel_gate(x)
+        return x * self.spatial_gate(x)
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The channel gate, and the spatial gate applied to the channel-gated input."""
+        channel = self.channel_gate(x)
+        return {"channel gate": channel, "spatial gate": self.spatial_gate(x * channel)}
 
     def start_near_identity(self) -> None:
         """Both gates start constant, their product at NEAR_IDENTITY_GATE (the spatial one through its BN's affine)."""
@@ -115,10 +134,16 @@ class ECA(nn.Module):
         k = kernel_size or eca_kernel_size(channels)
         self.conv = nn.Conv1d(1, 1, k, padding=(k - 1) // 2, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
         # b,c,h,w -> b,1,c -> conv across channels -> b,c,1,1
-        y = self.conv(x.mean((2, 3)).unsqueeze(1))
-        return x * torch.sigmoid(y).transpose(1, 2).unsqueeze(-1)
+        return torch.sigmoid(self.conv(x.mean((2, 3)).unsqueeze(1))).transpose(1, 2).unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The channel gate (ECA has no spatial map)."""
+        return {"channel gate": self.gate(x)}
 
 
 class HSwish(nn.Module):
@@ -141,7 +166,8 @@ class CoordAttention(nn.Module):
         self.conv_h = nn.Conv2d(mip, channels, 1)
         self.conv_w = nn.Conv2d(mip, channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The height gate [B,C,H,1] and the width gate [B,C,1,W]."""
         h, w = x.shape[2:]
         x_h = x.mean(3, keepdim=True)                        # b,c,h,1
         x_w = x.mean(2, keepdim=True).transpose(2, 3)        # b,c,w,1
@@ -149,7 +175,16 @@ class CoordAttention(nn.Module):
         y_h, y_w = torch.split(y, [h, w], dim=2)
         a_h = torch.sigmoid(self.conv_h(y_h))                # b,c,h,1
         a_w = torch.sigmoid(self.conv_w(y_w.transpose(2, 3)))  # b,c,1,w
+        return a_h, a_w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a_h, a_w = self.gates(x)
         return x * a_h * a_w
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The height and width gates and their product (what multiplies x)."""
+        a_h, a_w = self.gates(x)
+        return {"height gate": a_h, "width gate": a_w, "height x width gate": a_h * a_w}
 
     def start_near_identity(self) -> None:
         """The height and width gates start constant, their product at NEAR_IDENTITY_GATE."""
@@ -178,15 +213,26 @@ class ShuffleAttention(nn.Module):
         self.sbias = nn.Parameter(torch.ones(1, sub, 1, 1))
         self.gn = nn.GroupNorm(sub, sub)
 
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Grouped halves x_c, x_s [B*G,C/2G,H,W] and their gates: channel [B*G,C/2G,1,1], spatial like x_s."""
+        b, c, h, w = x.shape
+        x_c, x_s = x.reshape(b * self.groups, c // self.groups, h, w).chunk(2, dim=1)
+        channel = torch.sigmoid(self.cweight * x_c.mean((2, 3), keepdim=True) + self.cbias)
+        spatial = torch.sigmoid(self.sweight * self.gn(x_s) + self.sbias)
+        return x_c, x_s, channel, spatial
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        x = x.reshape(b * self.groups, c // self.groups, h, w)
-        x_c, x_s = x.chunk(2, dim=1)                          # each b*g, c/2g, h, w
-        x_c = x_c * torch.sigmoid(self.cweight * x_c.mean((2, 3), keepdim=True) + self.cbias)
-        x_s = x_s * torch.sigmoid(self.sweight * self.gn(x_s) + self.sbias)
-        out = torch.cat([x_c, x_s], dim=1).reshape(b, c, h, w)
+        x_c, x_s, channel, spatial = self.gates(x)            # each b*g, c/2g, ...
+        out = torch.cat([x_c * channel, x_s * spatial], dim=1).reshape(b, c, h, w)
         # channel shuffle with 2 groups: b,2,c/2,h,w -> b,c/2,2,h,w
         return out.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The channel half's gates [B,C/2,1,1] and the spatial half's responses [B,C/2,H,W], groups side by side."""
+        b = x.shape[0]
+        _, _, channel, spatial = self.gates(x)
+        return {"channel gate": channel.reshape(b, -1, 1, 1), "spatial gate": spatial.reshape(b, -1, *x.shape[2:])}
 
     def start_near_identity(self) -> None:
         """Both halves' gates start at NEAR_IDENTITY_GATE (the paper's init: weights 0, biases 1, so 0.73).
@@ -207,7 +253,8 @@ class SGE(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1, self.groups, 1, 1))
         self.bias = nn.Parameter(torch.ones(1, self.groups, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """Each group's spatial gate [B*G,1,H,W] (float32)."""
         b, c, h, w = x.shape
         g = x.reshape(b * self.groups, c // self.groups, h, w)
         with _no_autocast(x):
@@ -218,8 +265,16 @@ class SGE(nn.Module):
             std = t.std(1, keepdim=True, correction=1 if h * w > 1 else 0)
             t = (t - t.mean(1, keepdim=True)) / (std + 1e-5)
             t = t.reshape(b, self.groups, h, w) * self.weight + self.bias
-            gate = torch.sigmoid(t).reshape(b * self.groups, 1, h, w)
-        return (g * gate.to(g.dtype)).reshape(b, c, h, w)
+            return torch.sigmoid(t).reshape(b * self.groups, 1, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        g = x.reshape(b * self.groups, c // self.groups, h, w)
+        return (g * self.gate(x).to(g.dtype)).reshape(b, c, h, w)
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each group's spatial gate [B,G,H,W]."""
+        return {"spatial gate": self.gate(x).reshape(x.shape[0], self.groups, *x.shape[2:])}
 
     def start_near_identity(self) -> None:
         """The gate starts at NEAR_IDENTITY_GATE (the paper's init: weight 0, bias 1, so 0.73)."""
@@ -246,10 +301,18 @@ class BAM(nn.Module):
         layers.append(nn.Conv2d(mid, 1, 1))
         self.spatial_gate = nn.Sequential(*layers)
 
+    def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The channel branch Mc [B,C,1,1] and the spatial branch Ms [B,1,H,W], before their sigmoid."""
+        return self.channel_gate(x.mean((2, 3)))[:, :, None, None], self.spatial_gate(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mc = self.channel_gate(x.mean((2, 3)))[:, :, None, None]   # b,c,1,1
-        ms = self.spatial_gate(x)                                    # b,1,h,w
+        mc, ms = self.branches(x)
         return x * (1 + torch.sigmoid(mc + ms))
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both branches (logits) and the combined gate sigmoid(Mc + Ms) [B,C,H,W]."""
+        mc, ms = self.branches(x)
+        return {"channel branch": mc, "spatial branch": ms, "gate": torch.sigmoid(mc + ms)}
 
     def start_near_identity(self) -> None:
         """1 + sigmoid(Mc + Ms) starts at 1 / NEAR_IDENTITY_GATE (about 1.05 instead of 1.5)."""
@@ -276,7 +339,8 @@ class PolarizedSelfAttention(nn.Module):
         for conv in (self.ch_value, self.ch_query, self.sp_query, self.sp_value):
             nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The channel-only gate [B,C,1,1] and the spatial-only gate [B,1,H,W]."""
         b, c, h, w = x.shape
         # projections run in the network's precision; softmax and products in float32
         value = self.ch_value(x).flatten(2).float()                                 # b,c/2,hw
@@ -289,8 +353,16 @@ class PolarizedSelfAttention(nn.Module):
             # spatial-only branch: b,1,c/2 @ b,c/2,hw -> softmax over hw -> b,1,h,w
             spatial = torch.softmax(torch.bmm(sp_query, sp_value), dim=-1).reshape(b, 1, h, w)
         channel_gate = torch.sigmoid(self.ch_up(context.to(x.dtype)))              # b,c,1,1
-        spatial_gate = torch.sigmoid(spatial).to(x.dtype)
+        return channel_gate, torch.sigmoid(spatial).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channel_gate, spatial_gate = self.gates(x)
         return x * channel_gate + x * spatial_gate
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The two parallel gates."""
+        channel_gate, spatial_gate = self.gates(x)
+        return {"channel gate": channel_gate, "spatial gate": spatial_gate}
 
     def start_near_identity(self) -> None:
         """The channel gate starts at 0.5, so x * 0.5 + x * sigmoid(softmax) ~= x (the softmax starts near 1/hw)."""
@@ -314,108 +386,20 @@ class GAM(nn.Module):
             nn.Conv2d(mid, channels, 7, padding=3), nn.BatchNorm2d(channels),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
         # channel gate on every pixel: b,c,h,w -> b,h,w,c -> MLP -> b,c,h,w
-        gate = self.channel_mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        x = x * torch.sigmoid(gate)
+        return torch.sigmoid(self.channel_mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.channel_gate(x)
         return x * torch.sigmoid(self.spatial(x))
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-pixel channel gate and the spatial gate on the channel-gated input, both [B,C,H,W]."""
+        channel = self.channel_gate(x)
+        return {"channel gate": channel, "spatial gate": torch.sigmoid(self.spatial(x * channel))}
 
     def start_near_identity(self) -> None:
         """Both gates start constant, their product at NEAR_IDENTITY_GATE (the spatial one through its last BN)."""
         _set_gate(self.channel_mlp[2], math.sqrt(NEAR_IDENTITY_GATE))
         _set_gate(self.spatial[4], math.sqrt(NEAR_IDENTITY_GATE))
-
-
-class _SelfAttention(nn.Module):
-    """Query and key 1x1 convs to C/8, value conv to C, and a residual gain gamma starting at 0 (DANet, CCNet)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.query = nn.Conv2d(channels, max(1, channels // 8), 1)
-        self.key = nn.Conv2d(channels, max(1, channels // 8), 1)
-        self.value = nn.Conv2d(channels, channels, 1)
-        self.gamma = nn.Parameter(torch.zeros(1))
-
-
-class PositionAttention(_SelfAttention):
-    """DANet position attention module: every pixel attends to every pixel; gamma starts at 0."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q = self.query(x).flatten(2).float()                                        # b,c/8,hw
-        k = self.key(x).flatten(2).float()                                          # b,c/8,hw
-        v = self.value(x).flatten(2).float()                                        # b,c,hw
-        with _no_autocast(x):
-            attn = torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1)           # b,hw,hw
-            out = torch.bmm(v, attn.transpose(1, 2)).reshape(b, c, h, w)
-        return self.gamma.to(x.dtype) * out.to(x.dtype) + x
-
-
-class ChannelAttention(nn.Module):
-    """DANet channel attention module: channel affinity (max-subtracted) re-weights channels; gamma starts at 0."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        with _no_autocast(x):
-            flat = x.float().flatten(2)                                     # b,c,hw
-            energy = torch.bmm(flat, flat.transpose(1, 2))                  # b,c,c
-            energy = energy.amax(-1, keepdim=True) - energy
-            out = torch.bmm(torch.softmax(energy, dim=-1), flat).reshape(b, c, h, w)
-        return self.gamma.to(x.dtype) * out.to(x.dtype) + x
-
-
-@register_attention("danet")
-class DANet(nn.Module):
-    """Dual Attention (Fu et al., 2019): position and channel attention modules, each with its residual, summed."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.position = PositionAttention(channels)
-        self.channel = ChannelAttention(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.position(x) + self.channel(x)
-
-
-class CrissCrossAttention(_SelfAttention):
-    """Criss-cross attention (Huang et al., 2019): each pixel attends to its row and column; gamma starts at 0."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.query(x).float(), self.key(x).float(), self.value(x).float()
-        with _no_autocast(x):
-            # energies along the column (b,h,w,h') and the row (b,h,w,w')
-            e_col = torch.einsum("bchw,bcgw->bhwg", q, k)
-            # a pixel is on its own row and column: count it once (in the row term); arange == arange, not
-            # torch.eye, because ONNX Runtime has no boolean EyeLike
-            rows = torch.arange(h, device=x.device)
-            self_mask = (rows[:, None] == rows[None, :])[:, None, :]                  # h,1,h'
-            e_col = e_col.masked_fill(self_mask, float("-inf"))
-            e_row = torch.einsum("bchw,bchv->bhwv", q, k)
-            attn = torch.softmax(torch.cat([e_col, e_row], dim=-1), dim=-1)
-            a_col, a_row = attn[..., :h], attn[..., h:]
-            out = torch.einsum("bcgw,bhwg->bchw", v, a_col) + torch.einsum("bchv,bhwv->bchw", v, a_row)
-        return self.gamma.to(x.dtype) * out.to(x.dtype) + x
-
-
-@register_attention("ccnet")
-class CCNet(nn.Module):
-    """Recurrent criss-cross attention (R=2, shared weights): two passes give every pixel full-image context."""
-
-    def __init__(self, channels: int, recurrence: int = 2):
-        super().__init__()
-        self.cca = CrissCrossAttention(channels)
-        self.recurrence = recurrence
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.recurrence):
-            x = self.cca(x)
-        return x
-
-    def start_near_identity(self) -> None:
-        """gamma 0: the identity (already the paper's init; set again in case weights were loaded)."""
-        nn.init.zeros_(self.cca.gamma)

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from utils.engine.folders import OutputError, inside, make_dir, safe_component
+from utils.ops.plots import Rect, free_corner
 
 
 def parse_class_filter(spec: str | None, class_names: list[str]) -> set[int] | None:
@@ -115,11 +116,18 @@ def class_counts(detections: np.ndarray, class_names: list[str]) -> Counter:
     return Counter(class_names[int(c)] for c in detections[:, 5])
 
 
-def draw_fps(image: np.ndarray, fps: float) -> np.ndarray:
-    """Write the measured frames per second in the top-left corner."""
+def draw_fps(image: np.ndarray, fps: float, avoid: list[Rect] = ()) -> np.ndarray:
+    """Write the measured frames per second, on a dark patch, in the corner that covers `avoid`
+    (the boxes and labels drawn) least."""
     scale = max(0.5, image.shape[0] / 720)
-    cv2.putText(image, f"FPS {fps:.1f}", (10, int(30 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 255, 0),
-                max(1, int(2 * scale)), cv2.LINE_AA)
+    thick = max(1, int(2 * scale))
+    text = f"FPS {fps:.1f}"
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    pad = 3
+    x, y = free_corner((tw + 2 * pad, th + base + 2 * pad), (image.shape[1], image.shape[0]), list(avoid))
+    x, y = int(x), int(y)
+    cv2.rectangle(image, (x, y), (x + tw + 2 * pad, y + th + base + 2 * pad), (0, 0, 0), -1)
+    cv2.putText(image, text, (x + pad, y + pad + th), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 255, 0), thick, cv2.LINE_AA)
     return image
 
 

@@ -49,3 +49,17 @@ def letterbox(image: np.ndarray, input_shape: tuple[int, int]) -> tuple[np.ndarr
     out = np.full((input_shape[0], input_shape[1], 3), GRAY, dtype=np.uint8)
     out[pad_y:pad_y + h, pad_x:pad_x + w] = resized
     return out, ratio, (float(pad_x), float(pad_y))
+
+
+def map_to_image(values: np.ndarray, meta: np.ndarray, input_shape: tuple[int, int]) -> np.ndarray:
+    """A map over the whole network input (any resolution, e.g. a stride-16 feature map) -> float32 [h0,w0]
+    over the original image: stretched to the input, the letterbox padding cut off, resized to the image.
+
+    meta is the image's (rx, ry, pad_x, pad_y, w0, h0), as yolo.YOLO.preprocess returns it.
+    """
+    rx, ry, px, py, w0, h0 = (float(v) for v in meta)
+    h, w = input_shape
+    full = cv2.resize(np.ascontiguousarray(values, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    top, left = int(py), int(px)
+    crop = full[top:top + max(1, round(h0 * ry)), left:left + max(1, round(w0 * rx))]
+    return cv2.resize(crop, (int(w0), int(h0)), interpolation=cv2.INTER_LINEAR)
