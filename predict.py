@@ -38,12 +38,14 @@ from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts
                                      parse_class_filter, save_crops, write_image, yolo_label_lines)
 from utils.data.image_batches import DecodedBatch, ImageBatches, device_decode_available
 from utils.data.sources import Source, display_available, open_video, resolve_source
+from utils.engine.checkpoint import write_plain_checkpoint
 from utils.engine.export import DEFAULT_OPSET, MIN_OPSET, export_onnx
 from utils.ops.plots import detection_rects
 from yolo import YOLO
 
 
 EXPORT_MODE = "export_onnx"
+PLAIN_MODE = "export_pt"      # a plain checkpoint of ours, e.g. from an official YOLOv5 .pt
 
 
 @dataclass
@@ -68,9 +70,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="checkpoint written by train.py, or an exported .onnx")
     p.add_argument("--source", help="image, folder, glob, video file or webcam index (0); all modes but export_onnx")
-    p.add_argument("--mode", default="predict", choices=("predict", "fps", "heatmap", "attention", EXPORT_MODE),
+    p.add_argument("--mode", default="predict", choices=("predict", "fps", "heatmap", "attention", EXPORT_MODE,
+                                                           PLAIN_MODE),
                    help="predict (default), fps (timing on the first image), heatmap (objectness, or --cam), "
-                        "attention (each attention block's own maps), export_onnx (write an .onnx file)")
+                        "attention (each attention block's own maps), export_onnx (write an .onnx file), "
+                        "export_pt (a plain weights_only checkpoint, e.g. of an official YOLOv5 .pt)")
     add_flags(p, DetectConfig)
     add_plugin_flag(p)
     add_flags(p, PredictSettings)
@@ -122,7 +126,7 @@ def check_export_flags(args: argparse.Namespace) -> None:
         if args.opset < MIN_OPSET:
             raise ValueError(f"--opset {args.opset}: must be at least {MIN_OPSET}")
         return
-    if not args.source:
+    if not args.source and args.mode != PLAIN_MODE:
         raise ValueError(f"--source is required for --mode {args.mode}")
     given = [f for f in ("dynamic", "simplify", "nms") if getattr(args, f)] + (["opset"] if args.opset != DEFAULT_OPSET
                                                                                else [])
@@ -371,13 +375,17 @@ def check_mode(mode: str, source: Source) -> None:
 
 def main(argv: list[str] | None = None) -> Path | None:
     args = parse_args(argv)
-    source = resolve_source(args.source) if args.mode != EXPORT_MODE else None
+    source = resolve_source(args.source) if args.mode not in (EXPORT_MODE, PLAIN_MODE) else None
     if source is not None:
         check_mode(args.mode, source)
     for plugin in args.plugin:
         load_plugin(plugin)
     if args.mode == EXPORT_MODE:
         return run_export(args)
+    if args.mode == PLAIN_MODE:
+        out = write_plain_checkpoint(args.weights, args.out)
+        print(f"{args.weights} -> {out} (model weights and config; torch.load(weights_only=True) reads it)")
+        return out
     detect = args.detect
     yolo = YOLO(args.weights, device=args.device, conf=detect.conf, nms_iou=detect.nms_iou, half=args.half,
                 img=args.img, multi_label=detect.multi_label)

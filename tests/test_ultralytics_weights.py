@@ -265,3 +265,21 @@ def test_yolo_predicts_from_an_official_file_as_from_our_model(tmp_path, fake_mo
         assert torch.equal(loaded[name].cpu(), expected), name
     state = state_dict_from_file(path)    # --weights yolov5n.pt: the same tensors in our names
     assert set(state) == set(ours.state_dict())
+
+
+def test_export_pt_writes_a_plain_checkpoint_of_an_official_file(tmp_path, fake_modules):
+    """predict.py --mode export_pt: the converted model as a weights_only checkpoint of ours (no pickle of theirs
+    left), which YOLO loads like any best.pt; a second export refuses to overwrite its source."""
+    import predict
+    path, ours, markers = _write_fake(tmp_path, fake_modules, classes=80)
+    out = predict.main(["--weights", str(path), "--mode", "export_pt", "--out", str(tmp_path / "plain.pt")])
+    assert not any(m.exists() for m in markers)
+    plain = torch.load(out, map_location="cpu", weights_only=True)
+    assert plain["config"]["model"] == "yolov5n" and plain["config"]["class_names"] == names(80)
+    assert plain["source"] == {"ultralytics": str(path)}
+    for name, tensor in ours.state_dict().items():
+        expected = tensor.half().float() if tensor.is_floating_point() else tensor
+        assert torch.equal(plain["model"][name], expected), name
+    assert YOLO(out, device="cpu").class_names == names(80)
+    with pytest.raises(ValueError, match="would overwrite"):
+        predict.main(["--weights", str(out), "--mode", "export_pt", "--out", str(out)])

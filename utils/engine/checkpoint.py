@@ -225,3 +225,23 @@ def state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
     if state is None:
         raise CheckpointError(f"{path} holds no state dict of tensors")
     return state
+
+
+def write_plain_checkpoint(weights: str | Path, out: str | Path | None = None) -> Path:
+    """An inference checkpoint (model weights + config, `weights_only`-readable) from any checkpoint this project
+    reads, an official ultralytics YOLOv5 `.pt` included: `<stem>_plain.pt` beside it unless `out` is given."""
+    weights = Path(weights)
+    out = Path(out) if out else weights.with_name(f"{weights.stem}_plain.pt")
+    if out.suffix != ".pt":
+        raise CheckpointError(f"--out {out}: give a file name ending in .pt")
+    if out.resolve() == weights.resolve():
+        raise CheckpointError(f"--out {out}: would overwrite {weights}")
+    if not out.parent.is_dir():
+        raise CheckpointError(f"--out {out}: folder {out.parent} does not exist")
+    ckpt = load_checkpoint(weights)
+    plain = {"model": ckpt["model"], "config": ckpt["config"], "source": ckpt.get("source", {"checkpoint": str(weights)})}
+    for key in ("hyp", "epoch", "metrics", "train_args"):
+        if key in ckpt:
+            plain[key] = ckpt[key]
+    save_checkpoint(plain, out)
+    return out
