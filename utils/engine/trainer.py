@@ -158,7 +158,8 @@ class Trainer:
         if resume_ckpt:
             self._restore(resume_ckpt)
         self._val_has_objects = any(len(r.boxes) for r in data.val_records)
-        best_fitness = float(resume_ckpt.get("best_fitness", -1.0)) if resume_ckpt else -1.0
+        saved_best = (resume_ckpt or {}).get("best_fitness")
+        best_fitness = -1.0 if saved_best is None else float(saved_best)
         self.ledger = EpochLedger(run_dir, args.epochs, args.save_period, self.writer, self._fitness,
                                   self._val_has_objects, best_fitness, saved_epoch=self.start_epoch)
         self.evaluator = Evaluator(data.val_records, data.class_names, batch_size=max(data.batch_size, 8),
