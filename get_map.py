@@ -17,7 +17,8 @@ from utils.engine.checkpoint import load_checkpoint
 from utils.engine.onnx_runtime import is_onnx, onnx_checkpoint_view
 from utils.cli import add_plugin_flag, detect_config, print_config, run_cli
 from nets.attention import load_plugin
-from utils.config import EVAL_DETECTION, DataConfig, DetectConfig, add_flags, check_ranges, from_flat, setting
+from utils.config import EVAL_DETECTION, DataConfig, DetectConfig
+from utils.settings import add_flags, check_ranges, from_flat, setting
 from utils.engine.folders import prepare_out, write_text
 from utils.data.dataset import LoadReport
 from utils.data.formats import open_data

@@ -32,7 +32,8 @@ from utils.cli import add_plugin_flag, detect_config, print_config, run_cli
 from utils.engine.explain import (CAM_METHODS, attention_picture, cam_picture, check_has_attention, default_layer,
                                   resolve_layer, torch_model)
 from utils.engine.folders import OutputError, inside, make_dir, numbered_dir, prepare_out, safe_component, write_text
-from utils.config import MAX_INPUT_SIZE, DetectConfig, add_flags, check_ranges, from_flat, setting
+from utils.config import MAX_INPUT_SIZE, DetectConfig
+from utils.settings import add_flags, check_ranges, from_flat, setting
 from utils.data.dataset import ImageReadError, load_image
 from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, json_entries, keep_classes,
                                      parse_class_filter, save_crops, write_image, yolo_label_lines)

@@ -16,7 +16,8 @@ import signal
 from pathlib import Path
 
 from utils.cli import run_cli
-from utils.config import StudyConfig, add_flags, check_ranges, from_flat
+from utils.config import StudyConfig
+from utils.settings import add_flags, check_ranges, from_flat
 from utils.study.runner import OneLineParser, plan_study, run_study
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"

@@ -14,7 +14,8 @@ from nets.attention import ATTENTION_NAMES, load_plugin
 from nets.backbones import backbone_listing
 from nets.yolo import build_model, complete_model_config
 from utils.cli import add_plugin_flag, format_rows, run_cli, spec_text
-from utils.config import ModelConfig, add_flags, parse_attention_spec
+from utils.config import ModelConfig, parse_attention_spec
+from utils.settings import add_flags
 from utils.ops.cost import count_parameters, model_cost
 
 

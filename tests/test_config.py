@@ -14,7 +14,8 @@ import train
 from nets.attention import CBAM, CoordAttention
 from nets.yolo import build_model, make_config, model_config
 from utils.engine.checkpoint import save_checkpoint
-from utils.config import (DataConfig, ModelConfig, TrainConfig, flag_name, parse_attention_spec)
+from utils.config import DataConfig, ModelConfig, TrainConfig, parse_attention_spec
+from utils.settings import flag_name
 from utils.config import parse_train_flags, train_parser
 from utils.engine.run import resolve_run
 from utils.data.sample_data import make_sample_dataset

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"train", "predict", "get_map", "summary", "study"}
-FOUNDATION = {"utils.config", "utils.log"}
+FOUNDATION = {"utils.config", "utils.settings", "utils.log"}
 # layer of a module -> the layers it may import (its own included)
 ALLOWED = {
     "foundation": {"foundation"},

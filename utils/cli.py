@@ -6,7 +6,8 @@ import dataclasses
 import sys
 from collections.abc import Callable
 
-from utils.config import DetectConfig, TrainConfig, check_ranges
+from utils.config import DetectConfig, TrainConfig
+from utils.settings import check_ranges
 
 # Mistakes in flags, files or data: printed as one line, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)

@@ -2,7 +2,7 @@
 
 `ModelConfig` describes the network (a checkpoint stores it as a plain dict, `build_model` rebuilds
 the network from it alone); `DataConfig` says where the images come from; `TrainConfig` how to
-train. train.py's flags are generated from these fields (`add_flags`), so a default or a range
+train. train.py's flags are generated from these fields (`utils/settings.py`), so a default or a range
 lives in exactly one place. This module is a leaf: it imports nothing from the project, and names
 that need a registry (attention blocks, plugins) are checked where they become modules.
 """
@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
+
+from utils.settings import copy_nested, add_flags, check_ranges, setting
 
 MODEL_NAMES = ("yolov4-tiny", "yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x")
 HEADS = ("yolov4", "yolov5")
@@ -21,62 +23,6 @@ MAX_INPUT_SIZE = 4096          # larger inputs are a typo, not a detector settin
 MODEL_CONFIG_VERSION = 2       # 1: the flat dict of the first checkpoints (attention by name only)
 # the built-in blocks in phi order: part of the public interface (1-4 keep the tutorials' meaning)
 PHI_NAMES = ("none", "se", "cbam", "eca", "ca", "sa", "sge", "bam", "psa", "gam", "danet", "ccnet")
-
-
-def setting(default: Any, help: str, *, flag: str | None = None, type: Any = None, choices: tuple | None = None,
-            low: float | None = None, high: float | None = None, above: float | None = None,
-            multiple: int | None = None, resume: bool = False, cli: bool = True, shown: str | None = None,
-            metavar: str | None = None) -> Any:
-    """A dataclass field with what its command-line flag needs.
-
-    flag: the flag's name when it differs from the field's; type: the value parser (default: the
-    default's type); low/high: inclusive bounds, above: exclusive lower bound; multiple: the value
-    (or each element) must be a multiple of it; resume: a resumed run may change it; cli: False for
-    fields filled from data, never from a flag; shown: the default as the help text says it.
-    """
-    meta = dict(help=help, flag=flag, type=type, choices=choices, low=low, high=high, above=above,
-                multiple=multiple, resume=resume, cli=cli, shown=shown, metavar=metavar)
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: _copy(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _copy(value: Any) -> Any:
-    """A deep copy of nested lists and dicts (defaults must not be shared between instances)."""
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
-
-
-def flag_name(f: dataclasses.Field) -> str:
-    """The command-line spelling of a field: `--freeze-epochs` for freeze_epochs."""
-    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
-
-
-def check_ranges(config: Any) -> None:
-    """Every field's bounds and choices; a bad value raises ValueError naming the flag and the valid range."""
-    for f in fields(config):
-        value, m = getattr(config, f.name), f.metadata
-        if value is None or isinstance(value, bool) or not m:
-            continue
-        name = flag_name(f)
-        if m.get("choices") and value not in m["choices"]:
-            raise ValueError(f"{name} {value}: choose one of {', '.join(map(str, m['choices']))}")
-        for v in (value if isinstance(value, list) else [value]):
-            if not isinstance(v, (int, float)):
-                continue
-            low, high = m.get("low"), m.get("high")
-            if low is not None and v < low or high is not None and v > high:
-                bound = (f"between {low} and {high}" if low is not None and high is not None
-                         else f"at least {low}" if low is not None else f"at most {high}")
-                raise ValueError(f"{name} {v}: must be {bound}")
-            if m.get("above") is not None and v <= m["above"]:
-                raise ValueError(f"{name} {v}: must be greater than {m['above']}")
-            if m.get("multiple") and v % m["multiple"]:
-                near = max(m["multiple"], round(v / m["multiple"]) * m["multiple"])
-                raise ValueError(f"{name} {v}: must be a multiple of {m['multiple']} (e.g. {near})")
 
 
 @dataclass
@@ -174,7 +120,7 @@ class ModelConfig:
                 raise ValueError(f"model config: {key} must be a {kind.__name__}, got {type(d[key]).__name__}")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in d.get("input_shape", [0])):
             raise ValueError(f"model config: input_shape {d.get('input_shape')} must hold integers")
-        config = cls(**{k: _copy(v) for k, v in d.items() if k in known}).validate()
+        config = cls(**{k: copy_nested(v) for k, v in d.items() if k in known}).validate()
         if "num_classes" in d and d["num_classes"] != config.num_classes:
             raise ValueError(f"model config: num_classes {d['num_classes']} != {config.num_classes} class names")
         return config
@@ -374,53 +320,6 @@ class RunConfig:
     def flat(self) -> dict:
         """Data and training settings as one flat dict (a checkpoint's `train_args`)."""
         return {**dataclasses.asdict(self.data), **dataclasses.asdict(self.train)}
-
-
-def add_flags(parser: argparse.ArgumentParser, *classes: type, defaults: Any = None) -> None:
-    """One flag per command-line field of each dataclass; values not given stay absent from the namespace.
-
-    `defaults`: an instance whose values the help text shows instead of the class defaults.
-    """
-    for cls in classes:
-        group = parser.add_argument_group(cls.__doc__.split(":")[0].strip().lower() if cls.__doc__ else cls.__name__)
-        for f in fields(cls):
-            m = f.metadata
-            if not m.get("cli", True):
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if isinstance(defaults, cls):
-                default = getattr(defaults, f.name)
-            shown = (m.get("shown") if not isinstance(defaults, cls) else None) or ("none" if default is None else default)
-            kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
-                                          help=f"{m['help']} (default {shown})")
-            if m.get("metavar"):
-                kwargs["metavar"] = m["metavar"]
-            kind = m.get("type") or type(default)
-            if kind is bool:
-                kwargs["action"] = argparse.BooleanOptionalAction
-            elif isinstance(default, list) and m.get("type") is str:
-                kwargs.update(action="append", type=str)         # repeatable: --plugin a.py --plugin b.py
-            else:
-                kwargs["type"] = kind
-                if m.get("choices"):
-                    kwargs["choices"] = m["choices"]
-            group.add_argument(flag_name(f), **kwargs)
-
-
-def split_given(given: dict, *classes: type) -> list[dict]:
-    """The given flag values grouped per dataclass, by field name."""
-    return [{f.name: given[f.name] for f in fields(cls) if f.name in given} for cls in classes]
-
-
-def from_flat(cls: type, values: dict) -> Any:
-    """An instance of a dataclass from a flat dict holding (at least) some of its fields; others keep defaults."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: _copy(v) for k, v in values.items() if k in names})
-
-
-def resume_flags(*classes: type) -> set[str]:
-    """Fields a resumed run may change."""
-    return {f.name for cls in classes for f in fields(cls) if f.metadata.get("resume")}
 
 
 RUN_PARTS = (ModelConfig, DataConfig, TrainConfig)

@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 
-from nets.yolo import FAMILY_DEFAULTS, MODEL_DATA, read_anchors
+from nets.yolo import FAMILY_DEFAULTS, MODEL_DATA, model_family, read_anchors
 from utils.config import ModelConfig
 from utils.data.dataset import Record
 from utils.log import get_logger
@@ -29,8 +29,7 @@ def training_wh(records: list[Record], input_shape: tuple[int, int] | list[int])
 
 def anchor_count(model: str) -> int:
     """How many anchors the family's masks index (YOLOv4-tiny 6, YOLOv5 9)."""
-    family = "yolov4-tiny" if model == "yolov4-tiny" else "yolov5"
-    return len(read_anchors(MODEL_DATA / FAMILY_DEFAULTS[family][0]))
+    return len(read_anchors(MODEL_DATA / FAMILY_DEFAULTS[model_family(model)][0]))
 
 
 def anchors_text(anchors: np.ndarray | list) -> str:

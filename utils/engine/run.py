@@ -20,8 +20,8 @@ from nets.yolo_training import RECIPE_DEFAULTS, load_hyp
 from utils.engine.anchors import choose_anchors
 from utils.engine.checkpoint import load_checkpoint, remove_stale_temps, write_error
 from utils.engine.folders import numbered_dir
-from utils.config import (RUN_PARTS, DataConfig, ModelConfig, RunConfig, TrainConfig, check_ranges, flag_name,
-                          from_flat, parse_attention_spec, resume_flags, split_given)
+from utils.config import RUN_PARTS, DataConfig, ModelConfig, RunConfig, TrainConfig, parse_attention_spec
+from utils.settings import check_ranges, flag_name, from_flat, resume_flags, split_given
 from utils.engine.train_data import TrainData
 from utils.engine.torch_utils import distributed_env, init_distributed, is_main_process, select_device
 from utils.engine.trainer import Trainer

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from nets.attention import load_plugin
-from utils.config import RUN_PARTS, DataConfig, StudyConfig, TrainConfig, add_flags, parse_train_flags
+from utils.config import RUN_PARTS, DataConfig, StudyConfig, TrainConfig, parse_train_flags
+from utils.settings import add_flags
 from utils.data.dataset import default_fallback
 from utils.data.formats import DataSource, open_data
 from utils.engine.folders import prepare_out, write_text

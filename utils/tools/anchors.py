@@ -18,7 +18,8 @@ import numpy as np
 from nets.yolo import FAMILY_DEFAULTS, MODEL_DATA, read_anchors
 from nets.yolo_training import load_hyp
 from utils.cli import format_rows, run_cli
-from utils.config import MAX_INPUT_SIZE, MODEL_NAMES, add_flags, check_ranges, from_flat, setting
+from utils.config import MAX_INPUT_SIZE, MODEL_NAMES
+from utils.settings import add_flags, check_ranges, from_flat, setting
 from utils.data.dataset import default_fallback
 from utils.data.formats import open_data
 from utils.engine.anchors import DEFAULT_THR, anchors_text, training_wh
