@@ -2,7 +2,7 @@
 
   python get_map.py --weights logs/<run>/best.pt [--data DIR] [--split test] [--out map_out]
 
-Model, classes and input size come from the checkpoint (or an exported .onnx file's metadata). Writes detections.json (COCO results),
+Model, classes and input size (unless --img) come from the checkpoint (or an exported .onnx file's metadata). Writes detections.json (COCO results),
 ground_truth.json (COCO) and summary.json into --out, so anyone can recompute the numbers.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from utils.engine.checkpoint import load_checkpoint
 from utils.engine.onnx_runtime import is_onnx, onnx_checkpoint_view
 from utils.cli import add_plugin_flag, detect_config, print_config, run_cli
 from nets.attention import load_plugin
-from utils.config import EVAL_DETECTION, DataConfig, DetectConfig
+from utils.config import EVAL_DETECTION, MAX_INPUT_SIZE, DataConfig, DetectConfig
 from utils.settings import add_flags, check_ranges, from_flat, setting
 from utils.engine.folders import prepare_out, write_text
 from utils.data.dataset import LoadReport
@@ -29,8 +29,10 @@ from yolo import YOLO
 
 @dataclass
 class EvalSettings:
-    """Evaluation: score for P/R/F1, batch and decoding threads, with their valid ranges."""
+    """Evaluation: input size, score for P/R/F1, batch and decoding threads, with their valid ranges."""
 
+    img: int | None = setting(None, "input size, a multiple of 32", type=int, low=32, high=MAX_INPUT_SIZE, multiple=32,
+                              shown="the checkpoint's", metavar="SIZE")
     score_threshold: float = setting(0.5, "score for precision/recall/F1", low=0.0, high=1.0)
     batch: int = setting(32, "images per forward pass", low=1)
     workers: int = setting(4, "image-decoding threads", low=0)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
                              report=report)
     split = report.split                 # the split actually read (test falls back to val, with a warning)
     yolo = YOLO(args.weights, device=args.device, conf=detect.conf, nms_iou=detect.nms_iou, half=args.half,
-                multi_label=detect.multi_label)
+                multi_label=detect.multi_label, img=args.img)
     out = prepare_out(Path(args.out))     # a bad --out fails now, not after the whole evaluation
     print_config("get_map.py", {"weights": args.weights, "model": ckpt["config"]["model"],
                                 "attention": ckpt["config"]["attention"], "data": source.path,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nets.weights.ultralytics import (Stub, convert_ultralytics_yolov5, load_ultralytics_yolov5,
-                                      read_ultralytics_checkpoint, safe_torch_load, yolov5_name_map)
+                                      _training_size, read_ultralytics_checkpoint, safe_torch_load,
+                                      yolov5_name_map)
 from nets.yolo import build_model, make_config, read_anchors, MODEL_DATA
 from utils.engine.checkpoint import load_checkpoint, state_dict_from_file
 from yolo import YOLO
@@ -126,8 +127,10 @@ def fake_modules(tmp_path):
     forget()
 
 
-def _write_fake(tmp_path, fake_modules, size: str = "n", classes: int = 80, ema_in_model: bool = True):
-    """Save an ultralytics-style checkpoint of a random YOLOv5 `size`; return (path, our model, marker paths)."""
+def _write_fake(tmp_path, fake_modules, size: str = "n", classes: int = 80, ema_in_model: bool = True,
+                opt: dict | None = None):
+    """Save an ultralytics-style checkpoint of a random YOLOv5 `size`; return (path, our model, marker paths).
+    `opt` (train.py's arguments) replaces the default, a payload that must never run."""
     fake, forget = fake_modules
     torch.manual_seed(0)
     ours = build_model(make_config(f"yolov5{size}", 0, names(classes)))
@@ -143,7 +146,7 @@ def _write_fake(tmp_path, fake_modules, size: str = "n", classes: int = 80, ema_
     model.model._modules["24"].hook = fake.common.OpenPayload(str(markers[1]))
     ckpt = {"epoch": -1, "best_fitness": None, "model": model if ema_in_model else None,
             "ema": None if ema_in_model else model, "updates": None, "optimizer": None,
-            "opt": fake.common.Payload(str(markers[0])), "git": {"tag": "v7.0"}, "date": "2022-11-22"}
+            "opt": fake.common.Payload(str(markers[0])) if opt is None else opt, "git": {"tag": "v7.0"}, "date": "2022-11-22"}
     path = tmp_path / f"yolov5{size}.pt"
     torch.save(ckpt, path)
     forget()
@@ -265,6 +268,21 @@ def test_yolo_predicts_from_an_official_file_as_from_our_model(tmp_path, fake_mo
         assert torch.equal(loaded[name].cpu(), expected), name
     state = state_dict_from_file(path)    # --weights yolov5n.pt: the same tensors in our names
     assert set(state) == set(ours.state_dict())
+
+
+def test_training_size_comes_from_the_files_opt_and_img_overrides_it(tmp_path, fake_modules):
+    """A peer best.pt trained at --img 416 is evaluated at 416 (its `opt`), not at the 640 of the released files;
+    get_map.py --img picks another size."""
+    import get_map
+    path, _, _ = _write_fake(tmp_path, fake_modules, classes=3, opt={"imgsz": 416, "epochs": 100})
+    assert load_checkpoint(path)["config"]["input_shape"] == [416, 416]
+    assert YOLO(path, device="cpu").input_shape == (416, 416)
+    assert YOLO(path, device="cpu", img=320).input_shape == (320, 320)
+    for opt, size in [({"imgsz": [480, 640]}, 640), ({"imgsz": 417}, None), ({"imgsz": True}, None),
+                      ({"img_size": 320}, 320), ({}, None), (None, None)]:
+        assert _training_size({"opt": opt}) == size, opt        # a size that is no input size: the default 640
+    with pytest.raises(ValueError, match="--img 100: must be a multiple of 32"):
+        get_map.parse_args(["--weights", str(path), "--img", "100"])
 
 
 def test_export_pt_writes_a_plain_checkpoint_of_an_official_file(tmp_path, fake_modules):

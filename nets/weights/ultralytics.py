@@ -218,8 +218,19 @@ def _class_names(root: Stub) -> list[str] | None:
     return None
 
 
-def _read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
-    """(tensors, class names or None) of an ultralytics `.pt`'s EMA model when present, else its "model"."""
+def _training_size(obj: dict) -> int | None:
+    """The square training size an ultralytics `.pt` records in its `opt` (the train.py arguments), or None."""
+    opt = obj.get("opt")
+    size = opt.get("imgsz", opt.get("img_size")) if isinstance(opt, dict) else None
+    if isinstance(size, (list, tuple)) and size:
+        size = max(size)
+    return size if isinstance(size, int) and not isinstance(size, bool) and 32 <= size <= 4096 and size % 32 == 0 \
+        else None
+
+
+def _read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str] | None, int | None]:
+    """(tensors, class names or None, training size or None) of an ultralytics `.pt`'s EMA model when present,
+    else its "model"."""
     obj = safe_torch_load(path)
     if not isinstance(obj, dict) or not any(isinstance(obj.get(k), Stub) for k in ("ema", "model")):
         kind = "a plain state dict" if isinstance(obj, dict) and obj and all(
@@ -230,7 +241,7 @@ def _read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str] | 
     _module_tensors(root, "", tensors, set())
     if not tensors:
         raise ValueError(f"{path}: its model object holds no tensors")
-    return tensors, _class_names(root)
+    return tensors, _class_names(root), _training_size(obj)
 
 
 # ultralytics' layer index -> (our module, kind, repeats of the 3-repeat base for C3) for YOLOv5 v6/v7 P5
@@ -339,7 +350,7 @@ def _anchors(tensors: dict[str, torch.Tensor], source: str) -> tuple[list[list[f
 
 def convert_ultralytics_yolov5(path: str | Path, size: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """An ultralytics YOLOv5 v6/v7 `.pt` -> (state dict in our names, info: model, size, class names, anchors, ...)."""
-    tensors, class_names = _read_model(path)
+    tensors, class_names, input_size = _read_model(path)
     inferred = infer_yolov5_size(tensors, str(path))
     if size is not None and size != inferred:
         raise ValueError(f"{path}: a YOLOv5{inferred} file, not YOLOv5{size}")
@@ -355,6 +366,7 @@ def convert_ultralytics_yolov5(path: str | Path, size: str | None = None) -> tup
         class_names = [f"class{i}" for i in range(num_classes)]
     info = {"model": f"yolov5{inferred}", "size": inferred, "num_classes": num_classes,
             "class_names": class_names, "anchors": anchors, "anchors_mask": mask, "source": str(path),
+            "input_size": input_size or 640,
             "missing": sorted(set(names) - set(tensors)),
             "unexpected": sorted(set(tensors) - set(names) - {f"model.{DETECT_LAYER}.anchors"})}
     return state, info

@@ -181,13 +181,14 @@ def read_torch_file(path: str | Path) -> object:
 def ultralytics_checkpoint(path: str | Path) -> dict | None:
     """An official ultralytics YOLOv5 `.pt` as a checkpoint of ours (read without running its pickle); None if not one.
 
-    The config takes the file's classes and anchors and its training size, 640.
+    The config takes the file's classes and anchors and its training size (from its `opt`, else 640).
     """
     try:
         state, info = convert_ultralytics_yolov5(path)
     except ValueError:
         return None
-    config = make_config(info["model"], 0, info["class_names"], input_shape=(640, 640), anchors=info["anchors"])
+    config = make_config(info["model"], 0, info["class_names"], input_shape=(info["input_size"],) * 2,
+                         anchors=info["anchors"])
     if config["anchors_mask"] != info["anchors_mask"]:
         return None
     log.info("%s: an ultralytics %s file, read without running its pickle (%d classes)", path, info["model"],
