@@ -31,6 +31,8 @@ declare -A flags=(
     [v5n-old]="--model yolov5n --lr-schedule cos --special-aug-ratio 0.7 --fitness-map50-95 0"
     [v5n-new]="--model yolov5n"
     [v5s]="--model yolov5s"
+    [v5s-noamp]="--model yolov5s --no-amp"
+    [v5s-cpuaug]="--model yolov5s --cache ram --augment cpu"
     [v5n-mosaic0.7]="--model yolov5n --special-aug-ratio 0.7"
     [v4t]="--model yolov4-tiny"
     [v4t-fit]="--model yolov4-tiny --fitness-map50-95 0.9"
@@ -38,7 +40,7 @@ declare -A flags=(
     [v4t-v5head]="--model yolov4-tiny --head yolov5 --fitness-map50-95 0.9"
     [v4t-v5head-peer]="--model yolov4-tiny --head yolov5 --fitness-map50-95 0.9 --lr-schedule linear --special-aug-ratio 1.0"
 )
-order="v5n-old v5n-new v4t v4t-fit v4t-iouobj v4t-v5head v4t-v5head-peer v5n-mosaic0.7 v5s"
+order="v5n-old v5n-new v4t v4t-fit v4t-iouobj v4t-v5head v4t-v5head-peer v5n-mosaic0.7 v5s v5s-noamp v5s-cpuaug"
 variants=${VARIANTS:-$(echo $order | cut -d' ' -f1-6)}
 for v in $variants; do [ -n "${flags[$v]+x}" ] || { echo "error: unknown variant $v (known: $order)"; exit 1; }; done
 
