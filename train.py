@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from utils.cli import print_config, run_cli, spec_text
-from utils.config import parse_train_flags, train_parser
+from utils.config import AUTO_EVAL_PERIOD, AUTO_EVAL_TAIL, parse_train_flags, train_parser
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> Path | None:
                                   "input": "x".join(map(str, model.input_shape)),
                                   **run.config.flat(), **{k: run.hyp[k] for k in HYP_FLAGS if k in run.hyp},
                                   "cache": f"{data.cache} ({data.cache_plan.reason})",
+                                  "eval_period": eval_schedule_text(run.config.train.eval_period),
                                   "lr0": run.hyp["lr0"], "device": run.device,
                                   "format": data.source.describe(), "classes": ", ".join(data.class_names),
                                   "images": f"{len(data.train_records)} train / {len(data.val_records)} val",
@@ -61,6 +62,13 @@ def main(argv: list[str] | None = None) -> Path | None:
               f"{metrics.get('map50_95', float('nan')):.4f}); weights in {run.folder}/best.pt and last.pt, "
               f"curves in {run.folder}/")
     return run.folder
+
+
+def eval_schedule_text(period: int | None) -> str:
+    """The evaluation schedule in words, for the start-up table."""
+    if period is not None:
+        return "every epoch" if period == 1 else f"every {period} epochs and the last"
+    return f"every {AUTO_EVAL_PERIOD} epochs, and every epoch of the last {AUTO_EVAL_TAIL * 100:.0f} percent"
 
 
 def head_text(head) -> str:

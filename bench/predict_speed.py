@@ -7,8 +7,9 @@
 The JPEGs are copied round-robin into a temporary folder of --count files. Each row runs predict.py's own
 folder loop (predict_images: read, decode, letterbox, model, NMS, results written by the background writer)
 on the whole folder after a warm-up pass on its first two batches (CUDA context, cuDNN, graph capture), and
-reports images/s = files / seconds. Stage rows: reading + decoding only (each path), and model + NMS only on
-a letterboxed batch, to say what bounds each path.
+reports images/s = files / seconds. Stage rows: reading + decoding only (each path), model + NMS only on
+a letterboxed batch, then that split into the model (with box decode) and NMS alone, once per NMS method
+("auto" picks the matrix on CUDA when it fits), to say what bounds each path.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import predict  # noqa: E402
 from utils.data.dataset import load_image  # noqa: E402
 from utils.data.image_batches import ImageBatches  # noqa: E402
 from utils.data.sources import resolve_source  # noqa: E402
+from utils.ops.boxes import NMS_METHODS, non_max_suppression  # noqa: E402
 from yolo import YOLO  # noqa: E402
 
 
@@ -91,6 +93,36 @@ def model_only(yolo: YOLO, paths: list[Path], batch: int, repeats: int) -> float
     return (time.perf_counter() - start) / (repeats * len(metas))
 
 
+def stage_split(yolo: YOLO, paths: list[Path], batch: int, repeats: int) -> list[tuple[str, float]]:
+    """Images/s of the model alone (forward + box decode) and of NMS alone on its output, each NMS method."""
+    tensors, _ = yolo.preprocess([load_image(p) for p in paths[:batch]])
+    tensors = tensors.to(yolo.device)
+
+    def rate(fn) -> float:
+        for _ in range(3):
+            fn()
+        sync(yolo.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync(yolo.device)
+        return repeats * batch / (time.perf_counter() - start)
+
+    def decoded() -> torch.Tensor:
+        outputs = yolo.forward(tensors)
+        return yolo.head.decode_outputs(outputs, yolo.cells(outputs))
+
+    pred = decoded()
+    rows = [(f"model + box decode only, batch {batch}", rate(decoded))]
+    for method in NMS_METHODS[1:]:
+        kept = sum(len(d) for d in non_max_suppression(pred, yolo.conf, yolo.nms_iou, yolo.max_det,
+                                                       yolo.multi_label, method=method))
+        rows.append((f"NMS only, {method} ({kept / batch:.1f} boxes/image kept)", rate(
+            lambda m=method: non_max_suppression(pred, yolo.conf, yolo.nms_iou, yolo.max_det, yolo.multi_label,
+                                                 method=m))))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True)
@@ -124,6 +156,7 @@ def main() -> None:
             decode_only(paths[:2 * args.batch], args.batch, device, decode)
             rows.append((f"read + decode only, {decode}", args.count / decode_only(paths, args.batch, device, decode)))
         rows.append((f"model + NMS only, batch {args.batch}", 1 / model_only(yolo, paths, args.batch, 50)))
+        rows += stage_split(yolo, paths, args.batch, 50)
     width = max(len(r[0]) for r in rows)
     for label, rate in rows:
         print(f"{label.ljust(width)}  {rate:8,.0f} img/s")

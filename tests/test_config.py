@@ -14,7 +14,7 @@ import train
 from nets.attention import CBAM, CoordAttention
 from nets.yolo import build_model, make_config, model_config
 from utils.engine.checkpoint import save_checkpoint
-from utils.config import DataConfig, ModelConfig, TrainConfig, parse_attention_spec
+from utils.config import DataConfig, ModelConfig, TrainConfig, is_eval_epoch, parse_attention_spec
 from utils.settings import flag_name
 from utils.config import parse_train_flags, train_parser
 from utils.engine.run import resolve_run
@@ -68,6 +68,17 @@ def test_bad_values_are_refused_before_anything_is_loaded(argv, words, tmp_path)
     for word in words:
         assert word in str(info.value), str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluation_schedule():
+    """Default: every 10 epochs, every epoch of the last 30 percent (where best.pt comes from) and the last;
+    --eval-period N: every N and the last."""
+    assert [n for n in range(1, 101) if is_eval_epoch(n, 100, None)] == [10, 20, 30, 40, 50, 60, 70] + list(
+        range(71, 101))
+    assert [n for n in range(1, 6) if is_eval_epoch(n, 5, None)] == [4, 5]
+    assert [n for n in range(1, 2) if is_eval_epoch(n, 1, None)] == [1]
+    assert [n for n in range(1, 26) if is_eval_epoch(n, 25, 10)] == [10, 20, 25]
+    assert all(is_eval_epoch(n, 7, 1) for n in range(1, 8))
 
 
 def test_attention_spec_and_per_point_placement():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.ops.boxes import non_max_suppression
+from utils.ops.boxes import matrix_nms, non_max_suppression
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -26,8 +26,11 @@ def greedy(boxes, scores, classes, conf, iou_thres, max_det):
     return kept[:max_det]
 
 
+@pytest.mark.parametrize("method", ["per_image", "matrix"])
 @pytest.mark.parametrize("multi_label", [False, True])
-def test_nms_matches_greedy_reference(multi_label):
+def test_nms_matches_greedy_reference(multi_label, method):
+    """Both ways of suppressing (torchvision per image; every image at once as a matrix) keep exactly the boxes
+    of a plain greedy loop, in score order."""
     g = torch.Generator().manual_seed(0)
     b, n, c = 3, 300, 4
     pred = torch.empty(b, n, 5 + c)
@@ -35,7 +38,8 @@ def test_nms_matches_greedy_reference(multi_label):
     pred[..., 2:4] = torch.rand(b, n, 2, generator=g) * 30 + 5
     pred[..., 4:] = torch.rand(b, n, 1 + c, generator=g)
     pred[1, :, 4] = 0.0                                                  # an image with no candidates
-    out = non_max_suppression(pred, conf_thres=0.2, iou_thres=0.45, max_det=40, multi_label=multi_label)
+    out = non_max_suppression(pred, conf_thres=0.2, iou_thres=0.45, max_det=40, multi_label=multi_label,
+                              method=method)
     assert len(out) == b and len(out[1]) == 0
     for image in (0, 2):
         p = pred[image].numpy()
@@ -52,3 +56,30 @@ def test_nms_matches_greedy_reference(multi_label):
         np.testing.assert_allclose(got[:, :4], boxes[expected], atol=1e-4)
         np.testing.assert_allclose(got[:, 4], flat[expected], atol=1e-6)
         np.testing.assert_array_equal(got[:, 5], classes[expected])
+
+
+def test_matrix_nms_equals_per_image_on_dense_scenes_and_needs_several_passes():
+    """Chains of overlapping boxes (A suppresses B, so B cannot suppress C) are where a one-pass matrix NMS
+    would differ from greedy NMS; the iterated one gives torchvision's answer."""
+    g = torch.Generator().manual_seed(1)
+    b, n, c = 4, 400, 2
+    pred = torch.empty(b, n, 5 + c)
+    pred[..., 0] = torch.rand(b, n, generator=g) * 60                  # boxes in a row, each overlapping the next
+    pred[..., 1] = 20 + torch.rand(b, n, generator=g) * 4
+    pred[..., 2:4] = torch.rand(b, n, 2, generator=g) * 10 + 8
+    pred[..., 4:] = torch.rand(b, n, 1 + c, generator=g)
+    for multi_label in (False, True):
+        per_image = non_max_suppression(pred, 0.05, 0.3, 300, multi_label, method="per_image")
+        matrix = non_max_suppression(pred, 0.05, 0.3, 300, multi_label, method="matrix")
+        for a, m in zip(per_image, matrix):
+            assert len(a) > 3
+            torch.testing.assert_close(a, m, rtol=0, atol=0)
+    # a chain of three: 0 suppresses 1, so 2 (overlapping only 1) survives; one pass alone would drop 2
+    det = torch.tensor([[[0, 0, 10, 10, 0.9, 0], [4, 0, 14, 10, 0.8, 0], [8, 0, 18, 10, 0.7, 0]]])
+    assert matrix_nms(det, [3], 0.3).tolist() == [[True, False, True]]
+    assert matrix_nms(det, [1], 0.3).tolist() == [[True, False, False]]      # beyond the count: never kept
+
+
+def test_nms_method_is_checked():
+    with pytest.raises(ValueError, match="NMS method 'fast'"):
+        non_max_suppression(torch.zeros(1, 4, 7), method="fast")

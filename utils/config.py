@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -20,6 +21,20 @@ MODEL_NAMES = ("yolov4-tiny", "yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov
 HEADS = ("yolov4", "yolov5")
 LR_SCHEDULES = ("cos", "linear", "step")
 MAX_INPUT_SIZE = 4096          # larger inputs are a typo, not a detector setting
+# the default evaluation schedule: the best epochs (by fitness) come at the end of the learning-rate decay,
+# so early epochs are evaluated only every AUTO_EVAL_PERIOD, the last AUTO_EVAL_TAIL of the run every epoch
+AUTO_EVAL_PERIOD = 10
+AUTO_EVAL_TAIL = 0.3
+
+
+def is_eval_epoch(number: int, epochs: int, period: int | None) -> bool:
+    """Whether epoch `number` (1-based) of `epochs` is evaluated: every `period` epochs and the last, or with no
+    period the default schedule (every AUTO_EVAL_PERIOD epochs, every epoch of the last AUTO_EVAL_TAIL)."""
+    if number == epochs:
+        return True
+    if period is not None:
+        return number % period == 0
+    return number % AUTO_EVAL_PERIOD == 0 or number > epochs - math.ceil(AUTO_EVAL_TAIL * epochs)
 MODEL_CONFIG_VERSION = 2       # 1: the flat dict of the first checkpoints (attention by name only)
 # the built-in blocks in phi order: part of the public interface (1-4 keep the tutorials' meaning)
 PHI_NAMES = ("none", "se", "cbam", "eca", "ca", "sa", "sge", "bam", "psa", "gam", "danet", "ccnet")
@@ -267,7 +282,9 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model and the loss inside the training step (fused Triton "
                                    "kernels: faster steps after tens of seconds of compilation; for long runs on "
                                    "CUDA)", resume=True)
-    eval_period: int = setting(1, "evaluate on the val split every N epochs", low=1)
+    eval_period: int | None = setting(None, "evaluate on the val split every N epochs (and after the last)", type=int,
+                                      low=1, shown=f"every {AUTO_EVAL_PERIOD} epochs, and every epoch in the "
+                                                   f"last {AUTO_EVAL_TAIL * 100:.0f} percent", metavar="N")
     save_period: int = setting(0, "also keep epochN.pt every N epochs (0 = off)", low=0)
     seed: int = setting(0, "random seed", low=0, high=2**31 - 1)
     device: str | None = setting(None, "cuda, cuda:N, N or cpu", type=str, shown="cuda when present", resume=True)

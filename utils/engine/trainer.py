@@ -22,7 +22,7 @@ from nets.yolo_training import YoloLoss
 from nets.weights.pretrained import load_pretrained
 from nets.weights.report import MIN_LOADED_SHARE, load_state
 from utils.engine.checkpoint import CheckpointWriter, detached_copy, state_dict_from_file, write_error
-from utils.config import EVAL_DETECTION, RunConfig
+from utils.config import EVAL_DETECTION, RunConfig, is_eval_epoch
 from utils.engine.train_data import TrainData
 from utils.engine.epoch_ledger import NOT_EVALUATED, EpochLedger, FinishedEpoch
 from utils.engine.evaluate import Evaluator, checkpoint_fitness
@@ -331,7 +331,7 @@ class Trainer:
             return
         args, number = self.args, epoch + 1
         self.ledger.settle()            # the last epoch's evaluation is done before its weights are replaced
-        evaluated = number % args.eval_period == 0 or number == args.epochs
+        evaluated = is_eval_epoch(number, args.epochs, args.eval_period)
         metrics = self._start_evaluation() if evaluated else None
         seconds = time.time() - t0   # training (and on CPU the evaluation's detections); saving follows
         ckpt = None

@@ -111,17 +111,28 @@ def ciou_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tens
     return 1 - iou + centres / diagonal + alpha * v
 
 
+# The matrix NMS holds a [B, k, k] overlap matrix: used on GPUs while it stays this small (64 images x 1024
+# candidates); larger candidate sets (low --conf on a dense image) go one image at a time through torchvision.
+MATRIX_NMS_MAX_ELEMENTS = 64 * 1024 * 1024
+NMS_METHODS = ("auto", "matrix", "per_image")
+
+
 def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres: float = 0.45,
                         max_det: int = 300, multi_label: bool = False,
-                        max_candidates: int = 10000) -> list[torch.Tensor]:
+                        max_candidates: int = 10000, method: str = "auto") -> list[torch.Tensor]:
     """Decoded [B, N, 5+C] -> per image [n, 6] (x1, y1, x2, y2, score, class), score = obj * class prob.
 
-    Per image, its candidates above `conf_thres` (at most `max_candidates`, best first) go through
-    one torchvision batched_nms call, classes kept apart. Reading the candidate counts is the one
-    wait for the GPU before NMS; the candidates are a prefix of each image's sorted scores.
+    Per image, its candidates above `conf_thres` (at most `max_candidates`, best first) are suppressed
+    greedily within each class, as torchvision's batched_nms does. `method` "per_image" makes one
+    batched_nms call per image; "matrix" does every image at once (`matrix_nms`, the same result, a few GPU
+    waits per batch instead of one per image); "auto" takes the matrix on CUDA when its overlap matrix fits
+    MATRIX_NMS_MAX_ELEMENTS, else per image. Reading the candidate counts is one wait for the GPU;
+    the candidates are a prefix of each image's sorted scores.
     `multi_label` keeps every class above threshold per box, as COCO-style evaluation expects;
     otherwise only each box's best class.
     """
+    if method not in NMS_METHODS:
+        raise ValueError(f"NMS method {method!r}: choose one of {', '.join(NMS_METHODS)}")
     scores = pred[..., 5:] * pred[..., 4:5]                     # B,N,C
     boxes = cxcywh_to_xyxy(pred[..., :4])                       # B,N,4
     if multi_label:
@@ -135,9 +146,36 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     cand_boxes = boxes.gather(1, box_idx[..., None].expand(-1, -1, 4))
     det = torch.cat([cand_boxes, top[..., None], cls[..., None].to(top.dtype)], -1)   # B,k,6, by score descending
     counts = (top > conf_thres).sum(1).tolist()
+    k = max(counts, default=0)
+    if method == "matrix" or (method == "auto" and det.is_cuda and len(counts) * k * k <= MATRIX_NMS_MAX_ELEMENTS):
+        keep = matrix_nms(det[:, :k], counts, iou_thres)        # B,k
+        return [det[image, :n][keep[image, :n]][:max_det] for image, n in enumerate(counts)]
     out = []
     for image, n in enumerate(counts):
         d = det[image, :n]
         kept = torchvision.ops.batched_nms(d[:, :4].float(), d[:, 4].float(), d[:, 5].long(), iou_thres)
         out.append(d[kept[:max_det]])                           # kept is sorted by score, descending
     return out
+
+
+def matrix_nms(det: torch.Tensor, counts: list[int], iou_thres: float) -> torch.Tensor:
+    """Greedy per-class NMS of every image at once: det [B, k, 6] sorted by score, the first counts[b] valid
+    -> keep mask [B, k].
+
+    Box i survives when no *surviving* earlier box of its class overlaps it above `iou_thres`. That rule
+    fixes the mask one index at a time, so iterating it from "all kept" reaches greedy NMS's answer exactly
+    (Cluster-NMS, Zheng et al. 2020); dense scenes need a handful of passes, each one wait for the GPU.
+    """
+    b, k = det.shape[:2]
+    valid = torch.arange(k, device=det.device)[None] < torch.tensor(counts, device=det.device)[:, None]   # B,k
+    boxes, cls = det[..., :4].float(), det[..., 5]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=det.device).triu(1)                  # [j, i]: j < i
+    suppresses = ((box_iou_batched(boxes, boxes) > iou_thres) & (cls[:, :, None] == cls[:, None, :])
+                  & earlier & valid[:, :, None])                                             # B,k(j),k(i)
+    keep = valid
+    for _ in range(k + 1):          # at most k passes; the check below ends it as soon as nothing changes
+        updated = valid & ~(suppresses & keep[:, :, None]).any(1)
+        if torch.equal(updated, keep):
+            break
+        keep = updated
+    return keep
