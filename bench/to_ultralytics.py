@@ -70,7 +70,7 @@ def main() -> None:
             err = (o - t).abs().max().item()
             if err > 1e-3:
                 sys.exit(f"error: outputs differ at P{level + 3} (max |diff| {err:.2e}); not written")
-    peer.names = list(config.class_names)
+    peer.names, peer.nc = list(config.class_names), len(config.class_names)     # as the peer's train.py sets them
     torch.save({"epoch": -1, "model": peer.half(), "ema": None, "optimizer": None,
                 "opt": {"imgsz": config.input_shape[0]}}, args.out)
     print(f"{args.weights} -> {args.out} ({config.model}, {len(config.class_names)} classes, "
