@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from nets.yolo import as_model_config
+from utils.ops.anchors import used_anchor_indices
 from utils.ops.boxes import Cells, box_iou_batched, cxcywh_to_xyxy, flatten_levels
 
 # Darknet's yolov4-tiny.cfg scale_x_y: lets a centre reach the cell border.
@@ -50,8 +51,9 @@ class Head:
         return self._cache[key]
 
     @classmethod
-    def from_hyp(cls, hyp: dict) -> Head:
-        """The head with its style's training settings from `hyp` (defaults where absent)."""
+    def from_hyp(cls, hyp: dict, read_anchors: list[int] | None = None) -> Head:
+        """The head with its style's training settings from `hyp` (defaults where absent); `read_anchors`: the
+        anchor indices some level's mask uses."""
         return cls()
 
     def __eq__(self, other: object) -> bool:
@@ -128,13 +130,20 @@ class YoloV4Head(Head):
     default_obj_iou_ratio = 0.0
 
     def __init__(self, anchor_iou_thresh: float = 1.0, ignore_thresh: float | None = None,
-                 obj_iou_ratio: float | None = None) -> None:
+                 obj_iou_ratio: float | None = None, read_anchors: list[int] | None = None) -> None:
         super().__init__(obj_iou_ratio)
         self.anchor_iou_thresh, self.ignore_thresh = anchor_iou_thresh, ignore_thresh
+        self.read_anchors = read_anchors      # anchor indices some level's mask uses (None: all)
+
+    def _unread(self, num_anchors: int, device: torch.device) -> torch.Tensor:
+        """[nA] True for the anchors no level reads."""
+        unread = torch.ones(num_anchors, dtype=torch.bool, device=device)
+        unread[self.read_anchors if self.read_anchors is not None else slice(None)] = False
+        return unread
 
     @classmethod
-    def from_hyp(cls, hyp: dict) -> YoloV4Head:
-        return cls(hyp.get("anchor_iou_thresh", 1.0), hyp.get("ignore_thresh"), hyp.get("obj_iou_ratio"))
+    def from_hyp(cls, hyp: dict, read_anchors: list[int] | None = None) -> YoloV4Head:
+        return cls(hyp.get("anchor_iou_thresh", 1.0), hyp.get("ignore_thresh"), hyp.get("obj_iou_ratio"), read_anchors)
 
     def settings(self) -> dict:
         return {"anchor_iou_thresh": self.anchor_iou_thresh, "ignore_thresh": self.ignore_thresh, **super().settings()}
@@ -148,6 +157,10 @@ class YoloV4Head(Head):
     def candidates(self, gxy, gwh, valid, scale, stride, mask, anchors):
         device = gxy.device
         iou = wh_iou(gwh * stride, anchors)                                                # M,nA
+        # the best anchor among those some level reads: a box whose best anchor no mask uses (YOLOv4-tiny's
+        # first) would otherwise be assigned nowhere and never trained
+        unread = self._const(("unread", anchors.shape[0], device), lambda: self._unread(anchors.shape[0], device))
+        iou = iou.masked_fill(unread, -1.0)
         mask_t = self._const(("mask", tuple(mask), device), lambda: torch.tensor(mask, device=device))
         match = (iou.argmax(1)[None] == mask_t[:, None]) | (iou.index_select(1, mask_t).T > self.anchor_iou_thresh)
         offsets = self._const(("no_offset", device), lambda: torch.zeros(1, 2, device=device))
@@ -187,7 +200,7 @@ class YoloV5Head(Head):
         self.anchor_t = anchor_t
 
     @classmethod
-    def from_hyp(cls, hyp: dict) -> YoloV5Head:
+    def from_hyp(cls, hyp: dict, read_anchors: list[int] | None = None) -> YoloV5Head:
         return cls(hyp.get("anchor_t", 4.0), hyp.get("obj_iou_ratio"))
 
     def settings(self) -> dict:
@@ -223,7 +236,8 @@ HEADS: dict[str, type[Head]] = {YoloV4Head.name: YoloV4Head, YoloV5Head.name: Yo
 
 def build_head(config, hyp: dict | None = None) -> Head:
     """The head a model config (or its checkpoint dict) names, with the training settings of `hyp` if given."""
-    name = as_model_config(config).head          # a complete config names its head (default: the family's own)
+    config = as_model_config(config)
+    name = config.head          # a complete config names its head (default: the family's own)
     if name not in HEADS:
         raise ValueError(f"unknown head {name!r}; choose one of: {', '.join(HEADS)}")
-    return HEADS[name].from_hyp(hyp or {})
+    return HEADS[name].from_hyp(hyp or {}, used_anchor_indices(config.anchors_mask))

@@ -89,3 +89,21 @@ def test_anchors_tool_writes_a_file_train_reads(tmp_path, capsys):
     assert max(max(a) for a in anchors) < 64 and (np.diff(np.prod(anchors, 1)) >= 0).all()
     printed = capsys.readouterr().out
     assert "best possible recall" in printed and "--anchors " + str(out) in printed
+
+
+def test_auto_fits_only_the_anchors_a_level_reads():
+    """YOLOv4-tiny's masks read anchors 1-5: 'auto' fits five, in area order into those slots, and keeps slot 0.
+
+    Fitting six would put the smallest cluster (here the 8x12 boxes) into slot 0, where no level reads it."""
+    config = model_config("yolov4-tiny", 0, ["a"], (416, 416))
+    wh = planted(n_per=20).astype(np.float32)                          # six clusters, 8x12 the smallest
+    boxes = np.concatenate([np.zeros_like(wh), wh], 1)                 # x1, y1, x2, y2 from the corner
+    records = [Record("x.jpg", boxes, np.zeros(len(boxes), np.int64), np.zeros(len(boxes), bool), 416, 416, "x")]
+    fitted = choose_anchors(config, records, "auto", 4.0)
+    assert fitted.anchors[0] == config.anchors[0]                      # the unread slot is left as it was
+    used = np.array(fitted.anchors[1:])
+    assert (np.diff(used.prod(1)) >= 0).all()                          # small to large into slots 1..5
+    wh = training_wh(records, config.input_shape)
+    # every box has a read anchor it fits: recall judged on the read anchors only
+    assert best_possible_recall(wh, used) >= MIN_BPR
+    assert abs(used[0] - [8, 12]).max() < 4                            # the smallest cluster sits in a read slot

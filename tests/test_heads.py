@@ -146,3 +146,21 @@ def test_to_training_batch_gives_float_images_in_0_1(dtype):
     assert torch.equal(out, (images.float() / 255).to(dtype))
     assert out.min() == 0 and out.max() == 1
     assert t.dtype == torch.float32 and torch.equal(t, targets.float())
+
+
+def test_v4_box_whose_best_anchor_no_level_reads_goes_to_the_best_read_anchor():
+    """YOLOv4-tiny's masks never read anchor 0 (10x14): a 10x10 box (best anchor 0; IoU 0.16 with anchor 1, under
+    the extra-anchor threshold 0.213) must still be trained, on the 26x26 level's anchor 1 (23x27), the best
+    of the read ones; before, it was assigned nowhere."""
+    config = make_config("yolov4-tiny", 0, ["a"], (416, 416))
+    loss = YoloLoss(config, load_hyp("yolov4-tiny"))
+    outputs = [torch.zeros(1, 18, 13, 13), torch.zeros(1, 18, 26, 26)]
+    small = torch.tensor([[[0, 0, 0.5, 0.5, 10 / 416, 10 / 416]]])
+    coarse, fine = loss.positives(outputs, small)
+    assert len(coarse[0]) == 0 and len(fine[0]) == 1
+    assert fine[1].tolist() == [0]            # position 0 of the fine mask [1, 2, 3] is anchor 1
+    # a box that best fits a read anchor is unchanged: 81x82 is anchor 3, on both levels, plus anchor 4
+    # (135x169, IoU 0.29 > 0.213) on the coarse one and anchor 2 (37x58, IoU 0.32) on the fine one
+    mid = torch.tensor([[[0, 0, 0.5, 0.5, 81 / 416, 82 / 416]]])
+    coarse, fine = loss.positives(outputs, mid)
+    assert coarse[1].tolist() == [0, 1] and fine[1].tolist() == [1, 2]

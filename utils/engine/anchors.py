@@ -9,7 +9,7 @@ from nets.yolo import FAMILY_DEFAULTS, MODEL_DATA, model_family, read_anchors
 from utils.config import ModelConfig
 from utils.data.dataset import Record
 from utils.log import get_logger
-from utils.ops.anchors import best_possible_recall, fit_anchors, fitness
+from utils.ops.anchors import best_possible_recall, fit_anchors, fitness, place_in_used, used_anchor_indices
 
 log = get_logger(__name__)
 # below this best possible recall the anchors fit the data badly (YOLOv5's autoanchor threshold)
@@ -52,12 +52,19 @@ def read_anchors_file(path: str, model: str) -> list[list[float]]:
 
 
 def choose_anchors(config: ModelConfig, records: list[Record], mode: str | None, thr: float | None) -> ModelConfig:
-    """The run's anchors: mode None keeps them and warns when they fit badly, 'auto' fits them, else a file."""
+    """The run's anchors: mode None keeps them and warns when they fit badly, 'auto' fits them, else a file.
+
+    Only the anchors some level's mask uses can take a box, so recall and fitness are judged on those, and
+    'auto' fits exactly that many (YOLOv4-tiny: 5 of its 6; a sixth fitted anchor would take the smallest
+    boxes into the slot no level reads, and they would never be trained).
+    """
     thr = thr or DEFAULT_THR
     wh = training_wh(records, config.input_shape)
     if mode not in (None, "auto"):
         config = dataclasses.replace(config, anchors=read_anchors_file(mode, config.model))
-    current = np.asarray(config.anchors, np.float64)
+    used = used_anchor_indices(config.anchors_mask)
+    full = np.asarray(config.anchors, np.float64)
+    current = full[used]
     bpr = best_possible_recall(wh, current, thr)
     if mode != "auto":
         what = f"anchors from {mode}" if mode else "default anchors"
@@ -76,6 +83,7 @@ def choose_anchors(config: ModelConfig, records: list[Record], mode: str | None,
         log.info("--anchors auto: best possible recall %.4f before, %.4f fitted; the fitted anchors are no better, "
                  "keeping the defaults", bpr, new_bpr)
         return config
+    placed = place_in_used(full, used, fitted)
     log.info("--anchors auto: best possible recall %.4f before, %.4f after; anchors %s", bpr, new_bpr,
-             anchors_text(fitted).strip())
-    return dataclasses.replace(config, anchors=[[round(float(w), 2), round(float(h), 2)] for w, h in fitted])
+             anchors_text(placed).strip())
+    return dataclasses.replace(config, anchors=[[round(float(w), 2), round(float(h), 2)] for w, h in placed])

@@ -82,6 +82,22 @@ def evolve(wh: np.ndarray, anchors: np.ndarray, thr: float = 4.0, generations: i
     return sort_by_area(best)
 
 
+def used_anchor_indices(anchors_mask: list[list[int]]) -> list[int]:
+    """The anchor indices some level uses, ascending: YOLOv4-tiny's masks [[3,4,5],[1,2,3]] -> [1,2,3,4,5]."""
+    return sorted({i for level in anchors_mask for i in level})
+
+
+def place_in_used(anchors: np.ndarray, used: list[int], fitted: np.ndarray) -> np.ndarray:
+    """`anchors` with the slots `used` replaced by `fitted` (len(used) anchors, small to large); unused slots kept.
+
+    The masks index anchors in area order, so the fitted ones fill the used slots in that order; an unused slot
+    (YOLOv4-tiny's anchor 0) matches no box, so its value never matters.
+    """
+    full = np.asarray(anchors, np.float64).copy()
+    full[used] = sort_by_area(np.asarray(fitted, np.float64))
+    return full
+
+
 def fit_anchors(wh: np.ndarray, k: int, thr: float = 4.0, seed: int = 0, generations: int = 1000) -> np.ndarray:
     """k anchors [k,2] for the box sizes: IoU k-means, then evolution; deterministic for a seed; small to large."""
     wh = np.asarray(wh, np.float64).reshape(-1, 2)

@@ -24,7 +24,7 @@ from utils.data.dataset import default_fallback
 from utils.data.formats import open_data
 from utils.engine.anchors import DEFAULT_THR, anchors_text, training_wh
 from utils.engine.folders import make_dir, write_text
-from utils.ops.anchors import best_possible_recall, fit_anchors, fitness, wh_iou
+from utils.ops.anchors import best_possible_recall, fit_anchors, fitness, place_in_used, used_anchor_indices, wh_iou
 
 
 @dataclass
@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="VOC folder, YOLO data.yaml, COCO json or folder, or 'sample'")
     p.add_argument("--split", default="train", help="split whose boxes are fitted (default train, else trainval)")
     p.add_argument("--model", default="yolov4-tiny", choices=MODEL_NAMES,
-                   help="the family sets the anchor count: yolov4-tiny 6, yolov5* 9 (default yolov4-tiny)")
+                   help="the family sets the anchors fitted: yolov4-tiny 5 (of 6 slots: its masks never read the first), "
+                        "yolov5* 9 (default yolov4-tiny)")
     p.add_argument("--out", help="anchors file to write (default model_data/<family anchors file>_fitted.txt)")
     add_flags(p, AnchorSettings)
     args = p.parse_args(argv)
@@ -63,9 +64,10 @@ def main(argv: list[str] | None = None) -> Path:
     wh = training_wh(records, [args.img, args.img])
     thr = load_hyp(args.model, None).get("anchor_t", DEFAULT_THR)
     default = np.asarray(read_anchors(default_file), np.float64)
-    fitted = fit_anchors(wh, len(default), thr, args.seed, args.generations)
-    rows = [[name, f"{best_possible_recall(wh, a, thr):.4f}", f"{fitness(wh, a, thr):.4f}",
-             f"{wh_iou(wh, a).max(1).mean():.4f}", anchors_text(a).strip()]
+    used = used_anchor_indices(FAMILY_DEFAULTS[family][1])     # the anchors a level reads: only they take boxes
+    fitted = place_in_used(default, used, fit_anchors(wh, len(used), thr, args.seed, args.generations))
+    rows = [[name, f"{best_possible_recall(wh, a[used], thr):.4f}", f"{fitness(wh, a[used], thr):.4f}",
+             f"{wh_iou(wh, a[used]).max(1).mean():.4f}", anchors_text(a).strip()]
             for name, a in (("default", default), ("fitted", fitted))]
     print(f"{len(wh)} boxes of {len(records)} images ({source.describe()}, split {args.split}) at {args.img} px; "
           f"ratio rule anchor_t {thr:g}")
