@@ -11,6 +11,12 @@
 #        BUDGET_S (330: no run starts later than this; a 100-epoch run under 6-way sharing must still
 #        finish inside the device call's 600 s)
 #        EPOCHS (100)  IMG (416)  OUT (if set, the table and each run's results.csv are copied there)
+#        EVAL_PERIOD (1: every epoch is evaluated and can become best.pt, as the peer's train.py does)
+#        OLD_EVAL (0; 1 adds the protocol before issue 17: NMS 0.5, best class only)
+#        MPS (auto: CUDA MPS when JOBS > 1 and nvidia-cuda-mps-control exists, so the runs' kernels share the GPU)
+#        PEER_EVAL (0; 1: every YOLOv5 best.pt is also scored by the peer's own val.py, through
+#        bench/to_ultralytics.py, so the evaluators can be told apart from the models; needs .peers/ from
+#        ../shared/peers/setup.sh)
 # Runs start seed by seed, so a budget cut leaves every variant with the same seeds; skipped runs are listed.
 set -uo pipefail
 data=${DATA:-VOCdevkit/BCCD}
@@ -20,7 +26,12 @@ parallel=${JOBS:-6}
 budget=${BUDGET_S:-330}
 epochs=${EPOCHS:-100}
 img=${IMG:-416}
+eval_period=${EVAL_PERIOD:-1}
+old_eval=${OLD_EVAL:-0}
+peer_eval=${PEER_EVAL:-0}
 mkdir -p "$logs"
+logs=$(cd "$logs" && pwd)
+root=$(pwd)
 [ -d "$data/Annotations" ] || { echo "error: no VOC data at $data (set DATA)"; exit 1; }
 
 # YOLOv4-tiny with an IoU objectness target (ultralytics' gr = 1) keeps its own assignment and ignore rule
@@ -39,8 +50,13 @@ declare -A flags=(
     [v4t-iouobj]="--model yolov4-tiny --fitness-map50-95 0.9 --hyp $logs/hyp.yolov4-tiny.iouobj.yaml"
     [v4t-v5head]="--model yolov4-tiny --head yolov5 --fitness-map50-95 0.9"
     [v4t-v5head-peer]="--model yolov4-tiny --head yolov5 --fitness-map50-95 0.9 --lr-schedule linear --special-aug-ratio 1.0"
+    [v4t-fit-anchors]="--model yolov4-tiny --fitness-map50-95 0.9 --anchors auto"
+    [v4t-iouobj-anchors]="--model yolov4-tiny --fitness-map50-95 0.9 --anchors auto --hyp $logs/hyp.yolov4-tiny.iouobj.yaml"
+    [v4t-v5head-anchors]="--model yolov4-tiny --head yolov5 --fitness-map50-95 0.9 --anchors auto"
+    [v5s-cpuaug2]="--model yolov5s --cache ram --augment cpu --workers 2"
 )
-order="v5n-old v5n-new v4t v4t-fit v4t-iouobj v4t-v5head v4t-v5head-peer v5n-mosaic0.7 v5s v5s-noamp v5s-cpuaug"
+order="v5n-old v5n-new v4t v4t-fit v4t-iouobj v4t-v5head v4t-v5head-peer v5n-mosaic0.7 v5s v5s-noamp v5s-cpuaug
+       v5s-cpuaug2 v4t-fit-anchors v4t-iouobj-anchors v4t-v5head-anchors"
 variants=${VARIANTS:-$(echo $order | cut -d' ' -f1-6)}
 for v in $variants; do [ -n "${flags[$v]+x}" ] || { echo "error: unknown variant $v (known: $order)"; exit 1; }; done
 
@@ -50,8 +66,8 @@ one_run() {   # variant seed: train, then evaluate best.pt with both protocols; 
     start=$EPOCHREALTIME
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=2 python3 train.py --data "$data" --train-split trainval --val-split test --img "$img" --batch 64 \
-        --epochs "$epochs" --cache gpu --seed "$seed" --save-dir "$logs/$v" --name "s$seed" --exist-ok ${flags[$v]} \
-        > "$dir/train.log" 2>&1
+        --epochs "$epochs" --cache gpu --seed "$seed" --save-dir "$logs/$v" --name "s$seed" --exist-ok \
+        --eval-period "$eval_period" ${flags[$v]} > "$dir/train.log" 2>&1
     end=$EPOCHREALTIME
     if [ ! -f "$dir/best.pt" ]; then
         echo "FAILED $v s$seed: $(tr '\r' '\n' < "$dir/train.log" | grep -E 'error|Error' | tail -1)"
@@ -59,18 +75,52 @@ one_run() {   # variant seed: train, then evaluate best.pt with both protocols; 
     fi
     OMP_NUM_THREADS=2 python3 get_map.py --weights "$dir/best.pt" --data "$data" --split test --out "$dir/map_new" \
         > "$dir/map_new.log" 2>&1
-    OMP_NUM_THREADS=2 python3 get_map.py --weights "$dir/best.pt" --data "$data" --split test --out "$dir/map_old" \
-        --nms-iou 0.5 --no-multi-label > "$dir/map_old.log" 2>&1
+    if [ "$old_eval" = 1 ]; then
+        OMP_NUM_THREADS=2 python3 get_map.py --weights "$dir/best.pt" --data "$data" --split test --out "$dir/map_old" \
+            --nms-iou 0.5 --no-multi-label > "$dir/map_old.log" 2>&1
+    fi
+    if [ "$peer_eval" = 1 ] && [[ "${flags[$v]}" == *yolov5[nsmlx]* ]]; then peer_score "$dir"; fi
     python3 - "$dir" "$v" "$seed" "$(python3 -c "print(round($end - $start, 1))")" <<'EOF'
 import json, sys
 from pathlib import Path
 d, v, seed, wall = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 new = json.loads((d / "map_new/summary.json").read_text())
-old = json.loads((d / "map_old/summary.json").read_text())
-print(f"RESULT {v} s{seed} wall_s={wall} map50={new['map50']:.4f} map50_95={new['map50_95']:.4f} "
-      f"old_eval_map50={old['map50']:.4f} old_eval_map50_95={old['map50_95']:.4f}", flush=True)
+line = f"RESULT {v} s{seed} wall_s={wall} map50={new['map50']:.4f} map50_95={new['map50_95']:.4f}"
+if (d / "map_old/summary.json").is_file():
+    old = json.loads((d / "map_old/summary.json").read_text())
+    line += f" old_eval_map50={old['map50']:.4f} old_eval_map50_95={old['map50_95']:.4f}"
+if (d / "peer_eval.json").is_file():
+    peer = json.loads((d / "peer_eval.json").read_text())
+    line += f" peer_eval_map50={peer['map50']:.4f} peer_eval_map50_95={peer['map50_95']:.4f}"
+print(line, flush=True)
 EOF
 }
+
+peer_data=/tmp/peerdata/$(basename "$data")
+peer_score() {   # run folder: best.pt as an ultralytics file, scored on the test split by the peer's val.py
+    local dir=$1
+    PYTHONPATH=$root/.peers/shim${PEER_PYTHONPATH:+:$PEER_PYTHONPATH} python3 bench/to_ultralytics.py --weights "$dir/best.pt" --peer .peers/yolov5 \
+        --out "$dir/best_peer.pt" > "$dir/peer_eval.log" 2>&1 || { echo "FAILED conversion $dir"; return; }
+    (cd .peers/yolov5 && PYTHONPATH=$root/.peers/shim${PEER_PYTHONPATH:+:$PEER_PYTHONPATH} YOLOV5_CONFIG_DIR=$root/.peers/yolov5 \
+        TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 python3 val.py --weights "$dir/best_peer.pt" --data "$peer_data/data.yaml" \
+        --img "$img" --batch-size 32 --conf-thres 0.001 --iou-thres 0.6 --half --task val \
+        --project "$dir/peer_val" --name run --exist-ok) >> "$dir/peer_eval.log" 2>&1
+    # the peer's "all" line: images, instances, P, R, mAP50, mAP50-95
+    tr '\r' '\n' < "$dir/peer_eval.log" | awk '$1 == "all" {m50 = $(NF-1); m = $NF}
+        END {if (m != "") printf "{\"map50\": %s, \"map50_95\": %s}\n", m50, m}' > "$dir/peer_eval.json"
+    [ -s "$dir/peer_eval.json" ] || rm -f "$dir/peer_eval.json"
+}
+if [ "$peer_eval" = 1 ]; then
+    [ -d .peers/yolov5 ] || { echo "error: PEER_EVAL=1 needs .peers/ (../shared/peers/setup.sh)"; exit 1; }
+    python3 .peers/voc2yolo.py "$data" "$peer_data" > /dev/null || { echo "error: voc2yolo failed on $data"; exit 1; }
+fi
+
+# CUDA MPS: the runs' kernels share the GPU instead of taking turns by time slice
+if [ "${MPS:-auto}" != 0 ] && [ "$parallel" -gt 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_ab/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_ab/log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d && echo "accuracy_ab: CUDA MPS on" && trap 'echo quit | nvidia-cuda-mps-control' EXIT
+fi
 
 t0=$SECONDS
 skipped=()
@@ -95,15 +145,16 @@ def stat(values):
         return "n/a"
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
     return f"{statistics.mean(values):.3f} +- {sd:.3f}"
-print(f"| variant | n | mAP50 | mAP50-95 | mAP50 (old eval) | mAP50-95 (old eval) |")
-print("|---|---|---|---|---|---|")
+print("| variant | n | mAP50 | mAP50-95 | mAP50 (old eval) | mAP50-95 (old eval) | mAP50 (peer's val.py) | "
+      "mAP50-95 (peer's val.py) |")
+print("|---|---|---|---|---|---|---|---|")
 for v in variants:
-    runs = sorted((logs / v).glob("s*/map_new/summary.json"))
-    olds = [p.parent.parent / "map_old/summary.json" for p in runs]
-    new = [json.loads(p.read_text()) for p in runs]
-    old = [json.loads(p.read_text()) for p in olds if p.is_file()]
-    print(f"| {v} | {len(new)} | {stat([s['map50'] for s in new])} | {stat([s['map50_95'] for s in new])} | "
-          f"{stat([s['map50'] for s in old])} | {stat([s['map50_95'] for s in old])} |")
+    runs = [p.parent.parent for p in sorted((logs / v).glob("s*/map_new/summary.json"))]
+    def read(name):
+        return [json.loads((r / name).read_text()) for r in runs if (r / name).is_file()]
+    new, old, peer = read("map_new/summary.json"), read("map_old/summary.json"), read("peer_eval.json")
+    print(f"| {v} | {len(new)} | " + " | ".join(stat([s[k] for s in part]) for part in (new, old, peer)
+                                                for k in ("map50", "map50_95")) + " |")
 EOF
 if [ -n "${OUT:-}" ]; then
     cp "$logs/table.txt" "$OUT/accuracy_ab_table.txt"
