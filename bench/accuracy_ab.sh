@@ -10,7 +10,8 @@
 #        VARIANTS (names below; default the first six of `order`)
 #        BUDGET_S (330: no run starts later than this; a 100-epoch run under 6-way sharing must still
 #        finish inside the device call's 600 s)
-#        EPOCHS (100)  IMG (416)  OUT (if set, the table and each run's results.csv are copied there)
+#        EPOCHS (100)  IMG (416)  OUT (if set, the table and one archive of every run's logs and results.csv
+#        are written there)
 #        EVAL_PERIOD (1: every epoch is evaluated and can become best.pt, as the peer's train.py does)
 #        OLD_EVAL (0; 1 adds the protocol before issue 17: NMS 0.5, best class only)
 #        MPS (auto: CUDA MPS when JOBS > 1 and nvidia-cuda-mps-control exists, so the runs' kernels share the GPU)
@@ -156,9 +157,7 @@ for v in variants:
     print(f"| {v} | {len(new)} | " + " | ".join(stat([s[k] for s in part]) for part in (new, old, peer)
                                                 for k in ("map50", "map50_95")) + " |")
 EOF
-if [ -n "${OUT:-}" ]; then
+if [ -n "${OUT:-}" ]; then   # two files: the device tool brings back at most eight
     cp "$logs/table.txt" "$OUT/accuracy_ab_table.txt"
-    for f in "$logs"/*/s*/results.csv; do
-        r=${f#"$logs"/}; cp "$f" "$OUT/$(echo "${r%/results.csv}" | tr '/' '_').csv"
-    done
+    (cd "$logs" && tar czf "$OUT/accuracy_ab_runs.tgz" --exclude='*.pt' --exclude='peer_val' */s*/ 2>/dev/null)
 fi
