@@ -21,7 +21,7 @@ from utils.engine.predict_io import draw_fps
 from utils.ops.cam import eigen_cam, grad_cam, layer_cam, renormalise_in_boxes
 from utils.ops.images import map_to_image
 from utils.ops.overlay import normalise_map, tick_labels
-from utils.ops.plots import detection_rects, free_corner, label_origin, overlap
+from utils.ops.plots import class_color, detection_rects, draw_detections, free_corner, label_origin, overlap
 from yolo import YOLO
 
 
@@ -195,6 +195,24 @@ def test_label_rectangles_stay_inside_the_image():
     dets = np.array([[0, 0, 40, 30, 0.9, 0], [90, 2, 120, 50, 0.8, 1], [5, 60, 119, 80, 0.7, 1]], np.float32)
     rects = detection_rects(dets, ["person", "a long class name"], (h, w, 3))[len(dets):]
     assert len(rects) == 3 and all(0 <= r[0] and r[2] <= w and 0 <= r[1] and r[3] <= h for r in rects)
+
+
+def test_drawn_detections_outline_the_box_and_fill_the_label_in_the_class_colour():
+    image = np.full((100, 160, 3), 200, np.uint8)
+    dets = np.array([[40, 50, 120, 90, 0.9, 1], [-5, 60, 30, 99, 0.4, 0]], np.float32)
+    names = ["a", "b"]
+    drawn = draw_detections(image, dets, names)
+    assert (image == 200).all()                                          # the input is left as it was
+    blue, green, red = drawn[50, 80]                                     # the first box's top edge
+    assert (red, green, blue) == class_color(1, 2)
+    assert (drawn[70, 80] == 200).all() and (drawn[5, 5] == 200).all()   # inside the box, far from any: untouched
+    # its label sits above the box: the class colour with dark text ink, all inside the label rectangle
+    x1, y1, x2, y2 = (round(v) for v in detection_rects(dets, names, image.shape)[2])
+    label = drawn[y1:y2, x1:x2].reshape(-1, 3)[:, ::-1]
+    colour = np.array(class_color(1, 2))
+    assert (label == colour).all(1).mean() > 0.5 and (label.sum(1) < 60).any()
+    assert (drawn[y1:y2, x1:x2] != 200).any(2).all()                     # the whole rectangle is painted
+    assert draw_detections(image, dets[:0], names).tolist() == image.tolist()
 
 
 def test_fps_text_goes_to_a_corner_free_of_boxes():

@@ -230,7 +230,8 @@ class TrainConfig:
     """How to train: schedule, optimiser, augmentation strengths, precision, saving, devices."""
 
     epochs: int = setting(100, "total epochs; with --resume, extends a finished run", low=1, resume=True)
-    batch: int = setting(16, "global batch size, split over GPUs with torchrun", low=1)
+    batch: int | None = setting(None, "global batch size, split over GPUs with torchrun", type=int, low=1,
+                                shown="auto: --nbs on a GPU where it fits (measured at start-up), 16 on the CPU")
     nbs: int = setting(64, "nominal batch: gradients are accumulated to about this many images per step, and "
                            "weight decay scaled to it", low=1)
     optimizer: str = setting("sgd", "optimiser", choices=("sgd", "adam"))

@@ -7,15 +7,15 @@ and is imported with `load_plugin` (train.py / predict.py `--plugin FILE`): no e
 from __future__ import annotations
 
 import importlib.util
-import logging
 import sys
 from pathlib import Path
 
 from torch import nn
 
 from utils.config import PHI_NAMES
+from utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ATTENTION_BLOCKS: dict[str, type[nn.Module]] = {}
 ALIASES: dict[str, str] = {"0": "none", "": "none"}

@@ -7,7 +7,6 @@ trainer, with the run folder made only once everything is known good.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +17,17 @@ from nets.attention import load_plugin
 from nets.yolo import complete_model_config
 from nets.yolo_training import RECIPE_DEFAULTS, load_hyp
 from utils.engine.anchors import choose_anchors
+from utils.engine.autobatch import auto_batch
 from utils.engine.checkpoint import load_checkpoint, remove_stale_temps, write_error
 from utils.engine.folders import numbered_dir
 from utils.config import RUN_PARTS, DataConfig, ModelConfig, RunConfig, TrainConfig, parse_attention_spec
 from utils.settings import check_ranges, flag_name, from_flat, resume_flags, split_given
 from utils.engine.train_data import TrainData
 from utils.engine.torch_utils import distributed_env, init_distributed, is_main_process, select_device
-from utils.engine.trainer import Trainer
+from utils.engine.trainer import Trainer, amp_dtype
+from utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 # training flags that override the hyp key of the same name when given
 HYP_FLAGS = ("mosaic", "mixup", "label_smoothing", "lr_schedule", "special_aug_ratio", "fitness_map50_95")
 
@@ -160,17 +161,30 @@ def prepare_run(resolved: Resolved, folder: Path | None = None, progress: bool =
         hyp = resumed_hyp(ckpt, config.train)   # the run's hyperparameters, whatever the YAML says now
     else:
         hyp = resolved_hyp(load_hyp(config.model.model, config.train.hyp), config.train)
-    data = TrainData(config.data, tuple(config.model.input_shape), config.train.batch // world, config.train.seed,
-                     hyp, device, rank, world, progress=progress and is_main_process())
+    # --batch auto is measured on the model, which needs the data's classes: the data starts at the nominal batch
+    data = TrainData(config.data, tuple(config.model.input_shape), (config.train.batch or config.train.nbs) // world,
+                     config.train.seed, hyp, device, rank, world, progress=progress and is_main_process())
     if ckpt is None:
         model = complete_model_config(dataclasses.replace(config.model, class_names=data.class_names))
         model = choose_anchors(model, data.train_records, config.train.anchor_fit, hyp.get("anchor_t"))
         config = dataclasses.replace(config, model=model)
+    if config.train.batch is None:
+        config = with_auto_batch(config, device, world)
+        data.set_batch_size(config.train.batch // world)
     folder = folder or resolved.folder or run_dir(config)
     trainer = Trainer(config, hyp, data, folder, ckpt, rank, world)
     if is_main_process():
         make_run_folder(folder, resolved.moved_from)
     return Run(config, hyp, device, data, trainer, folder)
+
+
+def with_auto_batch(config: RunConfig, device: torch.device, world: int) -> RunConfig:
+    """The config with --batch auto resolved (stored so, so a resume keeps the batch the run started with)."""
+    amp = amp_dtype(device, device.type == "cuda" if config.train.amp is None else config.train.amp)
+    choice = auto_batch(config.model, device, amp, config.train.nbs, world)
+    if is_main_process():
+        log.info("batch %d (auto: %s)", choice.batch, choice.reason)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, batch=choice.batch))
 
 
 def make_run_folder(folder: Path, moved_from: Path | None) -> None:

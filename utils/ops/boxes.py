@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torchvision
 
 
 def split_level(raw: torch.Tensor, num_anchors: int) -> torch.Tensor:
@@ -73,18 +72,26 @@ class CellCache:
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """(cx, cy, w, h) -> (x1, y1, x2, y2), any leading shape."""
-    return torchvision.ops.box_convert(boxes, "cxcywh", "xyxy")
+    """(cx, cy, w, h) -> (x1, y1, x2, y2), any leading shape.
+
+    Written out rather than torchvision's box_convert: importing torchvision.ops imports torch._dynamo (about
+    1.4 s here, more on a cold machine), which training and prediction on CUDA otherwise never need.
+    """
+    centre, half = boxes[..., :2], boxes[..., 2:4] / 2
+    return torch.cat([centre - half, centre + half], -1)
 
 
-def box_iou_batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of xyxy boxes per batch element: a [B, N, 4], b [B, K, 4] -> [B, N, K]."""
+def box_iou_batched(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """IoU of xyxy boxes per batch element: a [B, N, 4], b [B, K, 4] -> [B, N, K].
+
+    `eps` keeps degenerate pairs finite; 0 gives the exact ratio (0/0 = NaN for two empty boxes), for metrics
+    whose thresholds are inclusive (an IoU of exactly 0.5 counts at 0.5)."""
     area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
     area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
     lt = torch.maximum(a[..., None, :2], b[..., None, :, :2])
     rb = torch.minimum(a[..., None, 2:], b[..., None, :, 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
-    return inter / (area_a[..., None] + area_b[..., None, :] - inter + 1e-9)
+    return inter / (area_a[..., None] + area_b[..., None, :] - inter + eps)
 
 
 def ciou_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -150,10 +157,11 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     if method == "matrix" or (method == "auto" and det.is_cuda and len(counts) * k * k <= MATRIX_NMS_MAX_ELEMENTS):
         keep = matrix_nms(det[:, :k], counts, iou_thres)        # B,k
         return [det[image, :n][keep[image, :n]][:max_det] for image, n in enumerate(counts)]
+    from torchvision.ops import batched_nms  # noqa: PLC0415 (lazy: see cxcywh_to_xyxy)
     out = []
     for image, n in enumerate(counts):
         d = det[image, :n]
-        kept = torchvision.ops.batched_nms(d[:, :4].float(), d[:, 4].float(), d[:, 5].long(), iou_thres)
+        kept = batched_nms(d[:, :4].float(), d[:, 4].float(), d[:, 5].long(), iou_thres)
         out.append(d[kept[:max_det]])                           # kept is sorted by score, descending
     return out
 

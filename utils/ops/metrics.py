@@ -23,7 +23,8 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
+
+from utils.ops.boxes import box_iou_batched
 
 
 @dataclass
@@ -106,7 +107,7 @@ def _candidates(detections: Sequence, ground_truths: Sequence, num_classes: int)
         best_iou = np.full(len(dets), -1.0)
         best_gt = np.zeros(len(dets), np.int64)
         if len(dets) and len(boxes):
-            iou = box_iou(torch.from_numpy(dets[:, :4]), torch.from_numpy(boxes)).numpy()
+            iou = box_iou_batched(torch.from_numpy(dets[None, :, :4]), torch.from_numpy(boxes[None]), eps=0)[0].numpy()
             iou = np.nan_to_num(iou, nan=0.0)  # degenerate boxes: 0/0
             iou = np.where(det_cls[:, None] == labels[None, :], iou, -1.0)  # other classes never match
             best_gt, best_iou = iou.argmax(1), iou.max(1)
