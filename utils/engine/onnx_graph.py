@@ -11,7 +11,6 @@ class), boxes in input (letterboxed) pixels, per image at most `max_det`, best s
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 from nets.heads import build_head
@@ -29,10 +28,11 @@ class _NonMaxSuppression(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, boxes, scores, max_per_image, iou_threshold, score_threshold):  # noqa: D102
+        from torchvision.ops import nms  # noqa: PLC0415 (lazy: torchvision.ops imports torch._dynamo, seconds)
         selected = []
         for b in range(boxes.shape[0]):
             keep = (scores[b, 0] > score_threshold).nonzero().flatten()
-            kept = keep[torchvision.ops.nms(boxes[b, keep], scores[b, 0, keep], float(iou_threshold))]
+            kept = keep[nms(boxes[b, keep], scores[b, 0, keep], float(iou_threshold))]
             kept = kept[:int(max_per_image)]
             selected.append(torch.stack([torch.full_like(kept, b), torch.zeros_like(kept), kept], 1))
         return torch.cat(selected)
