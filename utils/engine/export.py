@@ -182,6 +182,8 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, *, img: int 
                 max_det: int = 300) -> Path:
     """Write `weights` (a checkpoint of ours) as an ONNX file; returns its path. Runs on CPU (fp16 too)."""
     onnx = require("onnx", "ONNX export")
+    # loaded before tracing: its first import runs a torchvision operator the exporter would try to record
+    import torchvision.ops  # noqa: F401, PLC0415
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset}: must be at least {MIN_OPSET}")
     simplify_with = simplifier() if simplify else None       # a missing package fails before any work
