@@ -92,7 +92,7 @@ def test_anchors_tool_writes_a_file_train_reads(tmp_path, capsys):
 
 
 def test_auto_fits_only_the_anchors_a_level_reads():
-    """YOLOv4-tiny's masks read anchors 1-5: 'auto' fits five, in area order into those slots, and keeps slot 0.
+    """YOLOv4-tiny's masks read anchors 1-5: 'auto' fits five, in area order into those slots; slot 0 copies slot 1.
 
     Fitting six would put the smallest cluster (here the 8x12 boxes) into slot 0, where no level reads it."""
     config = model_config("yolov4-tiny", 0, ["a"], (416, 416))
@@ -100,9 +100,9 @@ def test_auto_fits_only_the_anchors_a_level_reads():
     boxes = np.concatenate([np.zeros_like(wh), wh], 1)                 # x1, y1, x2, y2 from the corner
     records = [Record("x.jpg", boxes, np.zeros(len(boxes), np.int64), np.zeros(len(boxes), bool), 416, 416, "x")]
     fitted = choose_anchors(config, records, "auto", 4.0)
-    assert fitted.anchors[0] == config.anchors[0]                      # the unread slot is left as it was
+    assert fitted.anchors[0] == fitted.anchors[1]                      # the unread slot copies its neighbour
     used = np.array(fitted.anchors[1:])
-    assert (np.diff(used.prod(1)) >= 0).all()                          # small to large into slots 1..5
+    assert (np.diff(np.prod(fitted.anchors, 1)) >= 0).all()            # small to large, slots 1..5 fitted
     wh = training_wh(records, config.input_shape)
     # every box has a read anchor it fits: recall judged on the read anchors only
     assert best_possible_recall(wh, used) >= MIN_BPR

@@ -88,13 +88,16 @@ def used_anchor_indices(anchors_mask: list[list[int]]) -> list[int]:
 
 
 def place_in_used(anchors: np.ndarray, used: list[int], fitted: np.ndarray) -> np.ndarray:
-    """`anchors` with the slots `used` replaced by `fitted` (len(used) anchors, small to large); unused slots kept.
+    """All slots of `anchors`, the slots `used` holding `fitted` (len(used) anchors) small to large.
 
-    The masks index anchors in area order, so the fitted ones fill the used slots in that order; an unused slot
-    (YOLOv4-tiny's anchor 0) matches no box, so its value never matters.
+    The masks index anchors in area order, so the fitted ones fill the used slots in that order. An unused slot
+    (YOLOv4-tiny's anchor 0) takes no box, so its value never matters: it copies the nearest used slot, which
+    keeps the whole list small to large, as anchor files are.
     """
     full = np.asarray(anchors, np.float64).copy()
     full[used] = sort_by_area(np.asarray(fitted, np.float64))
+    for i in sorted(set(range(len(full))) - set(used)):
+        full[i] = full[min(used, key=lambda u: abs(u - i))]
     return full
 
 
