@@ -13,9 +13,7 @@ import torch
 
 from nets.yolo import build_model
 from utils.config import ModelConfig
-from utils.log import get_logger
 
-log = get_logger(__name__)
 CPU_BATCH = 16          # the tutorials' batch: CPU steps are compute-bound, a larger batch gains nothing
 PROBE_BATCH = 4         # images in the measuring pass
 GPU_SHARE = 0.5         # of the memory free after the probe: the rest is for the optimiser, EMA, graphs, evaluation
