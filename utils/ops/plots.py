@@ -58,15 +58,17 @@ def _label_sprite(text: str, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _labels(detections: np.ndarray, class_names: list[str], size: int,
-            image_wh: tuple[int, int]) -> list[tuple[np.ndarray, Rect]]:
-    """Per detection: its label's ink sprite and the label rectangle in the image."""
+            image_wh: tuple[int, int]) -> list[tuple[list[float], np.ndarray, Rect]]:
+    """Per detection: its row as Python floats (x1, y1, x2, y2, score, class), its label's ink sprite and the
+    label rectangle in the image."""
     out = []
-    for x1, y1, x2, y2, score, cls in np.asarray(detections, np.float64)[:, :6].tolist():   # Python floats: fast
+    for row in np.asarray(detections, np.float64)[:, :6].tolist():     # Python floats: fast to format and round
+        x1, y1, x2, y2, score, cls = row
         cls = int(cls)
         text = f"{class_names[cls] if 0 <= cls < len(class_names) else cls} {score:.2f}"
         ink, (lw, lh) = _label_sprite(text, size)
         lx, ly = label_origin((x1, y1, x2, y2), (lw, lh), image_wh)
-        out.append((ink, (lx, ly, lx + lw, ly + lh)))
+        out.append((row, ink, (lx, ly, lx + lw, ly + lh)))
     return out
 
 
@@ -74,7 +76,7 @@ def detection_rects(detections: np.ndarray, class_names: list[str], image_shape:
     """Every box and every label rectangle draw_detections draws: what other text must not cover."""
     h, w = image_shape[:2]
     labels = _labels(detections, class_names, _style(h, w)[0], (w, h))
-    return [tuple(map(float, d[:4])) for d in detections] + [rect for _, rect in labels]
+    return [tuple(row[:4]) for row, _, _ in labels] + [rect for _, _, rect in labels]
 
 
 def draw_detections(image_bgr: np.ndarray, detections: np.ndarray, class_names: list[str]) -> np.ndarray:
@@ -88,8 +90,7 @@ def draw_detections(image_bgr: np.ndarray, detections: np.ndarray, class_names: 
     image = image_bgr.copy()
     h, w = image.shape[:2]
     size, thickness = _style(h, w)
-    boxes = np.asarray(detections, np.float64)[:, :6].tolist()
-    for (x1, y1, x2, y2, _, cls), (ink, (lx, ly, _, _)) in zip(boxes, _labels(detections, class_names, size, (w, h))):
+    for (x1, y1, x2, y2, _, cls), ink, (lx, ly, _, _) in _labels(detections, class_names, size, (w, h)):
         color = class_color(int(cls), len(class_names))[::-1]                              # BGR
         # the outline inside the box, as a line of `thickness` pixels from its corners inwards
         inset = (thickness - 1) / 2
