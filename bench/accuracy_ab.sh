@@ -10,14 +10,14 @@
 #        VARIANTS (names below; default the first six of `order`)
 #        BUDGET_S (330: no run starts later than this; a 100-epoch run under 6-way sharing must still
 #        finish inside the device call's 600 s)
-#        EPOCHS (100)  IMG (416)  OUT (if set, the table and one archive of every run's logs and results.csv
+#        EPOCHS (100)  IMG (416)  BATCH (64)  OUT (if set, the table and one archive of every run's logs and results.csv
 #        are written there)
 #        EVAL_PERIOD (1: every epoch is evaluated and can become best.pt, as the peer's train.py does)
 #        OLD_EVAL (0; 1 adds the protocol before issue 17: NMS 0.5, best class only)
 #        MPS (auto: CUDA MPS when JOBS > 1 and nvidia-cuda-mps-control exists, so the runs' kernels share the GPU)
 #        PEER_EVAL (0; 1: every YOLOv5 best.pt is also scored by the peer's own val.py, through
 #        bench/to_ultralytics.py, so the evaluators can be told apart from the models; needs .peers/ from
-#        ../shared/peers/setup.sh)
+#        ../shared/peers/setup.sh; PEER_DATA names data .peers/voc2yolo.py already converted)
 # Runs start seed by seed, so a budget cut leaves every variant with the same seeds; skipped runs are listed.
 set -uo pipefail
 data=${DATA:-VOCdevkit/BCCD}
@@ -27,6 +27,7 @@ parallel=${JOBS:-6}
 budget=${BUDGET_S:-330}
 epochs=${EPOCHS:-100}
 img=${IMG:-416}
+batch=${BATCH:-64}
 eval_period=${EVAL_PERIOD:-1}
 old_eval=${OLD_EVAL:-0}
 peer_eval=${PEER_EVAL:-0}
@@ -66,7 +67,7 @@ one_run() {   # variant seed: train, then evaluate best.pt with both protocols; 
     mkdir -p "$dir"
     start=$EPOCHREALTIME
     # shellcheck disable=SC2086
-    OMP_NUM_THREADS=2 python3 train.py --data "$data" --train-split trainval --val-split test --img "$img" --batch 64 \
+    OMP_NUM_THREADS=2 python3 train.py --data "$data" --train-split trainval --val-split test --img "$img" --batch "$batch" \
         --epochs "$epochs" --cache gpu --seed "$seed" --save-dir "$logs/$v" --name "s$seed" --exist-ok \
         --eval-period "$eval_period" ${flags[$v]} > "$dir/train.log" 2>&1
     end=$EPOCHREALTIME
@@ -97,7 +98,7 @@ print(line, flush=True)
 EOF
 }
 
-peer_data=/tmp/peerdata/$(basename "$data")
+peer_data=${PEER_DATA:-/tmp/peerdata/$(basename "$data")}
 peer_score() {   # run folder: best.pt as an ultralytics file, scored on the test split by the peer's val.py
     local dir=$1
     PYTHONPATH=$root/.peers/shim${PEER_PYTHONPATH:+:$PEER_PYTHONPATH} python3 bench/to_ultralytics.py --weights "$dir/best.pt" --peer .peers/yolov5 \
@@ -113,7 +114,8 @@ peer_score() {   # run folder: best.pt as an ultralytics file, scored on the tes
 }
 if [ "$peer_eval" = 1 ]; then
     [ -d .peers/yolov5 ] || { echo "error: PEER_EVAL=1 needs .peers/ (../shared/peers/setup.sh)"; exit 1; }
-    python3 .peers/voc2yolo.py "$data" "$peer_data" > /dev/null || { echo "error: voc2yolo failed on $data"; exit 1; }
+    [ -n "${PEER_DATA:-}" ] || python3 .peers/voc2yolo.py "$data" "$peer_data" > /dev/null \
+        || { echo "error: voc2yolo failed on $data"; exit 1; }
 fi
 
 # CUDA MPS: the runs' kernels share the GPU instead of taking turns by time slice
@@ -125,7 +127,7 @@ fi
 
 t0=$SECONDS
 skipped=()
-echo "accuracy_ab: variants [$variants] seeds [$seeds], $parallel at once, $epochs epochs, $img px, data $data, logs $logs"
+echo "accuracy_ab: variants [$variants] seeds [$seeds], $parallel at once, $epochs epochs, $img px, batch $batch, data $data, logs $logs"
 for seed in $seeds; do
     for v in $variants; do
         if (( SECONDS - t0 > budget )); then skipped+=("$v/s$seed"); continue; fi

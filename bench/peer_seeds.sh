@@ -5,6 +5,9 @@
 #
 # usage: bash bench/peer_seeds.sh MODEL [DATA]   (from the project root, after ../shared/peers/setup.sh; on the device)
 # env:   SEEDS ("0 1 2")  EPOCHS (100)  IMG (416)  BATCH (64)  WORKERS (5 data workers per training)
+#        RUNS (/tmp/peer_seeds/<data folder name>: run folders MODEL_sSEED, each with peer_eval.json (its val.py)
+#        and map_ours/summary.json (our get_map.py), read by bench/parity_table.py)
+#        PEER_DATA (the data already converted by .peers/voc2yolo.py; default: convert it now)
 #        PEER_PYTHONPATH (extra import path for the peer, e.g. a folder of its packages)
 set -uo pipefail
 model=${1:?give the peer model, e.g. yolov5n}
@@ -15,10 +18,12 @@ img=${IMG:-416}
 batch=${BATCH:-64}
 workers=${WORKERS:-5}
 root=$(pwd)
-peer_data=/tmp/peerdata/$(basename "$data")
-runs=/tmp/peer_seeds
+peer_data=${PEER_DATA:-/tmp/peerdata/$(basename "$data")}
+runs=${RUNS:-/tmp/peer_seeds/$(basename "$data")}
+mkdir -p "$runs"
 [ -d .peers/yolov5 ] || { echo "error: no .peers/yolov5 (run ../shared/peers/setup.sh first)"; exit 1; }
-python3 .peers/voc2yolo.py "$data" "$peer_data" > /dev/null || { echo "error: voc2yolo failed on $data"; exit 1; }
+[ -n "${PEER_DATA:-}" ] || python3 .peers/voc2yolo.py "$data" "$peer_data" > /dev/null \
+    || { echo "error: voc2yolo failed on $data"; exit 1; }
 peer_env=(env PYTHONPATH="$root/.peers/shim${PEER_PYTHONPATH:+:$PEER_PYTHONPATH}" YOLOV5_CONFIG_DIR="$root/.peers/yolov5"
           TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 PYTHONUNBUFFERED=1)
 
@@ -26,23 +31,27 @@ start=$SECONDS
 for seed in $seeds; do
     (cd .peers/yolov5 && "${peer_env[@]}" python3 train.py --cfg "models/$model.yaml" --weights '' \
         --data "$peer_data/data.yaml" --img "$img" --epochs "$epochs" --batch "$batch" --workers "$workers" \
-        --seed "$seed" --project "$runs" --name "${model}_s$seed" --exist-ok > "$runs.${model}_s$seed.log" 2>&1) &
+        --seed "$seed" --project "$runs" --name "${model}_s$seed" --exist-ok > "$runs/${model}_s$seed.log" 2>&1) &
 done
 wait
 echo "peer_seeds: $model seeds [$seeds] trained in $((SECONDS - start)) s (all at once)"
 
 for seed in $seeds; do
     dir=$runs/${model}_s$seed
-    theirs=$(tr '\r' '\n' < "$runs.${model}_s$seed.log" | awk '$1 == "all" {m50 = $(NF-1); m = $NF} END {print m50, m}')
+    theirs=$(tr '\r' '\n' < "$runs/${model}_s$seed.log" | awk '$1 == "all" {m50 = $(NF-1); m = $NF} END {print m50, m}')
     if [ ! -f "$dir/weights/best.pt" ]; then
-        echo "FAILED peer $model s$seed: $(tr '\r' '\n' < "$runs.${model}_s$seed.log" | grep -E 'Error|error' | tail -1)"
+        echo "FAILED peer $model s$seed: $(tr '\r' '\n' < "$runs/${model}_s$seed.log" | grep -E 'Error|error' | tail -1)"
         continue
     fi
     python3 get_map.py --weights "$dir/weights/best.pt" --data "$data" --split test --out "$dir/map_ours" \
         > "$dir/map_ours.log" 2>&1
-    python3 - "$dir/map_ours/summary.json" "$model" "$seed" $theirs <<'EOF'
+    python3 - "$dir" "$model" "$seed" $theirs <<'EOF'
 import json, sys
-path, model, seed, *theirs = sys.argv[1:]
+run, model, seed, *theirs = sys.argv[1:]
+path = f"{run}/map_ours/summary.json"
+if len(theirs) == 2:
+    with open(f"{run}/peer_eval.json", "w") as f:
+        json.dump({"map50": float(theirs[0]), "map50_95": float(theirs[1])}, f)
 try:
     ours = json.load(open(path))
     ours_text = f"our_eval_map50={ours['map50']:.4f} our_eval_map50_95={ours['map50_95']:.4f}"
