@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +51,63 @@ def test_nesterov_sgd_matches_torch_sgd():
     ref = train_with(lambda n: torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9, nesterov=True,
                                                weight_decay=1e-3))
     torch.testing.assert_close(ours, ref)
+
+
+def test_nesterov_sgd_state_dict_is_torch_sgds_layout():
+    """A state saved by torch.optim.SGD resumes in ours and the other way round (old checkpoints keep loading)."""
+    def groups(net):
+        params = list(net.parameters())
+        return [{"params": params[:2]}, {"params": params[2:], "weight_decay": 1e-3}]
+
+    def step_twice(opt, net):
+        torch.manual_seed(1)
+        x, y = torch.randn(16, 5), torch.randn(16, 3)
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+
+    torch_net, our_net = tiny_net(), tiny_net()
+    torch_opt = torch.optim.SGD(groups(torch_net), lr=0.05, momentum=0.9, nesterov=True)
+    ours = NesterovSGD(groups(our_net)[0]["params"], lr=0.05, momentum=0.9)
+    ours.add_param_group(groups(our_net)[1])
+    step_twice(torch_opt, torch_net)
+    step_twice(ours, our_net)
+    theirs, mine = torch_opt.state_dict(), ours.state_dict()
+    assert sorted(theirs["state"]) == sorted(mine["state"])
+    for key in theirs["state"]:
+        torch.testing.assert_close(mine["state"][key]["momentum_buffer"], theirs["state"][key]["momentum_buffer"])
+    assert [g["params"] for g in mine["param_groups"]] == [g["params"] for g in theirs["param_groups"]]
+    assert [g["weight_decay"] for g in mine["param_groups"]] == [0.0, 1e-3]
+
+    resumed_net = tiny_net()
+    resumed = NesterovSGD(groups(resumed_net)[0]["params"], lr=0.05, momentum=0.9)
+    resumed.add_param_group(groups(resumed_net)[1])
+    resumed_net.load_state_dict(torch_net.state_dict())
+    resumed.load_state_dict(copy.deepcopy(theirs))
+    step_twice(resumed, resumed_net)
+    step_twice(torch_opt, torch_net)
+    for a, b in zip(resumed_net.parameters(), torch_net.parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="other parameter groups"):
+        NesterovSGD(resumed_net.parameters(), lr=0.1, momentum=0.9).load_state_dict(theirs)
+
+
+def test_sgd_training_does_not_import_dynamo():
+    """torch.optim.Optimizer's methods import torch._dynamo (and sympy) on first use: seconds of start-up."""
+    import subprocess
+    import sys
+    code = ("import sys, torch\n"
+            "from torch import nn\n"
+            "from utils.engine.optim import build_optimizer\n"
+            "net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"
+            "opt = build_optimizer(net, 'sgd', 0.01, 0.9, 5e-4)\n"
+            "net(torch.randn(2, 3, 8, 8)).sum().backward()\n"
+            "opt.step(); opt.zero_grad(set_to_none=False); opt.load_state_dict(opt.state_dict())\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "False"
 
 
 def test_tensor_hyperparameters_follow_host_changes():

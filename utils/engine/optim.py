@@ -7,6 +7,7 @@ so the host can keep changing the value (warm-up, schedule) with `set_hyper` bet
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import numpy as np
 import torch
@@ -16,16 +17,42 @@ HYPER_KEYS = ("lr", "momentum")
 DECAY_GROUP, BIAS_GROUP = 1, 2     # build_optimizer's groups: 0 norm weights, 1 weights with decay, 2 biases
 
 
-class NesterovSGD(torch.optim.Optimizer):
+class NesterovSGD:
     """SGD with Nesterov momentum, the maths of torch.optim.SGD(nesterov=True, dampening=0).
 
     Our own because warm-up changes the momentum every step and torch's fused SGD takes the
     momentum as a Python float, which a captured graph would freeze; here lr and momentum may be
     device tensors. Multi-tensor (foreach) arithmetic: a few kernels per group.
+
+    Not a torch.optim.Optimizer subclass: that base class wraps its methods so that the first call imports
+    torch._dynamo (and with it sympy), seconds of start-up a training run without --compile never uses.
+    What the trainer and torch.amp.GradScaler use is here, with torch's state-dict layout, so checkpoints
+    load either way: `param_groups`, `state`, `add_param_group`, `zero_grad`, `step`, `state_dict`,
+    `load_state_dict`.
     """
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0):
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        self.defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        self.param_groups: list[dict] = []
+        self.state: dict[torch.Tensor, dict] = {}
+        self.add_param_group({"params": params})
+
+    def add_param_group(self, group: dict) -> None:
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in seen for p in params):
+            raise ValueError("a parameter appears in more than one parameter group")
+        self.param_groups.append({**self.defaults, **group, "params": params})
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if set_to_none:
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.grad = None
+        elif grads:
+            torch._foreach_zero_(grads)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -46,13 +73,44 @@ class NesterovSGD(torch.optim.Optimizer):
             torch._foreach_sub_(params, update)
 
     def _momentum_buffer(self, param: torch.Tensor) -> torch.Tensor:
-        state = self.state[param]
+        state = self.state.setdefault(param, {})
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state["momentum_buffer"]
 
+    def _indexed_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
 
-def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    def state_dict(self) -> dict:
+        """torch.optim's layout: parameters numbered in group order, state keyed by those numbers."""
+        index = {id(p): i for i, p in enumerate(self._indexed_params())}
+        groups, first = [], 0
+        for g in self.param_groups:
+            groups.append({**{k: v for k, v in g.items() if k != "params"},
+                           "params": list(range(first, first + len(g["params"])))})
+            first += len(g["params"])
+        return {"state": {index[id(p)]: dict(s) for p, s in self.state.items()}, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state written by state_dict() (or by torch.optim.SGD on the same groups)."""
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups) or any(
+                len(a["params"]) != len(b["params"]) for a, b in zip(saved, self.param_groups)):
+            raise ValueError("the saved optimizer state has other parameter groups than this model's optimizer")
+        by_index = dict(zip((i for g in saved for i in g["params"]), self._indexed_params()))
+        self.state = {}
+        for key, values in state_dict["state"].items():
+            param = by_index[int(key)]
+            self.state[param] = {k: v.to(device=param.device, dtype=param.dtype) if torch.is_tensor(v) and
+                                 v.is_floating_point() else v for k, v in values.items()}
+        self.param_groups = [{**{k: v for k, v in s.items() if k != "params"}, "params": g["params"]}
+                             for s, g in zip(saved, self.param_groups)]
+
+
+Optimizer = Union[torch.optim.Optimizer, NesterovSGD]
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> Optimizer:
     """Three parameter groups: weights with decay, normalisation weights and biases without."""
     decay, no_decay, biases = [], [], []
     for module in model.modules():
@@ -91,7 +149,7 @@ def hyper_value(group: dict, key: str) -> float:
     return float(group[key])
 
 
-def hyper_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+def hyper_on_device(optimizer: Optimizer, device: torch.device) -> None:
     """Make lr/momentum 0-dim device tensors (and torch's Adam capturable), so optimizer.step() can be captured."""
     for group in optimizer.param_groups:
         for key in HYPER_KEYS:
@@ -101,7 +159,7 @@ def hyper_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> N
             group["capturable"] = True
 
 
-def hyper_as_floats(optimizer: torch.optim.Optimizer) -> None:
+def hyper_as_floats(optimizer: Optimizer) -> None:
     """Back to plain floats (after loading a state saved from a graphed run, which holds tensors)."""
     for group in optimizer.param_groups:
         for key in HYPER_KEYS:
@@ -122,7 +180,7 @@ def lr_lambda(schedule: str, epochs: int, lrf: float):
     raise ValueError(f"--lr-schedule {schedule!r}: choose cos, linear or step")
 
 
-def set_initial_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_initial_lr(optimizer: Optimizer, lr: float) -> None:
     """A new base lr for every group (a resume given --lr): the schedule and warm-up scale from it."""
     for group in optimizer.param_groups:
         scale = float(group["lr"]) / group["initial_lr"] if group["initial_lr"] else 1.0
@@ -130,13 +188,13 @@ def set_initial_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         set_hyper(group, "lr", lr * scale)
 
 
-def scheduled_lr(optimizer: torch.optim.Optimizer, epoch_factor: float) -> None:
+def scheduled_lr(optimizer: Optimizer, epoch_factor: float) -> None:
     """Every group's lr = its initial lr x the schedule's factor for this epoch."""
     for group in optimizer.param_groups:
         set_hyper(group, "lr", group["initial_lr"] * epoch_factor)
 
 
-def warmup(optimizer: torch.optim.Optimizer, step: int, warmup_steps: int, epoch_factor: float, hyp: dict,
+def warmup(optimizer: Optimizer, step: int, warmup_steps: int, epoch_factor: float, hyp: dict,
            sgd: bool) -> None:
     """Linear warm-up: weight lrs rise from 0, the bias lr falls from warmup_bias_lr, momentum rises."""
     span = [0, warmup_steps]
