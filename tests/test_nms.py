@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.ops.boxes import matrix_nms, non_max_suppression
+from utils.ops.boxes import blocked_nms, matrix_nms, non_max_suppression
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -26,11 +26,11 @@ def greedy(boxes, scores, classes, conf, iou_thres, max_det):
     return kept[:max_det]
 
 
-@pytest.mark.parametrize("method", ["per_image", "matrix"])
+@pytest.mark.parametrize("method", ["per_image", "matrix", "blocked"])
 @pytest.mark.parametrize("multi_label", [False, True])
 def test_nms_matches_greedy_reference(multi_label, method):
-    """Both ways of suppressing (torchvision per image; every image at once as a matrix) keep exactly the boxes
-    of a plain greedy loop, in score order."""
+    """Every way of suppressing (torchvision per image; every image at once as a matrix; blocks of candidates)
+    keeps exactly the boxes of a plain greedy loop, in score order."""
     g = torch.Generator().manual_seed(0)
     b, n, c = 3, 300, 4
     pred = torch.empty(b, n, 5 + c)
@@ -78,6 +78,40 @@ def test_matrix_nms_equals_per_image_on_dense_scenes_and_needs_several_passes():
     det = torch.tensor([[[0, 0, 10, 10, 0.9, 0], [4, 0, 14, 10, 0.8, 0], [8, 0, 18, 10, 0.7, 0]]])
     assert matrix_nms(det, [3], 0.3).tolist() == [[True, False, True]]
     assert matrix_nms(det, [1], 0.3).tolist() == [[True, False, False]]      # beyond the count: never kept
+
+
+def test_blocked_nms_equals_torchvision_across_blocks_and_stops_at_max_det():
+    """Dense candidates spread over many small blocks: the boxes kept from earlier blocks suppress later ones."""
+    g = torch.Generator().manual_seed(2)
+    b, n, c = 2, 700, 3
+    pred = torch.empty(b, n, 5 + c)
+    pred[..., :2] = torch.rand(b, n, 2, generator=g) * 80
+    pred[..., 2:4] = torch.rand(b, n, 2, generator=g) * 25 + 5
+    pred[..., 4:] = torch.rand(b, n, 1 + c, generator=g)
+    for multi_label in (False, True):
+        per_image = non_max_suppression(pred, 0.01, 0.5, 1000, multi_label, method="per_image")
+        for image in range(b):
+            # every candidate, sorted (IoU never exceeds 1, so nothing is suppressed)
+            det = non_max_suppression(pred[image:image + 1], 0.01, 1.0, 10**6, multi_label, method="per_image")[0]
+            for block in (1, 7, 64, 4096):
+                kept = blocked_nms(det, 0.5, 1000, block=block)
+                torch.testing.assert_close(det[kept], per_image[image], rtol=0, atol=0)
+            assert blocked_nms(det, 0.5, 5, block=7).tolist() == blocked_nms(det, 0.5, 1000, block=7)[:5].tolist()
+
+
+def test_blocked_nms_needs_no_torchvision():
+    """On GPUs a large candidate set goes block by block: torchvision (and torch._dynamo behind it) stays unloaded."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, torch\n"
+            "from utils.ops.boxes import non_max_suppression\n"
+            "pred = torch.rand(2, 500, 8)\n"
+            "out = non_max_suppression(pred, 0.01, 0.5, 300, True, method='blocked')\n"
+            "print(len(out), 'torchvision' in sys.modules, 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.split() == ["2", "False", "False"]
 
 
 def test_nms_method_is_checked():

@@ -119,9 +119,12 @@ def ciou_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tens
 
 
 # The matrix NMS holds a [B, k, k] overlap matrix: used on GPUs while it stays this small (64 images x 1024
-# candidates); larger candidate sets (low --conf on a dense image) go one image at a time through torchvision.
+# candidates). Larger candidate sets (low --conf on a dense image, an evaluation early in training) go one image
+# at a time: on GPUs block by block (`blocked_nms`), on the CPU through torchvision's C++ kernel. Not torchvision
+# on GPUs: importing it imports torch._dynamo, seconds that would stall the first evaluation of a training run.
 MATRIX_NMS_MAX_ELEMENTS = 64 * 1024 * 1024
-NMS_METHODS = ("auto", "matrix", "per_image")
+NMS_BLOCK = 1024
+NMS_METHODS = ("auto", "matrix", "blocked", "per_image")
 
 
 def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres: float = 0.45,
@@ -131,9 +134,11 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
 
     Per image, its candidates above `conf_thres` (at most `max_candidates`, best first) are suppressed
     greedily within each class, as torchvision's batched_nms does. `method` "per_image" makes one
-    batched_nms call per image; "matrix" does every image at once (`matrix_nms`, the same result, a few GPU
-    waits per batch instead of one per image); "auto" takes the matrix on CUDA when its overlap matrix fits
-    MATRIX_NMS_MAX_ELEMENTS, else per image. Reading the candidate counts is one wait for the GPU;
+    torchvision batched_nms call per image; "matrix" does every image at once (`matrix_nms`, the same result,
+    a few GPU waits per batch instead of one per image); "blocked" goes image by image in blocks of NMS_BLOCK
+    candidates (`blocked_nms`, the same result in bounded memory); "auto" takes the matrix on CUDA when its
+    overlap matrix fits MATRIX_NMS_MAX_ELEMENTS, else blocked on CUDA and per image on the CPU. Reading the
+    candidate counts is one wait for the GPU;
     the candidates are a prefix of each image's sorted scores.
     `multi_label` keeps every class above threshold per box, as COCO-style evaluation expects;
     otherwise only each box's best class.
@@ -157,6 +162,8 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     if method == "matrix" or (method == "auto" and det.is_cuda and len(counts) * k * k <= MATRIX_NMS_MAX_ELEMENTS):
         keep = matrix_nms(det[:, :k], counts, iou_thres)        # B,k
         return [det[image, :n][keep[image, :n]][:max_det] for image, n in enumerate(counts)]
+    if method == "blocked" or (method == "auto" and det.is_cuda):
+        return [det[image, :n][blocked_nms(det[image, :n], iou_thres, max_det)] for image, n in enumerate(counts)]
     from torchvision.ops import batched_nms  # noqa: PLC0415 (lazy: see cxcywh_to_xyxy)
     out = []
     for image, n in enumerate(counts):
@@ -164,6 +171,29 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
         kept = batched_nms(d[:, :4].float(), d[:, 4].float(), d[:, 5].long(), iou_thres)
         out.append(d[kept[:max_det]])                           # kept is sorted by score, descending
     return out
+
+
+def blocked_nms(det: torch.Tensor, iou_thres: float, max_det: int, block: int = NMS_BLOCK) -> torch.Tensor:
+    """Greedy per-class NMS of one image's candidates det [n, 6], sorted by score -> the kept indices, in order.
+
+    Blocks of `block` candidates in score order: a candidate overlapping a box kept from an earlier block is
+    dropped, the rest of the block is settled by `matrix_nms`; it stops once max_det boxes are kept. Memory is
+    block x kept, not n x n, and the answer is greedy NMS's (a dropped box never suppresses another).
+    """
+    boxes, cls = det[:, :4].float(), det[:, 5]
+    kept = torch.empty(0, dtype=torch.long, device=det.device)
+    for start in range(0, len(det), block):
+        idx = torch.arange(start, min(start + block, len(det)), device=det.device)     # this block, score order
+        if len(kept):
+            overlaps = ((box_iou_batched(boxes[idx][None], boxes[kept][None])[0] > iou_thres)
+                        & (cls[idx][:, None] == cls[kept][None]))                    # block, kept
+            idx = idx[~overlaps.any(1)]
+        if len(idx):
+            keep = matrix_nms(det[idx][None], [len(idx)], iou_thres)[0]
+            kept = torch.cat([kept, idx[keep]])
+        if len(kept) >= max_det:
+            break
+    return kept[:max_det]
 
 
 def matrix_nms(det: torch.Tensor, counts: list[int], iou_thres: float) -> torch.Tensor:
