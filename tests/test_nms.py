@@ -114,6 +114,40 @@ def test_blocked_nms_needs_no_torchvision():
     assert out.stdout.split() == ["2", "False", "False"]
 
 
+def test_auto_groups_images_so_each_overlap_matrix_fits(monkeypatch):
+    """On CUDA "auto" suppresses consecutive images in groups under the size limit, an image over it alone by
+    blocks; the answer is the per-image one whatever the grouping (the grouped code run here on the CPU)."""
+    import utils.ops.boxes as boxes
+    monkeypatch.setattr(boxes, "MATRIX_NMS_MAX_ELEMENTS", 3 * 100 * 100)
+    assert boxes._fitting_groups([100, 100, 100, 100, 50]) == [[0, 1, 2], [3, 4]]
+    assert boxes._fitting_groups([10, 200, 10, 0]) == [[0], [1], [2, 3]]
+
+    g = torch.Generator().manual_seed(3)
+    b, n, c = 5, 300, 2
+    pred = torch.empty(b, n, 5 + c)
+    pred[..., :2] = torch.rand(b, n, 2, generator=g) * 60
+    pred[..., 2:4] = torch.rand(b, n, 2, generator=g) * 20 + 5
+    pred[..., 4:] = torch.rand(b, n, 1 + c, generator=g)
+    pred[:4, :, 4] *= 0.3                                   # four lighter images, then a dense one
+    pred[4, :, 4:] = 0.5 + pred[4, :, 4:] / 2
+    scores = pred[..., 5:] * pred[..., 4:5]
+    counts = (scores > 0.05).flatten(1).sum(1).tolist()
+    monkeypatch.setattr(boxes, "MATRIX_NMS_MAX_ELEMENTS", 2 * max(counts[:4]) ** 2 + 1)
+    assert counts[4] ** 2 > boxes.MATRIX_NMS_MAX_ELEMENTS
+    groups = boxes._fitting_groups(counts)
+    assert groups == [[0, 1], [2, 3], [4]]
+
+    top, idx = scores.flatten(1).topk(n * c, dim=1)         # the candidates as non_max_suppression orders them
+    xyxy = boxes.cxcywh_to_xyxy(pred[..., :4])
+    det = torch.cat([xyxy.gather(1, (idx // c)[..., None].expand(-1, -1, 4)), top[..., None],
+                     (idx % c)[..., None].to(top.dtype)], -1)
+    got = boxes._matrix_groups(det, counts, 0.4, 100, groups)
+    reference = non_max_suppression(pred, 0.05, 0.4, 100, True, method="per_image")
+    for a, m in zip(reference, got):
+        assert len(a) > 5
+        torch.testing.assert_close(a, m, rtol=0, atol=0)
+
+
 def test_nms_method_is_checked():
     with pytest.raises(ValueError, match="NMS method 'fast'"):
         non_max_suppression(torch.zeros(1, 4, 7), method="fast")

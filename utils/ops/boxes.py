@@ -118,10 +118,10 @@ def ciou_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tens
     return 1 - iou + centres / diagonal + alpha * v
 
 
-# The matrix NMS holds a [B, k, k] overlap matrix: used on GPUs while it stays this small (64 images x 1024
-# candidates). Larger candidate sets (low --conf on a dense image, an evaluation early in training) go one image
-# at a time: on GPUs block by block (`blocked_nms`), on the CPU through torchvision's C++ kernel. Not torchvision
-# on GPUs: importing it imports torch._dynamo, seconds that would stall the first evaluation of a training run.
+# The matrix NMS holds a [B, k, k] overlap matrix: on GPUs images are suppressed in groups that keep it this
+# small (64 images x 1024 candidates; 7 x 3000 at --conf 0.001), an image over it alone block by block
+# (`blocked_nms`); on the CPU through torchvision's C++ kernel one image at a time. Not torchvision on GPUs:
+# importing it imports torch._dynamo, seconds that stalled the first evaluation of a training run.
 MATRIX_NMS_MAX_ELEMENTS = 64 * 1024 * 1024
 NMS_BLOCK = 1024
 NMS_METHODS = ("auto", "matrix", "blocked", "per_image")
@@ -136,9 +136,9 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     greedily within each class, as torchvision's batched_nms does. `method` "per_image" makes one
     torchvision batched_nms call per image; "matrix" does every image at once (`matrix_nms`, the same result,
     a few GPU waits per batch instead of one per image); "blocked" goes image by image in blocks of NMS_BLOCK
-    candidates (`blocked_nms`, the same result in bounded memory); "auto" takes the matrix on CUDA when its
-    overlap matrix fits MATRIX_NMS_MAX_ELEMENTS, else blocked on CUDA and per image on the CPU. Reading the
-    candidate counts is one wait for the GPU;
+    candidates (`blocked_nms`, the same result in bounded memory); "auto" on CUDA takes the matrix for groups of
+    consecutive images whose overlap matrix fits MATRIX_NMS_MAX_ELEMENTS (blocked for an image too large alone),
+    and on the CPU torchvision per image. Reading the candidate counts is one wait for the GPU;
     the candidates are a prefix of each image's sorted scores.
     `multi_label` keeps every class above threshold per box, as COCO-style evaluation expects;
     otherwise only each box's best class.
@@ -159,17 +159,48 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     det = torch.cat([cand_boxes, top[..., None], cls[..., None].to(top.dtype)], -1)   # B,k,6, by score descending
     counts = (top > conf_thres).sum(1).tolist()
     k = max(counts, default=0)
-    if method == "matrix" or (method == "auto" and det.is_cuda and len(counts) * k * k <= MATRIX_NMS_MAX_ELEMENTS):
-        keep = matrix_nms(det[:, :k], counts, iou_thres)        # B,k
-        return [det[image, :n][keep[image, :n]][:max_det] for image, n in enumerate(counts)]
-    if method == "blocked" or (method == "auto" and det.is_cuda):
+    if method == "matrix":
+        return _matrix_groups(det, counts, iou_thres, max_det, [list(range(len(counts)))])
+    if method == "blocked":
         return [det[image, :n][blocked_nms(det[image, :n], iou_thres, max_det)] for image, n in enumerate(counts)]
+    if method == "auto" and det.is_cuda:
+        return _matrix_groups(det, counts, iou_thres, max_det, _fitting_groups(counts))
     from torchvision.ops import batched_nms  # noqa: PLC0415 (lazy: see cxcywh_to_xyxy)
     out = []
     for image, n in enumerate(counts):
         d = det[image, :n]
         kept = batched_nms(d[:, :4].float(), d[:, 4].float(), d[:, 5].long(), iou_thres)
         out.append(d[kept[:max_det]])                           # kept is sorted by score, descending
+    return out
+
+
+def _fitting_groups(counts: list[int]) -> list[list[int]]:
+    """Consecutive images grouped so each group's [images, k, k] overlap matrix fits MATRIX_NMS_MAX_ELEMENTS;
+    an image too large for it alone is a group of one (left to blocked_nms)."""
+    groups, current, k = [], [], 0
+    for image, n in enumerate(counts):
+        if current and (len(current) + 1) * max(k, n) ** 2 > MATRIX_NMS_MAX_ELEMENTS:
+            groups.append(current)
+            current, k = [], 0
+        current.append(image)
+        k = max(k, n)
+    return groups + [current] if current else groups
+
+
+def _matrix_groups(det: torch.Tensor, counts: list[int], iou_thres: float, max_det: int,
+                   groups: list[list[int]]) -> list[torch.Tensor]:
+    """Each group of images suppressed at once by matrix_nms (a lone image over the size limit by blocked_nms)."""
+    out: list[torch.Tensor] = [det[0, :0]] * len(counts)
+    for group in groups:
+        k = max(counts[image] for image in group)
+        if len(group) == 1 and k * k > MATRIX_NMS_MAX_ELEMENTS:
+            image = group[0]
+            out[image] = det[image, :k][blocked_nms(det[image, :k], iou_thres, max_det)]
+            continue
+        keep = matrix_nms(det[group, :k], [counts[image] for image in group], iou_thres)    # G,k
+        for row, image in enumerate(group):
+            n = counts[image]
+            out[image] = det[image, :n][keep[row, :n]][:max_det]
     return out
 
 
