@@ -148,8 +148,9 @@ def main() -> None:
         dets = json.loads((folder / "detections.json").read_text())
         if any(a.get("iscrowd", 0) for a in gt["annotations"]):
             print(f"note: {folder} has difficult (crowd) objects; they are left out, not ignored as COCO does")
-        summary = json.loads((folder / "summary.json").read_text())
-        print(f"{folder}: get_map.py summary {summary['map50']:.4f} / {summary['map50_95']:.4f}")
+        if (folder / "summary.json").is_file():
+            summary = json.loads((folder / "summary.json").read_text())
+            print(f"{folder}: get_map.py summary {summary['map50']:.4f} / {summary['map50_95']:.4f}")
         for rule in RULES:
             rows[rule].append(score(gt, dets, *rule))
     print("| matching | interpolation | detections kept | mAP50 | mAP50-95 |")
