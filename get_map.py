@@ -36,6 +36,9 @@ class EvalSettings:
     score_threshold: float = setting(0.5, "score for precision/recall/F1", low=0.0, high=1.0)
     batch: int = setting(32, "images per forward pass", low=1)
     workers: int = setting(4, "image-decoding threads", low=0)
+    margin: float = setting(0.0, "gray margin kept around each image, in strides (32 px): the input grows to "
+                                 "hold it; 0.5 is what ultralytics' val.py feeds (a 4:3 image at 416 on "
+                                 "448x352) and scores edge objects higher", low=0.0, high=4.0)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,18 +77,20 @@ def main(argv: list[str] | None = None) -> dict:
                              report=report)
     split = report.split                 # the split actually read (test falls back to val, with a warning)
     yolo = YOLO(args.weights, device=args.device, conf=detect.conf, nms_iou=detect.nms_iou, half=args.half,
-                multi_label=detect.multi_label, img=args.img)
+                multi_label=detect.multi_label, img=args.img, margin=args.margin)
     out = prepare_out(Path(args.out))     # a bad --out fails now, not after the whole evaluation
     print_config("get_map.py", {"weights": args.weights, "model": ckpt["config"]["model"],
                                 "attention": ckpt["config"]["attention"], "data": source.path,
                                 "format": source.describe(), "split": split,
                                 "images": len(records), "classes": ", ".join(class_names),
-                                "input": "x".join(map(str, yolo.input_shape)), "device": yolo.runtime,
+                                "input": "x".join(map(str, yolo.input_shape))
+                                         + (f" + a margin of {args.margin:g} strides" if args.margin else ""),
+                                "device": yolo.runtime,
                                 "conf": detect.conf, "nms_iou": detect.nms_iou, "multi_label": detect.multi_label})
     evaluator = Evaluator(records, class_names, batch_size=args.batch, workers=args.workers)
     summary, coco_gt, coco_dets = evaluator.full(yolo, args.score_threshold)
     summary.update(weights=str(args.weights), data=str(source.path), format=source.format, split=split,
-                   conf=detect.conf, nms_iou=detect.nms_iou, multi_label=detect.multi_label)
+                   conf=detect.conf, nms_iou=detect.nms_iou, multi_label=detect.multi_label, margin=args.margin)
     write_text(out / "detections.json", json.dumps(coco_dets))
     write_text(out / "ground_truth.json", json.dumps(coco_gt))
     write_text(out / "summary.json", json.dumps(summary, indent=2))

@@ -21,7 +21,7 @@ from PIL import Image
 from nets.common import fuse_conv_bn
 from nets.heads import build_head
 from nets.yolo import as_model_config, build_model
-from utils.ops.images import letterbox
+from utils.ops.images import fitted_size, letterbox, margin_canvas
 from utils.ops.tensor_letterbox import letterbox_tensors
 from utils.ops.boxes import CellCache, non_max_suppression
 from utils.engine.checkpoint import load_checkpoint
@@ -80,8 +80,10 @@ class YOLO:
                  conf: float = PREDICT_DETECTION.conf, nms_iou: float = PREDICT_DETECTION.nms_iou,
                  letterbox: bool = True, half: bool | None = None,
                  max_det: int = 300, multi_label: bool = False, img: int | None = None,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, margin: float = 0.0):
         if is_onnx(weights):
+            if margin:
+                raise ValueError(f"a margin needs a .pt checkpoint: {weights} has a fixed input size")
             self._init_onnx(weights, device, conf, nms_iou, letterbox, half, max_det, multi_label, img)
             return
         ckpt = load_checkpoint(weights)
@@ -91,6 +93,7 @@ class YOLO:
         if img is not None:
             config = dataclasses.replace(config, input_shape=[img, img]).validate()
         self._setup(model, config, device, conf, nms_iou, letterbox, half, max_det, multi_label)
+        self.margin = float(margin)
         self.weights = str(weights)
         self.owns_model = True
         self._optimise_owned_model(cuda_graph)
@@ -145,6 +148,8 @@ class YOLO:
         self.cells = CellCache([anchors[mask] for mask in config.anchors_mask], self.input_shape[0])
         self.conf, self.nms_iou, self.letterbox = conf, nms_iou, letterbox
         self.max_det, self.multi_label = max_det, multi_label
+        # gray strides kept around each image (margin_canvas): the input grows to hold them; 0 = plain letterbox
+        self.margin = 0.0
         self.half = (self.device.type == "cuda") if half is None else bool(half and self.device.type == "cuda")
 
     def _optimise_owned_model(self, cuda_graph: bool | None) -> None:
@@ -163,14 +168,17 @@ class YOLO:
 
         Images of a batch are resized on a thread pool (OpenCV releases the GIL).
         """
-        batch = np.empty((len(images), self.input_shape[0], self.input_shape[1], 3), dtype=np.uint8)
+        canvas = None
+        if self.letterbox and self.margin > 0:
+            canvas = margin_canvas([fitted_size(*im.shape[:2], self.input_shape) for im in images], self.margin)
+        batch = np.empty((len(images), *(canvas or self.input_shape), 3), dtype=np.uint8)
         metas = np.empty((len(images), 6), dtype=np.float64)
 
         def fit(i: int) -> None:
             image = images[i]
             h0, w0 = image.shape[:2]
             if self.letterbox:
-                padded, r, (px, py) = letterbox(image, self.input_shape)
+                padded, r, (px, py) = letterbox(image, self.input_shape, canvas)
                 metas[i] = (r, r, px, py, w0, h0)
             else:
                 padded = cv2.resize(image, (self.input_shape[1], self.input_shape[0]), interpolation=cv2.INTER_LINEAR)
@@ -189,6 +197,8 @@ class YOLO:
 
         The letterbox runs where the model does (utils/ops/tensor_letterbox.py), with the same geometry.
         """
+        if self.margin:
+            raise ValueError("a margin is made by preprocess() (OpenCV images) only, not on tensors")
         return letterbox_tensors([im.to(self.device, non_blocking=True) for im in images], self.input_shape,
                                  self.letterbox)
 
@@ -226,9 +236,11 @@ class YOLO:
         return self._graphs[key](x)
 
     @torch.no_grad()
-    def postprocess(self, outputs: list[torch.Tensor], metas: np.ndarray) -> list[np.ndarray]:
-        """Raw outputs -> per image [N,6] (x1, y1, x2, y2, score, class) in original pixels."""
-        pred = self.head.decode_outputs(outputs, self.cells(outputs))
+    def postprocess(self, outputs: list[torch.Tensor], metas: np.ndarray,
+                    input_height: int | None = None) -> list[np.ndarray]:
+        """Raw outputs -> per image [N,6] (x1, y1, x2, y2, score, class) in original pixels (`input_height`:
+        the batch's, when it is not the nominal input's)."""
+        pred = self.head.decode_outputs(outputs, self.cells(outputs, input_height))
         return self.to_original(non_max_suppression(pred, self.conf, self.nms_iou, self.max_det, self.multi_label),
                                 metas)
 
@@ -247,7 +259,7 @@ class YOLO:
         """Preprocessed batch -> detections in original pixels."""
         if self.onnx is not None and self.onnx.nms:
             return self.to_original(self._graph_detections(batch, len(metas)), metas)
-        return self.postprocess(self.forward(batch), metas)
+        return self.postprocess(self.forward(batch), metas, batch.shape[-2])
 
     def _graph_detections(self, batch: torch.Tensor, images: int) -> list[torch.Tensor]:
         """An in-graph-NMS model's [K,7] output split per image into [N,6] (x1, y1, x2, y2, score, class)."""

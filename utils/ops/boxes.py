@@ -63,11 +63,13 @@ class CellCache:
         self.level_anchors, self.input_height = level_anchors, input_height
         self._cells: dict = {}
 
-    def __call__(self, outputs: list[torch.Tensor]) -> Cells:
+    def __call__(self, outputs: list[torch.Tensor], input_height: int | None = None) -> Cells:
+        """The cells of these outputs; `input_height` is the network input's (default: the nominal one)."""
         shapes = [tuple(o.shape[2:]) for o in outputs]
-        key = (tuple(shapes), outputs[0].device)
+        height = input_height or self.input_height
+        key = (tuple(shapes), height, outputs[0].device)
         if key not in self._cells:
-            self._cells[key] = Cells.build(shapes, self.level_anchors, self.input_height, outputs[0].device)
+            self._cells[key] = Cells.build(shapes, self.level_anchors, height, outputs[0].device)
         return self._cells[key]
 
 

@@ -42,13 +42,29 @@ def letterbox_geometry(height: int, width: int, input_shape: tuple[int, int]) ->
     return h, w, w / width, (input_shape[1] - w) // 2, (input_shape[0] - h) // 2
 
 
-def letterbox(image: np.ndarray, input_shape: tuple[int, int]) -> tuple[np.ndarray, float, tuple[float, float]]:
-    """Resize to fit and pad with gray to the input size, centred; returns (image, ratio, (pad_x, pad_y))."""
+def letterbox(image: np.ndarray, input_shape: tuple[int, int],
+              canvas: tuple[int, int] | None = None) -> tuple[np.ndarray, float, tuple[float, float]]:
+    """Resize to fit and pad with gray to the input size, centred; returns (image, ratio, (pad_x, pad_y)).
+
+    `canvas` (h, w), at least the fitted size: centre the fitted image on a canvas of that size instead
+    (margin_canvas's rectangular input).
+    """
     h, w, ratio, pad_x, pad_y = letterbox_geometry(image.shape[0], image.shape[1], input_shape)
+    if canvas is not None:
+        pad_x, pad_y = (canvas[1] - w) // 2, (canvas[0] - h) // 2
     resized = load_resized(image, input_shape)
-    out = np.full((input_shape[0], input_shape[1], 3), GRAY, dtype=np.uint8)
+    out = np.full((*(canvas or input_shape), 3), GRAY, dtype=np.uint8)
     out[pad_y:pad_y + h, pad_x:pad_x + w] = resized
     return out, ratio, (float(pad_x), float(pad_y))
+
+
+def margin_canvas(sizes: list[tuple[int, int]], margin: float, stride: int = 32) -> tuple[int, int]:
+    """(h, w) of a rectangular input holding every fitted (h, w) of a batch with at least `margin` strides of
+    gray on each axis, rounded up to the stride: ultralytics' val.py batches (its pad 0.5: a 416 x 312 image
+    on 448 x 352). An image then never touches the input's edge, where its border objects score lower."""
+    h = max(size[0] for size in sizes)
+    w = max(size[1] for size in sizes)
+    return (int(np.ceil(h / stride + margin)) * stride, int(np.ceil(w / stride + margin)) * stride)
 
 
 def map_to_image(values: np.ndarray, meta: np.ndarray, input_shape: tuple[int, int]) -> np.ndarray:
