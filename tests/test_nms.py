@@ -5,7 +5,18 @@ import numpy as np
 import pytest
 import torch
 
+from import_probe import loaded_after
 from utils.ops.boxes import blocked_nms, matrix_nms, non_max_suppression
+
+
+def random_pred(b: int, n: int, c: int, seed: int, spread: float, size: tuple[float, float]) -> torch.Tensor:
+    """Raw predictions [b, n, 5 + c]: centres in [0, spread), sides in [size[0], size[0] + size[1]), random scores."""
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.empty(b, n, 5 + c)
+    pred[..., :2] = torch.rand(b, n, 2, generator=g) * spread
+    pred[..., 2:4] = torch.rand(b, n, 2, generator=g) * size[1] + size[0]
+    pred[..., 4:] = torch.rand(b, n, 1 + c, generator=g)
+    return pred
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -31,12 +42,8 @@ def greedy(boxes, scores, classes, conf, iou_thres, max_det):
 def test_nms_matches_greedy_reference(multi_label, method):
     """Every way of suppressing (torchvision per image; every image at once as a matrix; blocks of candidates)
     keeps exactly the boxes of a plain greedy loop, in score order."""
-    g = torch.Generator().manual_seed(0)
     b, n, c = 3, 300, 4
-    pred = torch.empty(b, n, 5 + c)
-    pred[..., :2] = torch.rand(b, n, 2, generator=g) * 100             # clustered centres: many overlaps
-    pred[..., 2:4] = torch.rand(b, n, 2, generator=g) * 30 + 5
-    pred[..., 4:] = torch.rand(b, n, 1 + c, generator=g)
+    pred = random_pred(b, n, c, seed=0, spread=100, size=(5, 30))     # clustered centres: many overlaps
     pred[1, :, 4] = 0.0                                                  # an image with no candidates
     out = non_max_suppression(pred, conf_thres=0.2, iou_thres=0.45, max_det=40, multi_label=multi_label,
                               method=method)
@@ -82,12 +89,8 @@ def test_matrix_nms_equals_per_image_on_dense_scenes_and_needs_several_passes():
 
 def test_blocked_nms_equals_torchvision_across_blocks_and_stops_at_max_det():
     """Dense candidates spread over many small blocks: the boxes kept from earlier blocks suppress later ones."""
-    g = torch.Generator().manual_seed(2)
-    b, n, c = 2, 700, 3
-    pred = torch.empty(b, n, 5 + c)
-    pred[..., :2] = torch.rand(b, n, 2, generator=g) * 80
-    pred[..., 2:4] = torch.rand(b, n, 2, generator=g) * 25 + 5
-    pred[..., 4:] = torch.rand(b, n, 1 + c, generator=g)
+    b = 2
+    pred = random_pred(b, 700, 3, seed=2, spread=80, size=(5, 25))
     for multi_label in (False, True):
         per_image = non_max_suppression(pred, 0.01, 0.5, 1000, multi_label, method="per_image")
         for image in range(b):
@@ -101,17 +104,11 @@ def test_blocked_nms_equals_torchvision_across_blocks_and_stops_at_max_det():
 
 def test_blocked_nms_needs_no_torchvision():
     """On GPUs a large candidate set goes block by block: torchvision (and torch._dynamo behind it) stays unloaded."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    code = ("import sys, torch\n"
-            "from utils.ops.boxes import non_max_suppression\n"
-            "pred = torch.rand(2, 500, 8)\n"
-            "out = non_max_suppression(pred, 0.01, 0.5, 300, True, method='blocked')\n"
-            "print(len(out), 'torchvision' in sys.modules, 'torch._dynamo' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent)
-    assert out.stdout.split() == ["2", "False", "False"]
+    loaded = loaded_after("import torch\n"
+                          "from utils.ops.boxes import non_max_suppression\n"
+                          "out = non_max_suppression(torch.rand(2, 500, 8), 0.01, 0.5, 300, True, method='blocked')\n"
+                          "assert len(out) == 2\n", ["torchvision", "torch._dynamo"])
+    assert loaded == {"torchvision": False, "torch._dynamo": False}
 
 
 def test_auto_groups_images_so_each_overlap_matrix_fits(monkeypatch):
@@ -122,12 +119,8 @@ def test_auto_groups_images_so_each_overlap_matrix_fits(monkeypatch):
     assert boxes._fitting_groups([100, 100, 100, 100, 50]) == [[0, 1, 2], [3, 4]]
     assert boxes._fitting_groups([10, 200, 10, 0]) == [[0], [1], [2, 3]]
 
-    g = torch.Generator().manual_seed(3)
-    b, n, c = 5, 300, 2
-    pred = torch.empty(b, n, 5 + c)
-    pred[..., :2] = torch.rand(b, n, 2, generator=g) * 60
-    pred[..., 2:4] = torch.rand(b, n, 2, generator=g) * 20 + 5
-    pred[..., 4:] = torch.rand(b, n, 1 + c, generator=g)
+    n, c = 300, 2
+    pred = random_pred(5, n, c, seed=3, spread=60, size=(5, 20))
     pred[:4, :, 4] *= 0.3                                   # four lighter images, then a dense one
     pred[4, :, 4:] = 0.5 + pred[4, :, 4:] / 2
     scores = pred[..., 5:] * pred[..., 4:5]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from nets.yolo import build_model, make_config
 from nets.yolo_training import YoloLoss, load_hyp
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from import_probe import loaded_after
 from utils.ops.boxes import ciou_loss
 from utils.engine.optim import (NesterovSGD, build_optimizer, hyper_as_floats, hyper_on_device, hyper_value, set_hyper,
                          warmup)
@@ -95,19 +95,15 @@ def test_nesterov_sgd_state_dict_is_torch_sgds_layout():
 
 def test_sgd_training_does_not_import_dynamo():
     """torch.optim.Optimizer's methods import torch._dynamo (and sympy) on first use: seconds of start-up."""
-    import subprocess
-    import sys
-    code = ("import sys, torch\n"
-            "from torch import nn\n"
-            "from utils.engine.optim import build_optimizer\n"
-            "net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"
-            "opt = build_optimizer(net, 'sgd', 0.01, 0.9, 5e-4)\n"
-            "net(torch.randn(2, 3, 8, 8)).sum().backward()\n"
-            "opt.step(); opt.zero_grad(set_to_none=False); opt.load_state_dict(opt.state_dict())\n"
-            "print('torch._dynamo' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent)
-    assert out.stdout.strip() == "False"
+    loaded = loaded_after("import torch\n"
+                          "from torch import nn\n"
+                          "from utils.engine.optim import build_optimizer\n"
+                          "net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"
+                          "opt = build_optimizer(net, 'sgd', 0.01, 0.9, 5e-4)\n"
+                          "net(torch.randn(2, 3, 8, 8)).sum().backward()\n"
+                          "opt.step(); opt.zero_grad(set_to_none=False); opt.load_state_dict(opt.state_dict())\n",
+                          ["torch._dynamo"])
+    assert loaded == {"torch._dynamo": False}
 
 
 def test_tensor_hyperparameters_follow_host_changes():
