@@ -14,6 +14,7 @@
 #        are written there)
 #        EVAL_PERIOD (1: every epoch is evaluated and can become best.pt, as the peer's train.py does)
 #        OLD_EVAL (0; 1 adds the protocol before issue 17: NMS 0.5, best class only)
+#        MARGIN_EVAL (0; 1 adds get_map.py --margin 0.5, the input of the peer's val.py, into map_margin/)
 #        MPS (auto: CUDA MPS when JOBS > 1 and nvidia-cuda-mps-control exists, so the runs' kernels share the GPU)
 #        PEER_EVAL (0; 1: every YOLOv5 best.pt is also scored by the peer's own val.py, through
 #        bench/to_ultralytics.py, so the evaluators can be told apart from the models; needs .peers/ from
@@ -30,6 +31,7 @@ img=${IMG:-416}
 batch=${BATCH:-64}
 eval_period=${EVAL_PERIOD:-1}
 old_eval=${OLD_EVAL:-0}
+margin_eval=${MARGIN_EVAL:-0}
 peer_eval=${PEER_EVAL:-0}
 mkdir -p "$logs"
 logs=$(cd "$logs" && pwd)
@@ -81,6 +83,10 @@ one_run() {   # variant seed: train, then evaluate best.pt with both protocols; 
         OMP_NUM_THREADS=2 python3 get_map.py --weights "$dir/best.pt" --data "$data" --split test --out "$dir/map_old" \
             --nms-iou 0.5 --no-multi-label > "$dir/map_old.log" 2>&1
     fi
+    if [ "$margin_eval" = 1 ]; then
+        OMP_NUM_THREADS=2 python3 get_map.py --weights "$dir/best.pt" --data "$data" --split test \
+            --out "$dir/map_margin" --margin 0.5 > "$dir/map_margin.log" 2>&1
+    fi
     if [ "$peer_eval" = 1 ] && [[ "${flags[$v]}" == *yolov5[nsmlx]* ]]; then peer_score "$dir"; fi
     python3 - "$dir" "$v" "$seed" "$(python3 -c "print(round($end - $start, 1))")" <<'EOF'
 import json, sys
@@ -91,6 +97,9 @@ line = f"RESULT {v} s{seed} wall_s={wall} map50={new['map50']:.4f} map50_95={new
 if (d / "map_old/summary.json").is_file():
     old = json.loads((d / "map_old/summary.json").read_text())
     line += f" old_eval_map50={old['map50']:.4f} old_eval_map50_95={old['map50_95']:.4f}"
+if (d / "map_margin/summary.json").is_file():
+    margin = json.loads((d / "map_margin/summary.json").read_text())
+    line += f" margin_eval_map50={margin['map50']:.4f} margin_eval_map50_95={margin['map50_95']:.4f}"
 if (d / "peer_eval.json").is_file():
     peer = json.loads((d / "peer_eval.json").read_text())
     line += f" peer_eval_map50={peer['map50']:.4f} peer_eval_map50_95={peer['map50_95']:.4f}"

@@ -8,7 +8,7 @@
 #        (from the project root, after ../shared/peers/setup.sh; python3 with the project's packages and
 #        pycocotools; on the device)
 # env:   SEEDS ("0 1 2")  EPOCHS (100)  IMG (416)  BATCH (64)  LOGS (/tmp/parity/<data folder name>)
-#        PEER_WORKERS (5 data workers per peer training)  OUT (if set: the table and both scripts' logs go there)
+#        PEER_WORKERS (5 data workers per peer training)  MARGIN_EVAL (1: also our get_map.py --margin 0.5)  OUT (if set: the table and both scripts' logs go there)
 set -uo pipefail
 data=${1:?give the VOC data folder, e.g. VOCdevkit/BCCD}
 shift
@@ -30,9 +30,9 @@ python3 .peers/voc2yolo.py "$data" "$PEER_DATA" > /dev/null || { echo "error: vo
 start=$SECONDS
 # the peer trains on the CPU's augmentation (its workers), ours on the GPU's: both at once keep the machine busy
 for m in "${models[@]}"; do
-    RUNS=$logs/peer WORKERS=${PEER_WORKERS:-5} SEEDS=$seeds bash bench/peer_seeds.sh "$m" "$data" > "$logs/peer_$m.txt" 2>&1 &
+    MARGIN_EVAL=${MARGIN_EVAL:-1} RUNS=$logs/peer WORKERS=${PEER_WORKERS:-5} SEEDS=$seeds bash bench/peer_seeds.sh "$m" "$data" > "$logs/peer_$m.txt" 2>&1 &
 done
-OUT= DATA=$data LOGS=$logs/ours JOBS=$n_ours BUDGET_S=100000 PEER_EVAL=1 SEEDS=$seeds VARIANTS=$ours_variants \
+OUT= MARGIN_EVAL=${MARGIN_EVAL:-1} DATA=$data LOGS=$logs/ours JOBS=$n_ours BUDGET_S=100000 PEER_EVAL=1 SEEDS=$seeds VARIANTS=$ours_variants \
     bash bench/accuracy_ab.sh > "$logs/ours.txt" 2>&1
 echo "parity: ours done at $((SECONDS - start)) s"
 wait
@@ -44,6 +44,6 @@ if [ -n "${OUT:-}" ]; then
     cp "$logs/parity_table.md" "$OUT/parity_$(basename "$data").md"
     (cd "$logs" && tar czf "$OUT/parity_$(basename "$data")_logs.tgz" --exclude='*.pt' --exclude='peer_val' \
         --exclude='*.jpg' --exclude='*.png' ./*.txt ours/*/s*/ peer/*.log peer/*_s*/results.csv \
-        peer/*_s*/map_ours/summary.json peer/*_s*/peer_eval.json 2>/dev/null)
+        peer/*_s*/map_ours*/summary.json peer/*_s*/peer_eval.json 2>/dev/null)
 fi
 exit 0

@@ -2,7 +2,8 @@
 
 Reads the run folders that bench/accuracy_ab.sh (ours: LOGS/VARIANT/sSEED) and bench/peer_seeds.sh (the peer:
 RUNS/MODEL_sSEED) leave, each with `peer_eval.json` (ultralytics' val.py on that best.pt) and our get_map.py's
-`summary.json` (`map_new/` for ours, `map_ours/` for the peer's), and prints, per model and evaluator, the mean
+`summary.json` (`map_new/` for ours, `map_ours/` for the peer's; with `--margin 0.5` `map_margin/` and
+`map_ours_margin/`), and prints, per model and evaluator, the mean
 +- sample sd over seeds, the per-seed values and ours minus the peer's.
 
 usage: python3 bench/parity_table.py --ours /tmp/parity/ours --peer /tmp/parity/peer --models yolov5n yolov5s
@@ -15,13 +16,16 @@ import statistics
 from pathlib import Path
 
 OUR_VARIANT = {"yolov5n": "v5n-new", "yolov5s": "v5s"}     # accuracy_ab.sh's name for the default recipe
-OUR_SUMMARY = {"ours": "map_new/summary.json", "peer": "map_ours/summary.json"}
-EVALUATORS = {"our get_map.py": "summary", "peer's val.py": "peer_eval.json"}
+# evaluator -> the file it leaves in (our run folder, the peer's run folder)
+EVALUATORS = {
+    "our get_map.py": ("map_new/summary.json", "map_ours/summary.json"),
+    "our get_map.py --margin 0.5": ("map_margin/summary.json", "map_ours_margin/summary.json"),
+    "peer's val.py": ("peer_eval.json", "peer_eval.json"),
+}
 
 
-def scores(runs: list[Path], summary: str, evaluator: str) -> dict[str, list[float]]:
-    """map50 and map50_95 of every run folder that has this evaluator's file, in seed order."""
-    name = summary if EVALUATORS[evaluator] == "summary" else EVALUATORS[evaluator]
+def scores(runs: list[Path], name: str) -> dict[str, list[float]]:
+    """map50 and map50_95 of every run folder that has this file, in seed order."""
     found = [json.loads((run / name).read_text()) for run in runs if (run / name).is_file()]
     return {key: [float(s[key]) for s in found] for key in ("map50", "map50_95")}
 
@@ -46,9 +50,10 @@ def table(ours_dir: Path, peer_dir: Path, models: list[str]) -> str:
     for model in models:
         our_runs = sorted((ours_dir / OUR_VARIANT[model]).glob("s*"))
         peer_runs = sorted(peer_dir.glob(f"{model}_s*[0-9]"))
-        for evaluator in EVALUATORS:
-            a = scores(our_runs, OUR_SUMMARY["ours"], evaluator)
-            b = scores(peer_runs, OUR_SUMMARY["peer"], evaluator)
+        for evaluator, (our_file, peer_file) in EVALUATORS.items():
+            a, b = scores(our_runs, our_file), scores(peer_runs, peer_file)
+            if not a["map50"] and not b["map50"]:
+                continue                                    # not run (MARGIN_EVAL=0)
             lines.append(f"| {model} | {evaluator} | {len(a['map50'])} / {len(b['map50'])} | {stat(a['map50'])} | "
                          f"{stat(b['map50'])} | {delta(a['map50'], b['map50'])} | {stat(a['map50_95'])} | "
                          f"{stat(b['map50_95'])} | {delta(a['map50_95'], b['map50_95'])} |")

@@ -6,7 +6,8 @@
 # usage: bash bench/peer_seeds.sh MODEL [DATA]   (from the project root, after ../shared/peers/setup.sh; on the device)
 # env:   SEEDS ("0 1 2")  EPOCHS (100)  IMG (416)  BATCH (64)  WORKERS (5 data workers per training)
 #        RUNS (/tmp/peer_seeds/<data folder name>: run folders MODEL_sSEED, each with peer_eval.json (its val.py)
-#        and map_ours/summary.json (our get_map.py), read by bench/parity_table.py)
+#        and map_ours/summary.json (our get_map.py; map_ours_margin/ with --margin 0.5 when MARGIN_EVAL=1),
+#        read by bench/parity_table.py)
 #        PEER_DATA (the data already converted by .peers/voc2yolo.py; default: convert it now)
 #        PEER_PYTHONPATH (extra import path for the peer, e.g. a folder of its packages)
 set -uo pipefail
@@ -45,6 +46,10 @@ for seed in $seeds; do
     fi
     python3 get_map.py --weights "$dir/weights/best.pt" --data "$data" --split test --out "$dir/map_ours" \
         > "$dir/map_ours.log" 2>&1
+    if [ "${MARGIN_EVAL:-0}" = 1 ]; then
+        python3 get_map.py --weights "$dir/weights/best.pt" --data "$data" --split test --out "$dir/map_ours_margin" \
+            --margin 0.5 > "$dir/map_ours_margin.log" 2>&1
+    fi
     python3 - "$dir" "$model" "$seed" $theirs <<'EOF'
 import json, sys
 run, model, seed, *theirs = sys.argv[1:]
