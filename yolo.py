@@ -92,8 +92,7 @@ class YOLO:
         model.load_state_dict(ckpt["model"])
         if img is not None:
             config = dataclasses.replace(config, input_shape=[img, img]).validate()
-        self._setup(model, config, device, conf, nms_iou, letterbox, half, max_det, multi_label)
-        self.margin = float(margin)
+        self._setup(model, config, device, conf, nms_iou, letterbox, half, max_det, multi_label, margin)
         self.weights = str(weights)
         self.owns_model = True
         self._optimise_owned_model(cuda_graph)
@@ -133,7 +132,8 @@ class YOLO:
         self.cuda_graph = False
         return self
 
-    def _setup(self, model, config, device, conf, nms_iou, letterbox, half, max_det, multi_label) -> None:
+    def _setup(self, model, config, device, conf, nms_iou, letterbox, half, max_det, multi_label,
+               margin: float = 0.0) -> None:
         config = as_model_config(config)
         self.device = select_device(device)
         self.model = model.to(self.device).eval() if isinstance(model, torch.nn.Module) else model
@@ -149,7 +149,7 @@ class YOLO:
         self.conf, self.nms_iou, self.letterbox = conf, nms_iou, letterbox
         self.max_det, self.multi_label = max_det, multi_label
         # gray strides kept around each image (margin_canvas): the input grows to hold them; 0 = plain letterbox
-        self.margin = 0.0
+        self.margin = float(margin)
         self.half = (self.device.type == "cuda") if half is None else bool(half and self.device.type == "cuda")
 
     def _optimise_owned_model(self, cuda_graph: bool | None) -> None:

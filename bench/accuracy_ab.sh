@@ -117,9 +117,9 @@ peer_score() {   # run folder: best.pt as an ultralytics file, scored on the tes
         --img "$img" --batch-size 32 --conf-thres 0.001 --iou-thres 0.6 --half --task val \
         --project "$dir/peer_val" --name run --exist-ok) >> "$dir/peer_eval.log" 2>&1
     # the peer's "all" line: images, instances, P, R, mAP50, mAP50-95
-    tr '\r' '\n' < "$dir/peer_eval.log" | awk '$1 == "all" || / all +[0-9]+ +[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$/ {m50 = $(NF-1); m = $NF}
-        END {if (m != "") printf "{\"map50\": %s, \"map50_95\": %s}\n", m50, m}' > "$dir/peer_eval.json"
-    [ -s "$dir/peer_eval.json" ] || rm -f "$dir/peer_eval.json"
+    local m50 m
+    read -r m50 m < <(tr '\r' '\n' < "$dir/peer_eval.log" | awk -f "$root/bench/peer_map.awk")
+    if [ -n "$m" ]; then echo "{\"map50\": $m50, \"map50_95\": $m}" > "$dir/peer_eval.json"; fi
 }
 if [ "$peer_eval" = 1 ]; then
     [ -d .peers/yolov5 ] || { echo "error: PEER_EVAL=1 needs .peers/ (../shared/peers/setup.sh)"; exit 1; }

@@ -39,7 +39,7 @@ echo "peer_seeds: $model seeds [$seeds] trained in $((SECONDS - start)) s (all a
 
 for seed in $seeds; do
     dir=$runs/${model}_s$seed
-    theirs=$(tr '\r' '\n' < "$runs/${model}_s$seed.log" | awk '$1 == "all" || / all +[0-9]+ +[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$/ {m50 = $(NF-1); m = $NF} END {print m50, m}')
+    theirs=$(tr '\r' '\n' < "$runs/${model}_s$seed.log" | awk -f "$root/bench/peer_map.awk")
     if [ ! -f "$dir/weights/best.pt" ]; then
         echo "FAILED peer $model s$seed: $(tr '\r' '\n' < "$runs/${model}_s$seed.log" | grep -E 'Error|error' | tail -1)"
         continue

@@ -46,13 +46,12 @@ class NesterovSGD:
         self.param_groups.append({**self.defaults, **group, "params": params})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if set_to_none:
-            for g in self.param_groups:
-                for p in g["params"]:
-                    p.grad = None
-        elif grads:
-            torch._foreach_zero_(grads)
+            for p in params:
+                p.grad = None
+        elif params:
+            torch._foreach_zero_([p.grad for p in params])
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -192,7 +192,7 @@ def _fitting_groups(counts: list[int]) -> list[list[int]]:
 def _matrix_groups(det: torch.Tensor, counts: list[int], iou_thres: float, max_det: int,
                    groups: list[list[int]]) -> list[torch.Tensor]:
     """Each group of images suppressed at once by matrix_nms (a lone image over the size limit by blocked_nms)."""
-    out: list[torch.Tensor] = [det[0, :0]] * len(counts)
+    out: list[torch.Tensor] = [None] * len(counts)          # every image is in exactly one group
     for group in groups:
         k = max(counts[image] for image in group)
         if len(group) == 1 and k * k > MATRIX_NMS_MAX_ELEMENTS:
