@@ -157,15 +157,16 @@ def stat(values):
         return "n/a"
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
     return f"{statistics.mean(values):.3f} +- {sd:.3f}"
-print("| variant | n | mAP50 | mAP50-95 | mAP50 (old eval) | mAP50-95 (old eval) | mAP50 (peer's val.py) | "
-      "mAP50-95 (peer's val.py) |")
-print("|---|---|---|---|---|---|---|---|")
+print("| variant | n | mAP50 | mAP50-95 | mAP50 (old eval) | mAP50-95 (old eval) | mAP50 (--margin 0.5) | "
+      "mAP50-95 (--margin 0.5) | mAP50 (peer's val.py) | mAP50-95 (peer's val.py) |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for v in variants:
     runs = [p.parent.parent for p in sorted((logs / v).glob("s*/map_new/summary.json"))]
     def read(name):
         return [json.loads((r / name).read_text()) for r in runs if (r / name).is_file()]
     new, old, peer = read("map_new/summary.json"), read("map_old/summary.json"), read("peer_eval.json")
-    print(f"| {v} | {len(new)} | " + " | ".join(stat([s[k] for s in part]) for part in (new, old, peer)
+    margin = read("map_margin/summary.json")
+    print(f"| {v} | {len(new)} | " + " | ".join(stat([s[k] for s in part]) for part in (new, old, margin, peer)
                                                 for k in ("map50", "map50_95")) + " |")
 EOF
 if [ -n "${OUT:-}" ]; then   # two files: the device tool brings back at most eight

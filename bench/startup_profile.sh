@@ -5,7 +5,8 @@
 # seconds since the process started (a timeline: imports, cache, first step, last epoch, final evaluation, exit),
 # then once under cProfile (the main thread's cumulative time per function; slower, so only its start-up is
 # read). Outputs: $OUT/startup_timeline.txt and $OUT/startup_profile.txt.
-# usage: bash bench/startup_profile.sh [extra train.py flags...]; data ${DATA:-VOCdevkit/BCCD}; logs ${LOGS:-/tmp/startup}
+# usage: bash bench/startup_profile.sh [extra train.py flags...]; data ${DATA:-VOCdevkit/BCCD}; logs ${LOGS:-/tmp/startup};
+# PROFILE=0 skips the cProfile run
 set -uo pipefail
 logs=${LOGS:-/tmp/startup}
 data=${DATA:-VOCdevkit/BCCD}
@@ -36,11 +37,14 @@ print(f"results.csv: {len(rows)} epochs, their seconds sum to {sum(float(r['seco
 EOF
 } > "$out/startup_timeline.txt"
 
-python3 -m cProfile -o "$logs/train.prof" train.py "${flags[@]}" --epochs ${EPOCHS:-100} --name profiled > "$logs/profiled.log" 2>&1
-python3 - "$logs/train.prof" <<'EOF' > "$out/startup_profile.txt"
+if [ "${PROFILE:-1}" = 1 ]; then
+    python3 -m cProfile -o "$logs/train.prof" train.py "${flags[@]}" --epochs ${EPOCHS:-100} --name profiled \
+        > "$logs/profiled.log" 2>&1
+    python3 - "$logs/train.prof" <<'EOF' > "$out/startup_profile.txt"
 import pstats, sys
 stats = pstats.Stats(sys.argv[1])
 stats.sort_stats("cumulative").print_stats(60)
 stats.sort_stats("tottime").print_stats(30)
 EOF
+fi
 cat "$out/startup_timeline.txt"

@@ -50,3 +50,29 @@ def test_a_failed_write_is_raised(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         writer.wait()
     writer.wait()                                   # reported once
+
+
+def test_fast_epochs_copy_a_resume_checkpoint_only_when_one_is_due(tmp_path, monkeypatch):
+    """An epoch's checkpoint is copied off the device when it is evaluated, the last, a --save-period epoch, or
+    when LAST_PT_SECONDS passed since the last copy (the first epoch always): not for every fast epoch."""
+    import train
+    from utils.data.sample_data import make_sample_dataset
+    from utils.engine import trainer
+
+    data = make_sample_dataset(tmp_path / "voc", n_train=4, n_val=2, n_test=2, size=(64, 64))
+    copied = []
+    real_copy = trainer.detached_copy
+    monkeypatch.setattr(trainer, "detached_copy", lambda ckpt: copied.append(ckpt["epoch"]) or real_copy(ckpt))
+    monkeypatch.setattr(trainer, "LAST_PT_SECONDS", 1e9)
+    out = train.main(["--data", str(data), "--epochs", "7", "--eval-period", "3", "--save-period", "5",
+                      "--save-dir", str(tmp_path / "logs"), "--img", "64", "--batch", "4", "--workers", "0",
+                      "--device", "cpu"])
+    assert copied == [1, 3, 5, 6, 7]
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 7
+    assert torch.load(out / "epoch5.pt", weights_only=True)["epoch"] == 5
+
+    copied.clear()
+    monkeypatch.setattr(trainer, "LAST_PT_SECONDS", 0.0)
+    train.main(["--data", str(data), "--epochs", "3", "--eval-period", "3", "--save-dir", str(tmp_path / "logs"),
+                "--name", "every", "--img", "64", "--batch", "4", "--workers", "0", "--device", "cpu"])
+    assert copied == [1, 2, 3]

@@ -111,34 +111,45 @@ def test_blocked_nms_needs_no_torchvision():
     assert loaded == {"torchvision": False, "torch._dynamo": False}
 
 
-def test_auto_groups_images_so_each_overlap_matrix_fits(monkeypatch):
-    """On CUDA "auto" suppresses consecutive images in groups under the size limit, an image over it alone by
-    blocks; the answer is the per-image one whatever the grouping (the grouped code run here on the CPU)."""
+def test_fitting_groups_keep_each_overlap_matrix_under_the_limit(monkeypatch):
     import utils.ops.boxes as boxes
     monkeypatch.setattr(boxes, "MATRIX_NMS_MAX_ELEMENTS", 3 * 100 * 100)
     assert boxes._fitting_groups([100, 100, 100, 100, 50]) == [[0, 1, 2], [3, 4]]
     assert boxes._fitting_groups([10, 200, 10, 0]) == [[0], [1], [2, 3]]
 
+
+@pytest.mark.parametrize("max_det", [190, 10**6])
+def test_auto_first_blocks_then_the_rest_equals_per_image(monkeypatch, max_det):
+    """On CUDA "auto" suppresses every image's first block together (in groups under the size limit), then the
+    rest of an image block by block while it has fewer than max_det boxes: the per-image answer whatever the
+    block and group sizes (the CUDA code run here on the CPU)."""
+    import utils.ops.boxes as boxes
     n, c = 300, 2
     pred = random_pred(5, n, c, seed=3, spread=60, size=(5, 20))
     pred[:4, :, 4] *= 0.3                                   # four lighter images, then a dense one
     pred[4, :, 4:] = 0.5 + pred[4, :, 4:] / 2
     scores = pred[..., 5:] * pred[..., 4:5]
     counts = (scores > 0.05).flatten(1).sum(1).tolist()
-    monkeypatch.setattr(boxes, "MATRIX_NMS_MAX_ELEMENTS", 2 * max(counts[:4]) ** 2 + 1)
-    assert counts[4] ** 2 > boxes.MATRIX_NMS_MAX_ELEMENTS
-    groups = boxes._fitting_groups(counts)
-    assert groups == [[0, 1], [2, 3], [4]]
+    block = min(counts) - 5                                 # every image has candidates past its first block
+    monkeypatch.setattr(boxes, "NMS_BLOCK", block)
+    monkeypatch.setattr(boxes, "MATRIX_NMS_MAX_ELEMENTS", 2 * block ** 2)     # groups of two images
+    calls = []
+    blocked = boxes.blocked_nms
+    monkeypatch.setattr(boxes, "blocked_nms", lambda *a, **k: calls.append(k["start"]) or blocked(*a, **k))
 
     top, idx = scores.flatten(1).topk(n * c, dim=1)         # the candidates as non_max_suppression orders them
     xyxy = boxes.cxcywh_to_xyxy(pred[..., :4])
     det = torch.cat([xyxy.gather(1, (idx // c)[..., None].expand(-1, -1, 4)), top[..., None],
                      (idx % c)[..., None].to(top.dtype)], -1)
-    got = boxes._matrix_groups(det, counts, 0.4, 100, groups)
-    reference = non_max_suppression(pred, 0.05, 0.4, 100, True, method="per_image")
+    got = boxes._first_blocks(det, counts, 0.4, max_det)
+    reference = non_max_suppression(pred, 0.05, 0.4, max_det, True, method="per_image")
     for a, m in zip(reference, got):
         assert len(a) > 5
         torch.testing.assert_close(a, m, rtol=0, atol=0)
+    # an image goes on past its first block only while it has fewer than max_det boxes
+    first_block_kept = [int(matrix_nms(det[i:i + 1, :block], [block], 0.4).sum()) for i in range(5)]
+    assert calls == [block] * sum(kept < max_det for kept in first_block_kept)
+    assert 0 < len(calls) < 5 if max_det == 190 else len(calls) == 5    # both cases seen
 
 
 def test_nms_method_is_checked():

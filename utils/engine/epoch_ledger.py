@@ -18,7 +18,7 @@ from typing import Callable
 
 from utils.engine.checkpoint import CheckpointWriter, write_error
 from utils.log import get_logger
-from utils.ops.plots import plot_results
+from utils.ops.plots import load_plotting, plot_results
 
 log = get_logger(__name__)
 # mAP50 / mAP50-95: COCO definitions (what get_map.py reports); mAP50_voc: VOC all-point AP at IoU 0.5
@@ -37,7 +37,8 @@ class FinishedEpoch:
     losses: list[float]          # total, box, obj, cls per image
     lr: float
     seconds: float               # training and the evaluation's inference (its mAP runs in the background)
-    checkpoint: dict | None      # its full (resume) checkpoint; None when its loss was already exploding
+    checkpoint: dict | None      # its full (resume) checkpoint; None when its loss was already exploding or
+                                 # none was due (trainer.LAST_PT_SECONDS)
     metrics: Future | None       # None when this epoch was not evaluated
     sane: bool | None = None     # its weights' verdict, from the next loss read; None while unknown
     why: str = ""                # what the loss read was when it was not sane
@@ -54,6 +55,7 @@ class EpochLedger:
         self.last_metrics: dict = {}
         self._held: FinishedEpoch | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="epoch-metrics")
+        self._pool.submit(load_plotting)     # while the first epochs train, not after the last one
         self._plotted = time.time()   # the first plot after PLOT_SECONDS
 
     def metrics_later(self, compute: Callable[[], dict]) -> Future:

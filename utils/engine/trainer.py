@@ -37,6 +37,10 @@ log = get_logger(__name__)
 DIVERGE_FACTOR = 10.0     # a loss read this many times the run's median so far counts as exploding ...
 DIVERGE_READS = 3         # ... and this many such reads in a row (reads come every 10 steps) stop the run
 
+# an epoch's resume checkpoint is copied off the GPU (and last.pt written) when it is evaluated (it may become
+# best.pt), is a --save-period epoch or the last, or when this many seconds passed since the last copy: epochs of
+# a tenth of a second (BCCD on an H200) need not each pay for one, and a resume repeats at most this much training
+LAST_PT_SECONDS = 10.0
 USUAL_LR = {"sgd": 0.01, "adam": 0.001}   # the hyp files' lr0: the most a divergence message suggests
 
 
@@ -162,6 +166,7 @@ class Trainer:
         best_fitness = -1.0 if saved_best is None else float(saved_best)
         self.ledger = EpochLedger(run_dir, args.epochs, args.save_period, self.writer, self._fitness,
                                   self._val_has_objects, best_fitness, saved_epoch=self.start_epoch)
+        self._copied_at = -math.inf        # when the last resume checkpoint was copied off the GPU
         self.evaluator = Evaluator(data.val_records, data.class_names, batch_size=max(data.batch_size, 8),
                                    keep_batches=data.cache != "none",
                                    workers=config.data.workers) if self.main else None
@@ -335,11 +340,14 @@ class Trainer:
         metrics = self._start_evaluation() if evaluated else None
         seconds = time.time() - t0   # training (and on CPU the evaluation's detections); saving follows
         ckpt = None
+        due = (evaluated or number == args.epochs or (args.save_period > 0 and number % args.save_period == 0)
+               or time.time() - self._copied_at >= LAST_PT_SECONDS)
         if self.watch.exploding:        # keep the last good checkpoint: these weights may be the explosion's
             log.warning("epoch %d: loss %.4g is over %gx the run's median %.4g; not saved, last.pt keeps epoch %d",
                         number, losses[0], self.watch.factor, self.watch.median, self.ledger.saved_epoch)
-        else:
+        elif due:
             ckpt = detached_copy(self._checkpoint(number))
+            self._copied_at = time.time()
         # settled (written) once the next epoch's first loss shows these weights did not explode
         self.ledger.hold(FinishedEpoch(number, losses, lr, seconds, ckpt, metrics))
 

@@ -120,9 +120,12 @@ def ciou_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tens
     return 1 - iou + centres / diagonal + alpha * v
 
 
-# The matrix NMS holds a [B, k, k] overlap matrix: on GPUs images are suppressed in groups that keep it this
-# small (64 images x 1024 candidates; 7 x 3000 at --conf 0.001), an image over it alone block by block
-# (`blocked_nms`); on the CPU through torchvision's C++ kernel one image at a time. Not torchvision on GPUs:
+# The matrix NMS holds a [B, k, k] overlap matrix. On GPUs every image's first NMS_BLOCK candidates are suppressed
+# at once, in groups of images that keep that matrix under MATRIX_NMS_MAX_ELEMENTS (64 images x 1024); an image
+# with more candidates and fewer than max_det boxes kept goes on block by block (`blocked_nms`). Greedy NMS of a
+# score-ordered prefix keeps exactly the full answer's boxes from that prefix, so the result is the full answer at
+# a cost set by the boxes kept, not by every candidate (an early-epoch model at --conf 0.001 gives thousands an
+# image). On the CPU through torchvision's C++ kernel one image at a time. Not torchvision on GPUs:
 # importing it imports torch._dynamo, seconds that stalled the first evaluation of a training run.
 MATRIX_NMS_MAX_ELEMENTS = 64 * 1024 * 1024
 NMS_BLOCK = 1024
@@ -138,9 +141,8 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     greedily within each class, as torchvision's batched_nms does. `method` "per_image" makes one
     torchvision batched_nms call per image; "matrix" does every image at once (`matrix_nms`, the same result,
     a few GPU waits per batch instead of one per image); "blocked" goes image by image in blocks of NMS_BLOCK
-    candidates (`blocked_nms`, the same result in bounded memory); "auto" on CUDA takes the matrix for groups of
-    consecutive images whose overlap matrix fits MATRIX_NMS_MAX_ELEMENTS (blocked for an image too large alone),
-    and on the CPU torchvision per image. Reading the candidate counts is one wait for the GPU;
+    candidates (`blocked_nms`, the same result in bounded memory); "auto" on CUDA takes the matrix for every
+    image's first block and blocks for the rest (`_first_blocks`), and on the CPU torchvision per image. Reading the candidate counts is one wait for the GPU;
     the candidates are a prefix of each image's sorted scores.
     `multi_label` keeps every class above threshold per box, as COCO-style evaluation expects;
     otherwise only each box's best class.
@@ -162,11 +164,12 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     counts = (top > conf_thres).sum(1).tolist()
     k = max(counts, default=0)
     if method == "matrix":
-        return _matrix_groups(det, counts, iou_thres, max_det, [list(range(len(counts)))])
+        keep = matrix_nms(det[:, :k], counts, iou_thres)                                 # B,k
+        return [det[image, :n][keep[image, :n]][:max_det] for image, n in enumerate(counts)]
     if method == "blocked":
         return [det[image, :n][blocked_nms(det[image, :n], iou_thres, max_det)] for image, n in enumerate(counts)]
     if method == "auto" and det.is_cuda:
-        return _matrix_groups(det, counts, iou_thres, max_det, _fitting_groups(counts))
+        return _first_blocks(det, counts, iou_thres, max_det)
     from torchvision.ops import batched_nms  # noqa: PLC0415 (lazy: see cxcywh_to_xyxy)
     out = []
     for image, n in enumerate(counts):
@@ -177,8 +180,8 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
 
 
 def _fitting_groups(counts: list[int]) -> list[list[int]]:
-    """Consecutive images grouped so each group's [images, k, k] overlap matrix fits MATRIX_NMS_MAX_ELEMENTS;
-    an image too large for it alone is a group of one (left to blocked_nms)."""
+    """Consecutive images grouped so each group's [images, k, k] overlap matrix fits MATRIX_NMS_MAX_ELEMENTS
+    (an image too large for it alone is a group of one)."""
     groups, current, k = [], [], 0
     for image, n in enumerate(counts):
         if current and (len(current) + 1) * max(k, n) ** 2 > MATRIX_NMS_MAX_ELEMENTS:
@@ -189,33 +192,36 @@ def _fitting_groups(counts: list[int]) -> list[list[int]]:
     return groups + [current] if current else groups
 
 
-def _matrix_groups(det: torch.Tensor, counts: list[int], iou_thres: float, max_det: int,
-                   groups: list[list[int]]) -> list[torch.Tensor]:
-    """Each group of images suppressed at once by matrix_nms (a lone image over the size limit by blocked_nms)."""
+def _first_blocks(det: torch.Tensor, counts: list[int], iou_thres: float, max_det: int) -> list[torch.Tensor]:
+    """Every image's first NMS_BLOCK candidates by matrix_nms, in groups that fit; an image with more candidates
+    and fewer than max_det kept goes on by blocked_nms from there. One wait for the GPU per group."""
+    heads = [min(n, NMS_BLOCK) for n in counts]
     out: list[torch.Tensor] = [None] * len(counts)          # every image is in exactly one group
-    for group in groups:
-        k = max(counts[image] for image in group)
-        if len(group) == 1 and k * k > MATRIX_NMS_MAX_ELEMENTS:
-            image = group[0]
-            out[image] = det[image, :k][blocked_nms(det[image, :k], iou_thres, max_det)]
-            continue
-        keep = matrix_nms(det[group, :k], [counts[image] for image in group], iou_thres)    # G,k
+    for group in _fitting_groups(heads):
+        k = max(heads[image] for image in group)
+        keep = matrix_nms(det[group, :k], [heads[image] for image in group], iou_thres)     # G,k
+        kept_counts = keep.sum(1).tolist()
         for row, image in enumerate(group):
-            n = counts[image]
-            out[image] = det[image, :n][keep[row, :n]][:max_det]
+            kept = keep[row].nonzero()[:, 0]                    # indices, in score order
+            if counts[image] > NMS_BLOCK and kept_counts[row] < max_det:
+                kept = blocked_nms(det[image, :counts[image]], iou_thres, max_det, start=NMS_BLOCK, kept=kept)
+            out[image] = det[image][kept[:max_det]]
     return out
 
 
-def blocked_nms(det: torch.Tensor, iou_thres: float, max_det: int, block: int = NMS_BLOCK) -> torch.Tensor:
+def blocked_nms(det: torch.Tensor, iou_thres: float, max_det: int, block: int = NMS_BLOCK, start: int = 0,
+                kept: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy per-class NMS of one image's candidates det [n, 6], sorted by score -> the kept indices, in order.
 
     Blocks of `block` candidates in score order: a candidate overlapping a box kept from an earlier block is
     dropped, the rest of the block is settled by `matrix_nms`; it stops once max_det boxes are kept. Memory is
     block x kept, not n x n, and the answer is greedy NMS's (a dropped box never suppresses another).
+    `start`, `kept`: det[:start] is settled already, keeping the indices `kept`.
     """
     boxes, cls = det[:, :4].float(), det[:, 5]
-    kept = torch.empty(0, dtype=torch.long, device=det.device)
-    for start in range(0, len(det), block):
+    if kept is None:
+        kept = torch.empty(0, dtype=torch.long, device=det.device)
+    for start in range(start, len(det), block):
         idx = torch.arange(start, min(start + block, len(det)), device=det.device)     # this block, score order
         if len(kept):
             overlaps = ((box_iou_batched(boxes[idx][None], boxes[kept][None])[0] > iou_thres)

@@ -127,13 +127,19 @@ def read_results(path: str | Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def plot_results(results_csv: str | Path, out_dir: str | Path) -> None:
-    """loss.png (train losses per epoch) and map.png (mAP50, mAP50-95) beside results.csv."""
-    import matplotlib  # noqa: PLC0415  (imported on demand: predict/get_map never need it)
+def load_plotting():
+    """matplotlib.pyplot on the Agg backend, imported on demand (predict/get_map never need it; its import takes
+    about half a second, which a training run pays on a background thread while it trains)."""
+    import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    return plt
 
+
+def plot_results(results_csv: str | Path, out_dir: str | Path) -> None:
+    """loss.png (train losses per epoch) and map.png (mAP50, mAP50-95) beside results.csv."""
+    plt = load_plotting()
     rows = read_results(results_csv)
     if not rows:
         return
