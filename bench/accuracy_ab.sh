@@ -12,7 +12,8 @@
 #        finish inside the device call's 600 s)
 #        EPOCHS (100)  IMG (416)  BATCH (64)  OUT (if set, the table and one archive of every run's logs and results.csv
 #        are written there)
-#        EVAL_PERIOD (1: every epoch is evaluated and can become best.pt, as the peer's train.py does)
+#        EVAL_PERIOD (1: every epoch is evaluated and can become best.pt, as the peer's train.py does;
+#        auto: train.py's default schedule, every 10 epochs and every epoch of the last 30 percent)
 #        OLD_EVAL (0; 1 adds the protocol before issue 17: NMS 0.5, best class only)
 #        MARGIN_EVAL (0; 1 adds get_map.py --margin 0.5, the input of the peer's val.py, into map_margin/)
 #        MPS (auto: CUDA MPS when JOBS > 1 and nvidia-cuda-mps-control exists, so the runs' kernels share the GPU)
@@ -30,6 +31,8 @@ epochs=${EPOCHS:-100}
 img=${IMG:-416}
 batch=${BATCH:-64}
 eval_period=${EVAL_PERIOD:-1}
+eval_flag=(--eval-period "$eval_period")
+[ "$eval_period" = auto ] && eval_flag=()      # train.py's default schedule
 old_eval=${OLD_EVAL:-0}
 margin_eval=${MARGIN_EVAL:-0}
 peer_eval=${PEER_EVAL:-0}
@@ -71,7 +74,7 @@ one_run() {   # variant seed: train, then evaluate best.pt with both protocols; 
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=2 python3 train.py --data "$data" --train-split trainval --val-split test --img "$img" --batch "$batch" \
         --epochs "$epochs" --cache gpu --seed "$seed" --save-dir "$logs/$v" --name "s$seed" --exist-ok \
-        --eval-period "$eval_period" ${flags[$v]} > "$dir/train.log" 2>&1
+        ${eval_flag[@]+"${eval_flag[@]}"} ${flags[$v]} > "$dir/train.log" 2>&1
     end=$EPOCHREALTIME
     if [ ! -f "$dir/best.pt" ]; then
         echo "FAILED $v s$seed: $(tr '\r' '\n' < "$dir/train.log" | grep -E 'error|Error' | tail -1)"

@@ -120,12 +120,12 @@ def ciou_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tens
     return 1 - iou + centres / diagonal + alpha * v
 
 
-# The matrix NMS holds a [B, k, k] overlap matrix. On GPUs every image's first NMS_BLOCK candidates are suppressed
-# at once, in groups of images that keep that matrix under MATRIX_NMS_MAX_ELEMENTS (64 images x 1024); an image
-# with more candidates and fewer than max_det boxes kept goes on block by block (`blocked_nms`). Greedy NMS of a
-# score-ordered prefix keeps exactly the full answer's boxes from that prefix, so the result is the full answer at
-# a cost set by the boxes kept, not by every candidate (an early-epoch model at --conf 0.001 gives thousands an
-# image). On the CPU through torchvision's C++ kernel one image at a time. Not torchvision on GPUs:
+# The matrix NMS holds a [B, k, k] overlap matrix. On GPUs the images are suppressed together in rounds of
+# NMS_BLOCK candidates each (`blocked_nms`), in groups whose overlap matrices fit MATRIX_NMS_MAX_ELEMENTS (about 50
+# images x 1024 candidates); an image leaves once it keeps max_det boxes. Greedy NMS of a score-ordered prefix keeps
+# exactly the full answer's boxes from that prefix, so the result is the full answer at a cost set by the boxes
+# kept, not by every candidate (an early-epoch model at --conf 0.001 gives thousands an image). On the CPU through
+# torchvision's C++ kernel one image at a time. Not torchvision on GPUs:
 # importing it imports torch._dynamo, seconds that stalled the first evaluation of a training run.
 MATRIX_NMS_MAX_ELEMENTS = 64 * 1024 * 1024
 NMS_BLOCK = 1024
@@ -140,9 +140,9 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     Per image, its candidates above `conf_thres` (at most `max_candidates`, best first) are suppressed
     greedily within each class, as torchvision's batched_nms does. `method` "per_image" makes one
     torchvision batched_nms call per image; "matrix" does every image at once (`matrix_nms`, the same result,
-    a few GPU waits per batch instead of one per image); "blocked" goes image by image in blocks of NMS_BLOCK
-    candidates (`blocked_nms`, the same result in bounded memory); "auto" on CUDA takes the matrix for every
-    image's first block and blocks for the rest (`_first_blocks`), and on the CPU torchvision per image. Reading the candidate counts is one wait for the GPU;
+    a few GPU waits per batch instead of one per image, memory growing with the square of the candidates);
+    "blocked" does every image at once in rounds of NMS_BLOCK candidates (`blocked_nms`, the same result in bounded
+    memory); "auto" is "blocked" on CUDA and torchvision per image on the CPU. Reading the candidate counts is one wait for the GPU;
     the candidates are a prefix of each image's sorted scores.
     `multi_label` keeps every class above threshold per box, as COCO-style evaluation expects;
     otherwise only each box's best class.
@@ -166,10 +166,8 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     if method == "matrix":
         keep = matrix_nms(det[:, :k], counts, iou_thres)                                 # B,k
         return [det[image, :n][keep[image, :n]][:max_det] for image, n in enumerate(counts)]
-    if method == "blocked":
-        return [det[image, :n][blocked_nms(det[image, :n], iou_thres, max_det)] for image, n in enumerate(counts)]
-    if method == "auto" and det.is_cuda:
-        return _first_blocks(det, counts, iou_thres, max_det)
+    if method == "blocked" or (method == "auto" and det.is_cuda):
+        return [det[image][kept] for image, kept in enumerate(blocked_nms(det, counts, iou_thres, max_det))]
     from torchvision.ops import batched_nms  # noqa: PLC0415 (lazy: see cxcywh_to_xyxy)
     out = []
     for image, n in enumerate(counts):
@@ -179,60 +177,58 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     return out
 
 
-def _fitting_groups(counts: list[int]) -> list[list[int]]:
-    """Consecutive images grouped so each group's [images, k, k] overlap matrix fits MATRIX_NMS_MAX_ELEMENTS
-    (an image too large for it alone is a group of one)."""
-    groups, current, k = [], [], 0
-    for image, n in enumerate(counts):
-        if current and (len(current) + 1) * max(k, n) ** 2 > MATRIX_NMS_MAX_ELEMENTS:
+def _fitting_groups(counts: list[int], kept: list[int] | None = None) -> list[list[int]]:
+    """Consecutive images (positions in `counts`) grouped so each group's overlap matrices, [images, k, k] among
+    its candidates and [images, k, kept] against the boxes it kept before, fit MATRIX_NMS_MAX_ELEMENTS (an image
+    too large for it alone is a group of one)."""
+    kept = kept or [0] * len(counts)
+    groups, current, k, m = [], [], 0, 0
+    for image, (n, done) in enumerate(zip(counts, kept)):
+        if current and (len(current) + 1) * max(k, n) * (max(k, n) + max(m, done)) > MATRIX_NMS_MAX_ELEMENTS:
             groups.append(current)
-            current, k = [], 0
+            current, k, m = [], 0, 0
         current.append(image)
-        k = max(k, n)
+        k, m = max(k, n), max(m, done)
     return groups + [current] if current else groups
 
 
-def _first_blocks(det: torch.Tensor, counts: list[int], iou_thres: float, max_det: int) -> list[torch.Tensor]:
-    """Every image's first NMS_BLOCK candidates by matrix_nms, in groups that fit; an image with more candidates
-    and fewer than max_det kept goes on by blocked_nms from there. One wait for the GPU per group."""
-    heads = [min(n, NMS_BLOCK) for n in counts]
-    out: list[torch.Tensor] = [None] * len(counts)          # every image is in exactly one group
-    for group in _fitting_groups(heads):
-        k = max(heads[image] for image in group)
-        keep = matrix_nms(det[group, :k], [heads[image] for image in group], iou_thres)     # G,k
-        kept_counts = keep.sum(1).tolist()
-        for row, image in enumerate(group):
-            kept = keep[row].nonzero()[:, 0]                    # indices, in score order
-            if counts[image] > NMS_BLOCK and kept_counts[row] < max_det:
-                kept = blocked_nms(det[image, :counts[image]], iou_thres, max_det, start=NMS_BLOCK, kept=kept)
-            out[image] = det[image][kept[:max_det]]
-    return out
+def blocked_nms(det: torch.Tensor, counts: list[int], iou_thres: float, max_det: int,
+                block: int = NMS_BLOCK) -> list[torch.Tensor]:
+    """Greedy per-class NMS of every image of det [B, k, 6] (sorted by score, the first counts[b] valid) -> each
+    image's kept indices in score order, at most max_det.
 
-
-def blocked_nms(det: torch.Tensor, iou_thres: float, max_det: int, block: int = NMS_BLOCK, start: int = 0,
-                kept: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy per-class NMS of one image's candidates det [n, 6], sorted by score -> the kept indices, in order.
-
-    Blocks of `block` candidates in score order: a candidate overlapping a box kept from an earlier block is
-    dropped, the rest of the block is settled by `matrix_nms`; it stops once max_det boxes are kept. Memory is
-    block x kept, not n x n, and the answer is greedy NMS's (a dropped box never suppresses another).
-    `start`, `kept`: det[:start] is settled already, keeping the indices `kept`.
+    Rounds of `block` candidates: each takes the next block of every image still short of max_det boxes, drops
+    the candidates overlapping a box of their class kept in an earlier round, and settles the rest by matrix_nms,
+    images grouped so the overlap matrices fit (`_fitting_groups`). Two waits for the GPU per group and round
+    beside matrix_nms's passes; memory is set by the block, not by the candidates; the answer is greedy NMS's
+    (a dropped box never suppresses another, and a prefix's greedy answer is the full answer's part of it).
     """
-    boxes, cls = det[:, :4].float(), det[:, 5]
-    if kept is None:
-        kept = torch.empty(0, dtype=torch.long, device=det.device)
-    for start in range(start, len(det), block):
-        idx = torch.arange(start, min(start + block, len(det)), device=det.device)     # this block, score order
-        if len(kept):
-            overlaps = ((box_iou_batched(boxes[idx][None], boxes[kept][None])[0] > iou_thres)
-                        & (cls[idx][:, None] == cls[kept][None]))                    # block, kept
-            idx = idx[~overlaps.any(1)]
-        if len(idx):
-            keep = matrix_nms(det[idx][None], [len(idx)], iou_thres)[0]
-            kept = torch.cat([kept, idx[keep]])
-        if len(kept) >= max_det:
-            break
-    return kept[:max_det]
+    kept = [torch.empty(0, dtype=torch.long, device=det.device) for _ in counts]
+    for start in range(0, max(counts, default=0), block):
+        active = [image for image, n in enumerate(counts) if n > start and len(kept[image]) < max_det]
+        sizes = [min(block, counts[image] - start) for image in active]
+        for group in _fitting_groups(sizes, [len(kept[image]) for image in active]):
+            images, lengths = [active[j] for j in group], [sizes[j] for j in group]
+            candidates = det[images, start:start + max(lengths)]                                  # G,k,6
+            valid = _prefix_mask(lengths, candidates.shape[1], det.device)                        # G,k
+            if any(len(kept[image]) for image in images):
+                earlier = torch.nn.utils.rnn.pad_sequence([kept[image] for image in images], batch_first=True)
+                earlier_valid = _prefix_mask([len(kept[image]) for image in images], earlier.shape[1], det.device)
+                earlier = det[torch.tensor(images, device=det.device)[:, None], earlier]           # G,m,6
+                hit = ((box_iou_batched(candidates[..., :4].float(), earlier[..., :4].float()) > iou_thres)
+                       & (candidates[..., 5, None] == earlier[:, None, :, 5]) & earlier_valid[:, None])  # G,k,m
+                valid &= ~hit.any(2)
+            keep = _matrix_keep(candidates, valid, iou_thres)                                     # G,k
+            per_image = keep.sum(1).tolist()
+            columns = keep.nonzero()[:, 1] + start              # row by row, each row's in score order
+            for image, new in zip(images, columns.split(per_image)):
+                kept[image] = torch.cat([kept[image], new])
+    return [indices[:max_det] for indices in kept]
+
+
+def _prefix_mask(lengths: list[int], k: int, device: torch.device) -> torch.Tensor:
+    """[len(lengths), k] bool: row b is true at its first lengths[b] places."""
+    return torch.arange(k, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
 
 
 def matrix_nms(det: torch.Tensor, counts: list[int], iou_thres: float) -> torch.Tensor:
@@ -243,8 +239,12 @@ def matrix_nms(det: torch.Tensor, counts: list[int], iou_thres: float) -> torch.
     fixes the mask one index at a time, so iterating it from "all kept" reaches greedy NMS's answer exactly
     (Cluster-NMS, Zheng et al. 2020); dense scenes need a handful of passes, each one wait for the GPU.
     """
-    b, k = det.shape[:2]
-    valid = torch.arange(k, device=det.device)[None] < torch.tensor(counts, device=det.device)[:, None]   # B,k
+    return _matrix_keep(det, _prefix_mask(counts, det.shape[1], det.device), iou_thres)
+
+
+def _matrix_keep(det: torch.Tensor, valid: torch.Tensor, iou_thres: float) -> torch.Tensor:
+    """matrix_nms with the candidates given by a mask [B, k]: an invalid one is neither kept nor suppresses."""
+    k = det.shape[1]
     boxes, cls = det[..., :4].float(), det[..., 5]
     earlier = torch.ones(k, k, dtype=torch.bool, device=det.device).triu(1)                  # [j, i]: j < i
     suppresses = ((box_iou_batched(boxes, boxes) > iou_thres) & (cls[:, :, None] == cls[:, None, :])
