@@ -43,6 +43,11 @@ root=$(pwd)
 
 # YOLOv4-tiny with an IoU objectness target (ultralytics' gr = 1) keeps its own assignment and ignore rule
 { cat model_data/hyp.yolov4-tiny.yaml; echo "obj_iou_ratio: 1.0"; } > "$logs/hyp.yolov4-tiny.iouobj.yaml"
+# YOLOv4-tiny with twice the box (CIoU) gain, and with negatives ignored only above IoU 0.7
+sed 's/^box: 0\.05$/box: 0.1/' model_data/hyp.yolov4-tiny.yaml > "$logs/hyp.yolov4-tiny.box2.yaml"
+sed 's/^ignore_thresh: 0\.5 /ignore_thresh: 0.7 /' model_data/hyp.yolov4-tiny.yaml > "$logs/hyp.yolov4-tiny.ignore07.yaml"
+grep -q "^box: 0.1$" "$logs/hyp.yolov4-tiny.box2.yaml" && grep -q "^ignore_thresh: 0.7 " "$logs/hyp.yolov4-tiny.ignore07.yaml" \
+    || { echo "error: model_data/hyp.yolov4-tiny.yaml no longer has the box / ignore_thresh lines these variants edit"; exit 1; }
 
 # name | train.py flags. "old" = this project's recipe before issue 17; yolov5n defaults are now ultralytics'
 declare -A flags=(
@@ -61,9 +66,14 @@ declare -A flags=(
     [v4t-iouobj-anchors]="--model yolov4-tiny --fitness-map50-95 0.9 --anchors auto --hyp $logs/hyp.yolov4-tiny.iouobj.yaml"
     [v4t-v5head-anchors]="--model yolov4-tiny --head yolov5 --fitness-map50-95 0.9 --anchors auto"
     [v5s-cpuaug2]="--model yolov5s --cache ram --augment cpu --workers 2"
+    [v4t-box2]="--model yolov4-tiny --hyp $logs/hyp.yolov4-tiny.box2.yaml"
+    [v4t-box2-fit]="--model yolov4-tiny --hyp $logs/hyp.yolov4-tiny.box2.yaml --fitness-map50-95 0.9"
+    [v4t-mosaic1]="--model yolov4-tiny --special-aug-ratio 1.0"
+    [v4t-ignore0.7]="--model yolov4-tiny --hyp $logs/hyp.yolov4-tiny.ignore07.yaml"
 )
 order="v5n-old v5n-new v4t v4t-fit v4t-iouobj v4t-v5head v4t-v5head-peer v5n-mosaic0.7 v5s v5s-noamp v5s-cpuaug
-       v5s-cpuaug2 v4t-fit-anchors v4t-iouobj-anchors v4t-v5head-anchors"
+       v5s-cpuaug2 v4t-fit-anchors v4t-iouobj-anchors v4t-v5head-anchors v4t-box2 v4t-box2-fit v4t-mosaic1
+       v4t-ignore0.7"
 variants=${VARIANTS:-$(echo $order | cut -d' ' -f1-6)}
 for v in $variants; do [ -n "${flags[$v]+x}" ] || { echo "error: unknown variant $v (known: $order)"; exit 1; }; done
 
