@@ -43,10 +43,13 @@ root=$(pwd)
 
 # YOLOv4-tiny with an IoU objectness target (ultralytics' gr = 1) keeps its own assignment and ignore rule
 { cat model_data/hyp.yolov4-tiny.yaml; echo "obj_iou_ratio: 1.0"; } > "$logs/hyp.yolov4-tiny.iouobj.yaml"
-# YOLOv4-tiny with twice the box (CIoU) gain, and with negatives ignored only above IoU 0.7
+# YOLOv4-tiny with twice the box (CIoU) gain, and with negatives ignored above IoU 0.7 (the default since
+# 2026-12-04) or 0.5 (the default before)
 sed 's/^box: 0\.05$/box: 0.1/' model_data/hyp.yolov4-tiny.yaml > "$logs/hyp.yolov4-tiny.box2.yaml"
-sed 's/^ignore_thresh: 0\.5 /ignore_thresh: 0.7 /' model_data/hyp.yolov4-tiny.yaml > "$logs/hyp.yolov4-tiny.ignore07.yaml"
-grep -q "^box: 0.1$" "$logs/hyp.yolov4-tiny.box2.yaml" && grep -q "^ignore_thresh: 0.7 " "$logs/hyp.yolov4-tiny.ignore07.yaml" \
+for t in 0.5 0.7; do
+    sed -E "s/^ignore_thresh: [0-9.]+ /ignore_thresh: $t /" model_data/hyp.yolov4-tiny.yaml > "$logs/hyp.yolov4-tiny.ignore$t.yaml"
+done
+grep -q "^box: 0.1$" "$logs/hyp.yolov4-tiny.box2.yaml" && grep -q "^ignore_thresh: 0.5 " "$logs/hyp.yolov4-tiny.ignore0.5.yaml" \
     || { echo "error: model_data/hyp.yolov4-tiny.yaml no longer has the box / ignore_thresh lines these variants edit"; exit 1; }
 
 # name | train.py flags. "old" = this project's recipe before issue 17; yolov5n defaults are now ultralytics'
@@ -69,11 +72,12 @@ declare -A flags=(
     [v4t-box2]="--model yolov4-tiny --hyp $logs/hyp.yolov4-tiny.box2.yaml"
     [v4t-box2-fit]="--model yolov4-tiny --hyp $logs/hyp.yolov4-tiny.box2.yaml --fitness-map50-95 0.9"
     [v4t-mosaic1]="--model yolov4-tiny --special-aug-ratio 1.0"
-    [v4t-ignore0.7]="--model yolov4-tiny --hyp $logs/hyp.yolov4-tiny.ignore07.yaml"
+    [v4t-ignore0.7]="--model yolov4-tiny --hyp $logs/hyp.yolov4-tiny.ignore0.7.yaml"
+    [v4t-ignore0.5]="--model yolov4-tiny --hyp $logs/hyp.yolov4-tiny.ignore0.5.yaml"
 )
 order="v5n-old v5n-new v4t v4t-fit v4t-iouobj v4t-v5head v4t-v5head-peer v5n-mosaic0.7 v5s v5s-noamp v5s-cpuaug
        v5s-cpuaug2 v4t-fit-anchors v4t-iouobj-anchors v4t-v5head-anchors v4t-box2 v4t-box2-fit v4t-mosaic1
-       v4t-ignore0.7"
+       v4t-ignore0.7 v4t-ignore0.5"
 variants=${VARIANTS:-$(echo $order | cut -d' ' -f1-6)}
 for v in $variants; do [ -n "${flags[$v]+x}" ] || { echo "error: unknown variant $v (known: $order)"; exit 1; }; done
 

@@ -294,10 +294,11 @@ def test_v5_loss_runs_on_constructed_outputs():
 
 # ---------------------------------------------------------------- ignore threshold
 
-def test_ignore_threshold_matches_inference_decode():
-    """The objectness weight is 0 exactly where a non-positive prediction overlaps a box by > 0.5,
-    with predictions decoded by the inference path (Head.decode_outputs)."""
-    crit = v4_loss(num_classes=1, size=416)
+@pytest.mark.parametrize("ignore_thresh", [0.5, None])      # None: the YOLOv4-tiny hyp file's
+def test_ignore_threshold_matches_inference_decode(ignore_thresh):
+    """The objectness weight is 0 exactly where a non-positive prediction overlaps a box by more than the
+    head's ignore_thresh, with predictions decoded by the inference path (Head.decode_outputs)."""
+    crit = v4_loss(num_classes=1, size=416, **({} if ignore_thresh is None else {"ignore_thresh": ignore_thresh}))
     target = torch.tensor([[0, 0, 200 / 416, 150 / 416, 135 / 416, 169 / 416]])
     g = torch.Generator().manual_seed(0)
     raw = torch.randn(1, 3 * 6, 13, 13, generator=g) * 0.5
@@ -321,7 +322,9 @@ def test_ignore_threshold_matches_inference_decode():
     assert weight[0, exact] == 0
     decoded = crit.head.decode_outputs([raw], cells)[0]                               # 507, 6
     iou = box_iou(cxcywh_to_xyxy(decoded[:, :4]), cxcywh_to_xyxy(target[:, 2:] * 416)).squeeze(1)
-    expected = ((iou <= 0.5) | (tobj.flatten() > 0)).float().view(1, 507)
+    threshold = crit.head.ignore_thresh
+    assert 0 < threshold < 1
+    expected = ((iou <= threshold) | (tobj.flatten() > 0)).float().view(1, 507)
     assert torch.equal(weight, expected)
 
 
