@@ -91,8 +91,8 @@ def decode_chunk(paths: list[Path], device: torch.device, host_copies: bool = Fa
         batch.paths.append(path)
         batch.images.append(image)
         if host_copies:
-            batch.host.append(bgr if bgr is not None else
-                              np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()[:, :, ::-1]))
+            # RGB -> BGR and CHW -> HWC on the device: the copy back is then the array, no strided copy on the host
+            batch.host.append(bgr if bgr is not None else image.flip(0).permute(1, 2, 0).contiguous().cpu().numpy())
     return batch
 
 

@@ -45,7 +45,6 @@ def _style(height: int, width: int) -> tuple[int, int]:
 @lru_cache(maxsize=4096)
 def _label_sprite(text: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A label as drawn once: its text's ink [h, w] (0..1, float32, 2 px margin) and (w, h).
-
     Rendered with the TrueType font once per text and size: a folder of images repeats the same few
     hundred labels ('RBC 0.87'), and blending a cached sprite is ~100x cheaper than rendering the text again.
     """
@@ -57,18 +56,26 @@ def _label_sprite(text: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(ink, dtype=np.float32) / 255, np.array([w, h])
 
 
+@lru_cache(maxsize=4096)
+def _label_patch(text: str, size: int, color_bgr: tuple[int, int, int]) -> np.ndarray:
+    """The label's pixels [h, w, 3] (uint8 BGR): its colour, darkened to black where the text's ink is. The label
+    is opaque, so drawing it is one copy of these cached pixels: no per-image arithmetic holding the GIL."""
+    ink = _label_sprite(text, size)[0][:, :, None]
+    return (np.asarray(color_bgr, np.float32) * (1 - ink)).astype(np.uint8)
+
+
 def _labels(detections: np.ndarray, class_names: list[str], size: int,
-            image_wh: tuple[int, int]) -> list[tuple[list[float], np.ndarray, Rect]]:
-    """Per detection: its row as Python floats (x1, y1, x2, y2, score, class), its label's ink sprite and the
+            image_wh: tuple[int, int]) -> list[tuple[list[float], str, Rect]]:
+    """Per detection: its row as Python floats (x1, y1, x2, y2, score, class), its label's text and the
     label rectangle in the image."""
     out = []
     for row in np.asarray(detections, np.float64)[:, :6].tolist():     # Python floats: fast to format and round
         x1, y1, x2, y2, score, cls = row
         cls = int(cls)
         text = f"{class_names[cls] if 0 <= cls < len(class_names) else cls} {score:.2f}"
-        ink, (lw, lh) = _label_sprite(text, size)
+        lw, lh = _label_sprite(text, size)[1]
         lx, ly = label_origin((x1, y1, x2, y2), (lw, lh), image_wh)
-        out.append((row, ink, (lx, ly, lx + lw, ly + lh)))
+        out.append((row, text, (lx, ly, lx + lw, ly + lh)))
     return out
 
 
@@ -90,7 +97,7 @@ def draw_detections(image_bgr: np.ndarray, detections: np.ndarray, class_names: 
     image = image_bgr.copy()
     h, w = image.shape[:2]
     size, thickness = _style(h, w)
-    for (x1, y1, x2, y2, _, cls), ink, (lx, ly, _, _) in _labels(detections, class_names, size, (w, h)):
+    for (x1, y1, x2, y2, _, cls), text, (lx, ly, _, _) in _labels(detections, class_names, size, (w, h)):
         color = class_color(int(cls), len(class_names))[::-1]                              # BGR
         # the outline inside the box, as a line of `thickness` pixels from its corners inwards
         inset = (thickness - 1) / 2
@@ -99,10 +106,9 @@ def draw_detections(image_bgr: np.ndarray, detections: np.ndarray, class_names: 
         x0, y0 = round(lx), round(ly)
         ix0, iy0 = max(0, -x0), max(0, -y0)                       # the part of the label inside the image
         x0, y0 = max(x0, 0), max(y0, 0)
-        patch = image[y0:y0 + ink.shape[0] - iy0, x0:x0 + ink.shape[1] - ix0]
-        part = ink[iy0:iy0 + patch.shape[0], ix0:ix0 + patch.shape[1], None]
-        # the label's colour, darkened to black where the text's ink is
-        patch[:] = (np.asarray(color, np.float32) * (1 - part)).astype(np.uint8)
+        label = _label_patch(text, size, color)
+        patch = image[y0:y0 + label.shape[0] - iy0, x0:x0 + label.shape[1] - ix0]
+        patch[:] = label[iy0:iy0 + patch.shape[0], ix0:ix0 + patch.shape[1]]
     return image
 
 
