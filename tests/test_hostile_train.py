@@ -12,9 +12,9 @@ import torch
 import train
 from utils.cli import run_cli
 from utils.data.sample_data import make_sample_dataset
-from utils.engine import trainer
 from utils.engine.checkpoint import OutputWriteError, save_checkpoint
-from utils.engine.trainer import DivergenceWatch
+from utils.engine import divergence
+from utils.engine.divergence import DivergenceWatch
 
 ARGS = ["--img", "64", "--batch", "4", "--workers", "0", "--device", "cpu"]
 ENFORCE_FAIL = "[enforce fail at inline_container.cc:626] . unexpected pos 1984 vs 1872"
@@ -126,7 +126,7 @@ def test_divergence_watch_needs_several_reads_far_above_the_median():
 
 
 def test_an_exploding_loss_stops_keeps_the_last_good_epoch_and_resume_takes_lr(data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(trainer, "DIVERGE_READS", 1)    # one read per epoch here: stop at the first strike
+    monkeypatch.setattr(divergence, "DIVERGE_READS", 1)    # one read per epoch here: stop at the first strike
     err = one_line_error(capsys, ["--data", str(data), "--epochs", "4", "--save-dir", str(tmp_path), "--name", "d",
                                   "--lr", "1e6", "--eval-period", "10", *ARGS])
     last = tmp_path / "d" / "last.pt"
