@@ -78,3 +78,20 @@ def test_holding_the_next_epoch_settles_the_previous_one_and_finish_waits(tmp_pa
     assert [r["epoch"] for r in rows(tmp_path)] == ["1", "2"] and rows(tmp_path)[1]["mAP50"] == "nan"
     assert saved_epoch(tmp_path / "last.pt") == 2 and saved_epoch(tmp_path / "best.pt") == 1
     assert final["map50"] != final["map50"]     # the last epoch was not evaluated
+
+
+def test_epochs_without_a_checkpoint_get_their_rows_and_finish_says_what_last_pt_keeps(tmp_path, caplog):
+    """An epoch with no checkpoint due (fast epochs, trainer.LAST_PT_SECONDS) is settled like any other, writes
+    no last.pt, and a run stopped there (Ctrl-C) logs which epoch last.pt keeps."""
+    book = ledger(tmp_path)
+    book.hold(epoch(1, None))
+    for number in (2, 3):
+        book.judge(True)
+        unsaved = epoch(number, None)
+        unsaved.checkpoint = None
+        book.hold(unsaved)
+    with caplog.at_level("INFO", logger="utils.engine.epoch_ledger"):
+        book.finish(True)
+    assert [r["epoch"] for r in rows(tmp_path)] == ["1", "2", "3"]
+    assert saved_epoch(tmp_path / "last.pt") == 1 and book.saved_epoch == 1
+    assert "last.pt keeps epoch 1" in caplog.text and "trains epochs 2-3 again" in caplog.text

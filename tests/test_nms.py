@@ -159,3 +159,12 @@ def test_blocked_rounds_over_grouped_images_equal_per_image(monkeypatch, max_det
 def test_nms_method_is_checked():
     with pytest.raises(ValueError, match="NMS method 'fast'"):
         non_max_suppression(torch.zeros(1, 4, 7), method="fast")
+
+
+@pytest.mark.parametrize("method", ["matrix", "blocked"])
+def test_an_iou_exactly_at_the_threshold_suppresses_as_torchvision_does(method):
+    """IoU 0.6 in float32 rounds above the threshold 0.6: torchvision (float32 IoU against a double) suppresses."""
+    pred = torch.tensor([[[3.0, 5.0, 6.0, 10.0, 0.8, 1.0], [5.0, 5.0, 10.0, 10.0, 0.9, 1.0]]])   # cx, cy, w, h
+    reference = non_max_suppression(pred, 0.1, 0.6, method="per_image")
+    assert len(reference[0]) == 1
+    torch.testing.assert_close(non_max_suppression(pred, 0.1, 0.6, method=method)[0], reference[0], rtol=0, atol=0)

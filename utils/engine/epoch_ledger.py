@@ -3,8 +3,9 @@
 An epoch's detections are made when it ends (on the GPU, with its weights); their mAP is computed on a
 background thread while the next epoch trains. The epoch is *settled* once two things are known:
 its metrics, and whether its weights are sane (the next epoch's first loss read, DivergenceWatch).
-Only then are its checkpoints written (or dropped, when the weights exploded) and its row appended,
-so results.csv and last.pt always describe the same epochs. On a long epoch the metrics are ready
+Only then are its checkpoints written (or dropped, when the weights exploded) and its row appended, so
+results.csv never ends before last.pt; last.pt trails it only by epochs that had no checkpoint due
+(trainer.LAST_PT_SECONDS), and a resume drops those rows and trains them again. On a long epoch the metrics are ready
 long before the next settle point; on a short one they overlap the next epoch's training.
 """
 from __future__ import annotations
@@ -53,13 +54,17 @@ class EpochLedger:
         self.fitness, self.val_has_objects = fitness, val_has_objects
         self.best_fitness, self.saved_epoch = best_fitness, saved_epoch
         self.last_metrics: dict = {}
+        self._settled_epoch = saved_epoch      # the last epoch with a results.csv row
         self._held: FinishedEpoch | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="epoch-metrics")
-        self._pool.submit(load_plotting)     # while the first epochs train, not after the last one
+        self._plotting_loaded = False
         self._plotted = time.time()   # the first plot after PLOT_SECONDS
 
     def metrics_later(self, compute: Callable[[], dict]) -> Future:
         """Run `compute` (an mAP over detections already made) on the background thread."""
+        if not self._plotting_loaded:   # matplotlib's import while training, not after the last epoch; not at
+            self._pool.submit(load_plotting)    # start-up either, where DataLoader workers fork (import locks)
+            self._plotting_loaded = True
         return self._pool.submit(compute)
 
     def settle(self) -> None:
@@ -98,6 +103,9 @@ class EpochLedger:
             self._settle(self._held.sane, quiet)
         self._pool.shutdown(wait=True)
         self.writer.wait()
+        if self.saved_epoch < self._settled_epoch and not quiet:
+            log.info("last.pt keeps epoch %d, the last one with a checkpoint due; a resume trains epochs %d-%d again",
+                     self.saved_epoch, self.saved_epoch + 1, self._settled_epoch)
         return self.last_metrics
 
     def _settle(self, sane: bool, quiet: bool = False) -> None:
@@ -123,6 +131,7 @@ class EpochLedger:
             log.warning("the weights of epoch %d give %s: not saved; last.pt keeps epoch %d", held.number,
                         held.why or "an exploding loss", self.saved_epoch)
         self._append(held, metrics)
+        self._settled_epoch = held.number
         shown = f"mAP50 {metrics['map50']:.4f}  mAP50-95 {metrics['map50_95']:.4f}" if fitness == fitness else ""
         log.info("epoch %d/%d  loss %.4f  %s  %.1fs", held.number, self.epochs, held.losses[0], shown, held.seconds)
         self.last_metrics = metrics

@@ -121,7 +121,7 @@ class Trainer:
         best_fitness = -1.0 if saved_best is None else float(saved_best)
         self.ledger = EpochLedger(run_dir, args.epochs, args.save_period, self.writer, self._fitness,
                                   self._val_has_objects, best_fitness, saved_epoch=self.start_epoch)
-        self._copied_at = -math.inf        # when the last resume checkpoint was copied off the GPU
+        self._copied_at = -math.inf        # time.monotonic() of the last resume checkpoint copied off the GPU
         self.evaluator = Evaluator(data.val_records, data.class_names, batch_size=max(data.batch_size, 8),
                                    keep_batches=data.cache != "none",
                                    workers=config.data.workers) if self.main else None
@@ -213,7 +213,7 @@ class Trainer:
         try:
             self._epochs(warmup_steps, sgd)
         except KeyboardInterrupt:
-            self.ledger.finish(not self.watch.exploding, self._explosion())   # Ctrl-C keeps the last finished epoch
+            self.ledger.finish(not self.watch.exploding, self._explosion())   # Ctrl-C keeps the last epoch copied
             raise
         metrics = self.ledger.finish(not self.watch.exploding, self._explosion())
         if self.watch.exploding:                  # ended mid-explosion: its last epochs were not saved
@@ -296,13 +296,13 @@ class Trainer:
         seconds = time.time() - t0   # training (and on CPU the evaluation's detections); saving follows
         ckpt = None
         due = (evaluated or number == args.epochs or (args.save_period > 0 and number % args.save_period == 0)
-               or time.time() - self._copied_at >= LAST_PT_SECONDS)
+               or time.monotonic() - self._copied_at >= LAST_PT_SECONDS)
         if self.watch.exploding:        # keep the last good checkpoint: these weights may be the explosion's
             log.warning("epoch %d: loss %.4g is over %gx the run's median %.4g; not saved, last.pt keeps epoch %d",
                         number, losses[0], self.watch.factor, self.watch.median, self.ledger.saved_epoch)
         elif due:
             ckpt = detached_copy(self._checkpoint(number))
-            self._copied_at = time.time()
+            self._copied_at = time.monotonic()
         # settled (written) once the next epoch's first loss shows these weights did not explode
         self.ledger.hold(FinishedEpoch(number, losses, lr, seconds, ckpt, metrics))
 

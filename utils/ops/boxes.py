@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -193,7 +194,7 @@ def _fitting_groups(counts: list[int], kept: list[int] | None = None) -> list[li
 
 
 def blocked_nms(det: torch.Tensor, counts: list[int], iou_thres: float, max_det: int,
-                block: int = NMS_BLOCK) -> list[torch.Tensor]:
+                block: int | None = None) -> list[torch.Tensor]:
     """Greedy per-class NMS of every image of det [B, k, 6] (sorted by score, the first counts[b] valid) -> each
     image's kept indices in score order, at most max_det.
 
@@ -203,6 +204,8 @@ def blocked_nms(det: torch.Tensor, counts: list[int], iou_thres: float, max_det:
     beside matrix_nms's passes; memory is set by the block, not by the candidates; the answer is greedy NMS's
     (a dropped box never suppresses another, and a prefix's greedy answer is the full answer's part of it).
     """
+    block = block or NMS_BLOCK
+    iou_thres = _float32_below(iou_thres)
     kept = [torch.empty(0, dtype=torch.long, device=det.device) for _ in counts]
     for start in range(0, max(counts, default=0), block):
         active = [image for image, n in enumerate(counts) if n > start and len(kept[image]) < max_det]
@@ -226,6 +229,13 @@ def blocked_nms(det: torch.Tensor, counts: list[int], iou_thres: float, max_det:
     return [indices[:max_det] for indices in kept]
 
 
+def _float32_below(threshold: float) -> float:
+    """The largest float32 not above `threshold`: a float32 IoU exceeds it exactly when it exceeds `threshold`
+    itself, as torchvision compares (a float32 against a double); a plain `iou > 0.6` would round 0.6 up."""
+    value = float(np.float32(threshold))
+    return value if value <= threshold else float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+
+
 def _prefix_mask(lengths: list[int], k: int, device: torch.device) -> torch.Tensor:
     """[len(lengths), k] bool: row b is true at its first lengths[b] places."""
     return torch.arange(k, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
@@ -239,7 +249,7 @@ def matrix_nms(det: torch.Tensor, counts: list[int], iou_thres: float) -> torch.
     fixes the mask one index at a time, so iterating it from "all kept" reaches greedy NMS's answer exactly
     (Cluster-NMS, Zheng et al. 2020); dense scenes need a handful of passes, each one wait for the GPU.
     """
-    return _matrix_keep(det, _prefix_mask(counts, det.shape[1], det.device), iou_thres)
+    return _matrix_keep(det, _prefix_mask(counts, det.shape[1], det.device), _float32_below(iou_thres))
 
 
 def _matrix_keep(det: torch.Tensor, valid: torch.Tensor, iou_thres: float) -> torch.Tensor:

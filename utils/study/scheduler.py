@@ -1,7 +1,7 @@
 """Packs subprocess jobs onto devices: N at once per device, each pinned by CUDA_VISIBLE_DEVICES, one scheduler.
 
 A job that fails is just an outcome; the others go on. Ctrl-C (or SIGTERM) reaches the children, which keep
-their last finished epoch, and the scheduler waits for them before it re-raises.
+their last checkpointed epoch, and the scheduler waits for them before it re-raises.
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def run_jobs(jobs: list[Job], devices: list[str | None], per_device: int, on_don
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:
-    """Stop children as Ctrl-C does (SIGINT: they keep their last finished epoch), then terminate, then kill.
+    """Stop children as Ctrl-C does (SIGINT: they keep their last checkpointed epoch), then terminate, then kill.
 
     A Ctrl-C in the terminal reached them already; after a short grace the rest (e.g. the study got SIGTERM)
     get their SIGINT here.
