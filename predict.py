@@ -16,34 +16,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-import numpy as np
 from tqdm import tqdm
 
 from nets.attention import load_plugin
 from utils.cli import add_plugin_flag, detect_config, print_config, run_cli
 from utils.engine.explain import (CAM_METHODS, attention_picture, cam_picture, check_has_attention, default_layer,
                                   resolve_layer, torch_model)
-from utils.engine.folders import OutputError, inside, make_dir, numbered_dir, prepare_out, safe_component, write_text
+from utils.engine.folders import OutputError, inside, numbered_dir, prepare_out
 from utils.config import MAX_INPUT_SIZE, DetectConfig
 from utils.settings import add_flags, check_ranges, from_flat, setting
 from utils.data.dataset import ImageReadError, load_image
-from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, json_entries, keep_classes,
-                                     parse_class_filter, save_crops, write_image, yolo_label_lines)
-from utils.data.image_batches import DecodedBatch, ImageBatches, device_decode_available
-from utils.data.sources import Source, display_available, open_video, resolve_source
+from utils.engine.predict_io import UniqueStems, parse_class_filter, write_image
+from utils.data.sources import Source, open_video, resolve_source
 from utils.engine.checkpoint import write_plain_checkpoint
 from utils.engine.export import DEFAULT_OPSET, MIN_OPSET, export_onnx
-from utils.ops.plots import detection_rects
+from utils.engine.predict_pipeline import Outputs, decode_mode, predict_images, predict_video
 from yolo import YOLO
-
 
 EXPORT_MODE = "export_onnx"
 PLAIN_MODE = "export_pt"      # a plain checkpoint of ours, e.g. from an official YOLOv5 .pt
@@ -152,177 +144,6 @@ def check_cam_flags(settings: PredictSettings, mode: str) -> None:
     for flag, given in (("--cam-layer", settings.cam_layer is not None), ("--cam-per-box", settings.cam_per_box)):
         if given and not settings.cam:
             raise ValueError(f"{flag} needs --cam eigen|grad|layer")
-
-
-class Outputs:
-    """Writes every product of a prediction run under one folder; images' files are written in the background."""
-
-    def __init__(self, args: argparse.Namespace, yolo: YOLO, out: Path, wanted: set[int] | None):
-        self.args, self.yolo, self.out, self.wanted = args, yolo, out, wanted
-        self.stems = UniqueStems()
-        self.records: list[dict] = []
-        self.totals: Counter = Counter()
-        self.show = args.show and display_available()
-        if args.show and not self.show:
-            print("note: --show: no display here; results are only saved", file=sys.stderr)
-        self.needs_pixels = args.save_images or args.crop or self.show
-        self.writes = BackgroundWrites(threads=0 if self.show else None)   # windows belong to the main thread
-
-    def image(self, name: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
-              wait_ms: int = 1) -> None:
-        """Record one image's results (its BGR pixels needed only when `needs_pixels`; size = (h, w));
-        its files are written by the background writer."""
-        detections = keep_classes(detections, self.wanted)
-        stem = self.stems(name)           # safe and distinct: a.jpg and a.png do not overwrite each other
-        if self.args.save_json:
-            self.records += json_entries(name, detections, self.yolo.class_names)
-        counts = class_counts(detections, self.yolo.class_names)
-        self.totals.update(counts)
-        if self.args.count:
-            print(f"{name}: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing"))
-        self.writes.submit(self._write, stem, image if self.needs_pixels else None, size, detections, wait_ms)
-
-    def _write(self, stem: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
-               wait_ms: int) -> None:
-        """The files of one image: drawing, labels, crops; with --show, the window too (main thread)."""
-        if self.args.save_txt:
-            labels = make_dir(inside(self.out, "labels"))
-            lines = yolo_label_lines(detections, size[1], size[0], score=self.args.save_conf)
-            write_text(inside(labels, f"{stem}.txt"), "".join(f"{line}\n" for line in lines))
-        if image is None:
-            return
-        if self.args.save_images or self.show:
-            drawn = self.yolo.detect_image(image, detections)
-            if self.args.save_images:
-                write_image(inside(self.out, f"{stem}.jpg"), drawn)
-            if self.show:
-                cv2.imshow("predict", drawn)
-                cv2.waitKey(wait_ms)
-        if self.args.crop:
-            save_crops(inside(self.out, "crops"), stem, image, detections, self.yolo.class_names)
-
-    def finish(self) -> None:
-        """Wait for the background writes (raising the first failure), then write predictions.json."""
-        self.writes.finish()
-        if self.args.save_json:
-            write_text(inside(self.out, "predictions.json"), json.dumps(self.records, indent=1))
-
-
-def decode_mode(requested: str, yolo: YOLO) -> str:
-    """--decode auto -> device on CUDA where torchvision can decode JPEGs, else opencv; device without it is an error."""
-    if requested == "auto":
-        return "device" if yolo.device.type == "cuda" and device_decode_available() else "opencv"
-    if requested == "device" and not device_decode_available():
-        raise ValueError("--decode device: this torchvision has no decode_jpeg; use --decode opencv")
-    return requested
-
-
-def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int, decode: str = "opencv") -> None:
-    """Every image of the source, batched; unreadable ones are skipped and counted (a single one is an error)."""
-    paths, skipped, found, on_host = source.paths, [], 0, 0
-    single = len(paths) == 1
-    made = (_device_batches(yolo, paths, batch, outputs.needs_pixels) if decode == "device" else
-            _opencv_batches(yolo, paths, batch))
-    try:
-        for chunk, images, sizes, dets in made:
-            skipped += chunk.skipped
-            on_host += chunk.on_host
-            for path, image, size, det in zip(chunk.paths, images, sizes, dets):
-                outputs.image(path.name, image, size, det, wait_ms=0 if single else 1)
-                found += len(keep_classes(det, outputs.wanted))
-        outputs.finish()
-    finally:
-        made.close()                   # stops the reading thread at once if a write failed
-        outputs.writes.close()
-    if on_host:
-        print(f"warning: {on_host} images were decoded by OpenCV on the host (not JPEG, or decode_jpeg refused "
-              f"them)", file=sys.stderr)
-    if skipped:
-        print(f"warning: skipped {len(skipped)} unreadable images (first: {skipped[0]})", file=sys.stderr)
-    summary = ", ".join(f"{k} {v}" for k, v in sorted(outputs.totals.items())) or "no objects"
-    print(f"{len(paths) - len(skipped)} images, {found} objects ({summary}) -> {outputs.out}")
-
-
-def _opencv_batches(yolo: YOLO, paths: list[Path], batch: int):
-    """(chunk, BGR arrays, sizes, detections) per batch: decoded by OpenCV here, letterboxed on host threads."""
-    for start in tqdm(range(0, len(paths), batch), desc="predict", disable=len(paths) <= batch, file=sys.stdout):
-        chunk = DecodedBatch([], [])
-        images = []
-        for path in paths[start:start + batch]:
-            try:
-                images.append(load_image(path))
-                chunk.paths.append(path)
-            except ImageReadError:
-                if len(paths) == 1:
-                    raise
-                chunk.skipped.append(path)
-        yield chunk, images, [im.shape[:2] for im in images], yolo.predict(images, batch_size=batch) if images else []
-
-
-def _device_batches(yolo: YOLO, paths: list[Path], batch: int, needs_pixels: bool):
-    """(chunk, BGR arrays or Nones, sizes, detections) per batch: read and decoded on a background thread, on the
-    model's device; the arrays are copied back there only when the outputs need pixels."""
-    batches = ImageBatches(paths, batch, yolo.device, host_copies=needs_pixels)
-    for chunk in tqdm(batches, total=len(batches), desc="predict", disable=len(paths) <= batch, file=sys.stdout):
-        if yolo.captures(len(chunk.images)):
-            with batches.lock:             # no decoding on the other thread while the graph is captured
-                dets = yolo.predict_tensors(chunk.images)
-        else:
-            dets = yolo.predict_tensors(chunk.images)
-        sizes = [tuple(im.shape[1:]) for im in chunk.images]
-        yield chunk, chunk.host or [None] * len(chunk.images), sizes, dets
-
-
-def open_writer(path: Path, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
-    """An mp4 writer; one OpenCV cannot open (no codec, unwritable folder) is an OutputError before any frame."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-    if not writer.isOpened():
-        raise OutputError(path, "OpenCV could not open a video writer (no mp4v codec, full disk or unwritable folder?)")
-    return writer
-
-
-def predict_video(yolo: YOLO, source: Source, cap: cv2.VideoCapture, outputs: Outputs) -> None:
-    """Annotated copy of a video or webcam stream: same size and frame rate, every frame, measured FPS drawn."""
-    fps_in = cap.get(cv2.CAP_PROP_FPS) or 30.0
-    size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-    name = f"webcam{source.webcam}" if source.kind == "webcam" else safe_component(source.paths[0].stem)
-    path = inside(outputs.out, f"{name}.mp4")
-    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if source.kind == "video" else None
-    frames, fps, quit_early = 0, 0.0, False
-    try:
-        writer = open_writer(path, fps_in, size)
-    except OutputError:
-        cap.release()
-        raise
-    bar = tqdm(total=total, desc=name, file=sys.stdout)
-    try:
-        while True:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            start = time.perf_counter()
-            dets = keep_classes(yolo.predict(frame)[0], outputs.wanted)
-            drawn = yolo.detect_image(frame, dets)
-            elapsed = time.perf_counter() - start
-            fps = 1 / elapsed if not fps else 0.9 * fps + 0.1 / elapsed   # smoothed
-            writer.write(draw_fps(drawn, fps, avoid=detection_rects(dets, yolo.class_names, frame.shape)))
-            frames += 1
-            bar.update()
-            if outputs.show:
-                cv2.imshow("predict", drawn)
-                if cv2.waitKey(1) & 0xFF == ord("q"):
-                    quit_early = True
-                    break
-    finally:
-        bar.close()
-        cap.release()
-        writer.release()
-    if frames and (not path.is_file() or path.stat().st_size == 0):     # VideoWriter.write never reports a failure
-        raise OutputError(path, f"the video writer wrote nothing for {frames} frames (full disk?)")
-    if total and total > 0 and frames < total and not quit_early:
-        print(f"warning: {source.paths[0]}: read {frames} of {total} frames; the rest could not be decoded "
-              f"(a truncated or damaged video)", file=sys.stderr)
-    print(f"{frames} frames at {fps:.1f} FPS -> {path}")
 
 
 def run_fps(yolo: YOLO, source: Source, iterations: int) -> None:

@@ -29,6 +29,7 @@ import predict  # noqa: E402
 from utils.data.dataset import load_image  # noqa: E402
 from utils.data.image_batches import ImageBatches  # noqa: E402
 from utils.data.sources import resolve_source  # noqa: E402
+from utils.engine.predict_pipeline import Outputs, predict_images  # noqa: E402
 from utils.ops.boxes import NMS_METHODS, non_max_suppression  # noqa: E402
 from yolo import YOLO  # noqa: E402
 
@@ -55,11 +56,11 @@ def folder_run(yolo: YOLO, folder: Path, out: Path, decode: str, batch: int, sav
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    outputs = predict.Outputs(args, yolo, out, None)
+    outputs = Outputs(args, yolo, out, None)
     source = resolve_source(str(folder))
     sync(yolo.device)
     start = time.perf_counter()
-    predict.predict_images(yolo, source, outputs, batch, decode)
+    predict_images(yolo, source, outputs, batch, decode)
     sync(yolo.device)
     return time.perf_counter() - start
 
