@@ -2,8 +2,9 @@
 from nets.attention.registry import (ALIASES, ATTENTION_BLOCKS, attention_name, attention_phi, attention_placement,
                                      build_attention, build_point, load_plugin, register_attention,
                                      start_near_identity)
-from nets.attention.blocks import (BAM, CBAM, ECA, GAM, SE, SGE, BatchNormSingle1d,  # noqa: E402
-                                   CoordAttention, HSwish, PolarizedSelfAttention, ShuffleAttention, eca_kernel_size)
+from nets.attention.blocks import (CBAM, ECA, SE, BatchNormSingle1d, CoordAttention, HSwish,  # noqa: E402
+                                   eca_kernel_size)
+from nets.attention.more_blocks import BAM, GAM, SGE, PolarizedSelfAttention, ShuffleAttention  # noqa: E402
 from nets.attention.self_attention import (CCNet, ChannelAttention, CrissCrossAttention, DANet,  # noqa: E402
                                            PositionAttention)
 from utils.config import PHI_NAMES as ATTENTION_NAMES  # noqa: E402

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nets.attention.blocks import _no_autocast       # also registers phi 1-9 first, keeping phi order
+from nets.attention.blocks import _no_autocast
+import nets.attention.more_blocks  # noqa: F401  (registers phi 1-9 first, keeping phi order)
 from nets.attention.registry import register_attention
 
 
