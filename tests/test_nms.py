@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from import_probe import loaded_after
-from utils.ops.boxes import blocked_nms, matrix_nms, non_max_suppression
+from utils.ops.boxes import blocked_nms, matrix_nms, non_max_suppression, resolved_nms_method
 
 
 def random_pred(b: int, n: int, c: int, seed: int, spread: float, size: tuple[float, float]) -> torch.Tensor:
@@ -168,3 +168,9 @@ def test_an_iou_exactly_at_the_threshold_suppresses_as_torchvision_does(method):
     reference = non_max_suppression(pred, 0.1, 0.6, method="per_image")
     assert len(reference[0]) == 1
     torch.testing.assert_close(non_max_suppression(pred, 0.1, 0.6, method=method)[0], reference[0], rtol=0, atol=0)
+
+
+def test_auto_is_the_blocked_rounds_on_cuda_and_torchvision_elsewhere():
+    assert resolved_nms_method("auto", torch.device("cuda", 0)) == "blocked"
+    assert resolved_nms_method("auto", torch.device("cpu")) == "per_image"
+    assert resolved_nms_method("matrix", torch.device("cuda")) == "matrix"

@@ -167,7 +167,7 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     if method == "matrix":
         keep = matrix_nms(det[:, :k], counts, iou_thres)                                 # B,k
         return [det[image, :n][keep[image, :n]][:max_det] for image, n in enumerate(counts)]
-    if method == "blocked" or (method == "auto" and det.is_cuda):
+    if resolved_nms_method(method, det.device) == "blocked":
         return [det[image][kept] for image, kept in enumerate(blocked_nms(det, counts, iou_thres, max_det))]
     from torchvision.ops import batched_nms  # noqa: PLC0415 (lazy: see cxcywh_to_xyxy)
     out = []
@@ -176,6 +176,14 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
         kept = batched_nms(d[:, :4].float(), d[:, 4].float(), d[:, 5].long(), iou_thres)
         out.append(d[kept[:max_det]])                           # kept is sorted by score, descending
     return out
+
+
+def resolved_nms_method(method: str, device: torch.device) -> str:
+    """What "auto" means on a device: "blocked" on CUDA (no torchvision import, no wait per image), "per_image"
+    (torchvision's C++ kernel) elsewhere; any other method stands."""
+    if method != "auto":
+        return method
+    return "blocked" if device.type == "cuda" else "per_image"
 
 
 def _fitting_groups(counts: list[int], kept: list[int] | None = None) -> list[list[int]]:
