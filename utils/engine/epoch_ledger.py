@@ -5,8 +5,8 @@ background thread while the next epoch trains. The epoch is *settled* once two t
 its metrics, and whether its weights are sane (the next epoch's first loss read, DivergenceWatch).
 Only then are its checkpoints written (or dropped, when the weights exploded) and its row appended, so
 results.csv never ends before last.pt; last.pt trails it only by epochs that had no checkpoint due
-(trainer.LAST_PT_SECONDS), and a resume drops those rows and trains them again. On a long epoch the metrics are ready
-long before the next settle point; on a short one they overlap the next epoch's training.
+(trainer.LAST_PT_SECONDS), and a resume drops those rows and trains them again. On a long epoch the metrics
+are ready long before the next settle point; on a short one they overlap the next epoch's training.
 """
 from __future__ import annotations
 

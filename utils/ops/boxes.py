@@ -143,8 +143,8 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     torchvision batched_nms call per image; "matrix" does every image at once (`matrix_nms`, the same result,
     a few GPU waits per batch instead of one per image, memory growing with the square of the candidates);
     "blocked" does every image at once in rounds of NMS_BLOCK candidates (`blocked_nms`, the same result in bounded
-    memory); "auto" is "blocked" on CUDA and torchvision per image on the CPU. Reading the candidate counts is one wait for the GPU;
-    the candidates are a prefix of each image's sorted scores.
+    memory); "auto" is "blocked" on CUDA and torchvision per image on the CPU (`resolved_nms_method`).
+    Reading the candidate counts is one wait for the GPU; the candidates are a prefix of each image's sorted scores.
     `multi_label` keeps every class above threshold per box, as COCO-style evaluation expects;
     otherwise only each box's best class.
     """

@@ -45,8 +45,9 @@ def _style(height: int, width: int) -> tuple[int, int]:
 @lru_cache(maxsize=4096)
 def _label_sprite(text: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A label as drawn once: its text's ink [h, w] (0..1, float32, 2 px margin) and (w, h).
+
     Rendered with the TrueType font once per text and size: a folder of images repeats the same few
-    hundred labels ('RBC 0.87'), and blending a cached sprite is ~100x cheaper than rendering the text again.
+    hundred labels ('RBC 0.87'), and a cached label is ~100x cheaper than rendering the text again.
     """
     font = _font(size)
     left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), text, font=font)
