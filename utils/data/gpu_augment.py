@@ -43,20 +43,19 @@ def resampling_weights(scale: torch.Tensor, offset: torch.Tensor, lo: torch.Tens
 
 def render_gpu(cache: torch.Tensor, plans: Plans, input_shape: tuple[int, int], device: torch.device,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Draw plans from loaded images `cache` [N,3,Hc,Wc] uint8 (gray-padded) -> [B,3,H,W] in 0..1."""
+    """Draw plans from loaded images `cache` [N,Hc,3,Wc] uint8 (gray-padded) -> [B,3,H,W] in 0..1."""
     out_h, out_w = input_shape
-    hc, wc = cache.shape[2:]
+    hc, wc = cache.shape[1], cache.shape[3]
     tiles = 1 if (plans.src[:, 1:] < 0).all() else plans.src.shape[1]
     src = plans.src[:, :tiles]
-    # upload each needed source image once (the cache may live on the CPU)
-    unique, slot = np.unique(np.maximum(src, 0), return_inverse=True)
-    volume = cache[upload(unique, cache.device)]
-    if volume.device.type == "cpu" and device.type == "cuda":
-        volume = volume.pin_memory().to(device, non_blocking=True)
+    if cache.device == device:
+        gathered = cache[upload(np.maximum(src, 0), device)]                            # B,T,Hc,3,Wc uint8
+    else:   # images in (pinned) RAM: upload each needed source image once
+        unique, slot = np.unique(np.maximum(src, 0), return_inverse=True)
+        volume = cache[torch.from_numpy(unique)].pin_memory().to(device, non_blocking=True)
+        gathered = volume[upload(slot.reshape(src.shape), device)]
     # rows x channels x columns, so that the row pass below needs no per-channel copies
-    gathered = volume[upload(slot.reshape(src.shape), device)]                          # B,T,3,Hc,Wc uint8
-    volume = torch.empty(*src.shape, hc, 3, wc, device=device, dtype=dtype)
-    volume.copy_(gathered.transpose(2, 3))                                              # B,T,Hc,3,Wc 0..255
+    volume = gathered.to(dtype)                                                         # B,T,Hc,3,Wc 0..255
 
     unused = (src < 0)[..., None]                                                       # identity, empty rectangle
     affine = upload(np.where(unused, [1.0, 0.0, 1.0, 0.0], plans.affine[:, :tiles]), device, torch.float32)
@@ -66,7 +65,9 @@ def render_gpu(cache: torch.Tensor, plans: Plans, input_shape: tuple[int, int], 
                                      gain=1 / 255)
     b = len(src)
     columns = volume.view(b, tiles, hc * 3, wc) @ rx.transpose(2, 3)                    # B,T,Hc*3,W
-    painted = (ry @ columns.view(b, tiles, hc, 3 * out_w)).sum(1).view(b, out_h, 3, out_w)  # B,H,3,W in 0..1
+    # the column pass summed over tiles is one product over (tile, source row): no per-tile outputs
+    rows = ry.transpose(1, 2).reshape(b, out_h, tiles * hc)                             # B,H,T*Hc
+    painted = torch.bmm(rows, columns.view(b, tiles * hc, 3 * out_w)).view(b, out_h, 3, out_w)  # B,H,3,W in 0..1
     # weight each output pixel took from sources: 1 inside an image, less at its borders, 0 elsewhere
     coverage = torch.einsum("bty,btx->byx", ry_mass, rx_mass).to(dtype)                 # B,H,W
     painted = painted.sub_(coverage[:, :, None], alpha=GRAY / 255).add_(GRAY / 255).clamp_(0, 1)

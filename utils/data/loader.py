@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from utils.data.augment import hsv_cpu, plan_targets, render_cpu, sample_plans
+from utils.ops.images import GRAY
 from utils.data.dataset import ImageReadError, Record, load_image
 from utils.log import get_logger
 from utils.ops.images import fitted_size, load_resized
@@ -199,9 +200,13 @@ def decode_all(records: list[Record], input_shape: tuple[int, int], workers: int
 
 
 def image_tensor(images: list[np.ndarray], input_shape: tuple[int, int]) -> torch.Tensor:
-    """Loaded BGR images -> one uint8 tensor [N,3,H,W] (RGB, top-left aligned, gray-padded)."""
-    out = torch.full((len(images), 3, input_shape[0], input_shape[1]), 114, dtype=torch.uint8)
+    """Loaded BGR images -> one uint8 tensor [N,H,3,W] (RGB, top-left aligned, gray-padded).
+
+    Rows x channels x columns: the layout the GPU renderer's row pass reads, so a batch's tiles are one
+    contiguous gather (utils/data/gpu_augment.py).
+    """
+    out = torch.full((len(images), input_shape[0], 3, input_shape[1]), GRAY, dtype=torch.uint8)
     for i, image in enumerate(images):
         h, w = image.shape[:2]
-        out[i, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1)))
+        out[i, :h, :, :w] = torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1].transpose(0, 2, 1)))
     return out
