@@ -251,7 +251,7 @@ class TrainConfig:
                                               shown="from the hyp file: 1.0 for YOLOv5, 0.7 for YOLOv4-tiny")
     fitness_map50_95: float | None = setting(None, "weight W of mAP50-95 in the fitness that picks best.pt: "
                                                    "(1 - W) mAP50 + W mAP50-95", type=float, low=0.0, high=1.0,
-                                             shown="from the hyp file: 0.9 for YOLOv5, 0 for YOLOv4-tiny",
+                                             shown="from the hyp file: 0.9 (as ultralytics)",
                                              metavar="W")
     freeze_epochs: int = setting(0, "epochs with the backbone frozen (its BatchNorm in eval mode) before it is "
                                     "trained", low=0)
