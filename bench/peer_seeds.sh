@@ -10,6 +10,8 @@
 #        read by bench/parity_table.py)
 #        PEER_DATA (the data already converted by .peers/voc2yolo.py; default: convert it now)
 #        PEER_PYTHONPATH (extra import path for the peer, e.g. a folder of its packages)
+#        PEER_ARGS (more flags for the peer's train.py, e.g. "--noval": only the last epoch is validated, so its
+#        best.pt is the last epoch's weights)
 set -uo pipefail
 model=${1:?give the peer model, e.g. yolov5n}
 data=${2:-VOCdevkit/BCCD}
@@ -30,9 +32,10 @@ peer_env=(env PYTHONPATH="$root/.peers/shim${PEER_PYTHONPATH:+:$PEER_PYTHONPATH}
 
 start=$SECONDS
 for seed in $seeds; do
+    # shellcheck disable=SC2086  # PEER_ARGS is a list of flags
     (cd .peers/yolov5 && "${peer_env[@]}" python3 train.py --cfg "models/$model.yaml" --weights '' \
         --data "$peer_data/data.yaml" --img "$img" --epochs "$epochs" --batch "$batch" --workers "$workers" \
-        --seed "$seed" --project "$runs" --name "${model}_s$seed" --exist-ok > "$runs/${model}_s$seed.log" 2>&1) &
+        --seed "$seed" --project "$runs" --name "${model}_s$seed" --exist-ok ${PEER_ARGS:-} > "$runs/${model}_s$seed.log" 2>&1) &
 done
 wait
 echo "peer_seeds: $model seeds [$seeds] trained in $((SECONDS - start)) s (all at once)"

@@ -4,9 +4,10 @@
       --cache gpu --augment gpu --steps 60 --warmup 15
 
 Times whole training steps (augmentation + forward + loss + backward + optimiser + EMA) with the
-real Trainer on the real data, synchronising the GPU before reading the clock; --repeats windows of
---steps steps, median reported (each window's figure printed too). The full run's wall
-time is measured separately by timing train.py itself (see bench/RESULTS.md).
+real Trainer on the real data (and, once, 20 batches of augmentation alone: augment_ms), synchronising
+the GPU before reading the clock; --repeats windows of --steps steps, median reported (each window's
+figure printed too). The full run's wall time is measured separately by timing train.py itself (see
+bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -58,15 +59,16 @@ def main(argv: list[str] | None = None) -> dict:
     own.add_argument("--warmup", type=int, default=15, help="untimed steps first (cudnn autotuning, caches)")
     own.add_argument("--repeats", type=int, default=3, help="timed windows of --steps steps; the median is reported")
     own.add_argument("--profile", action="store_true", help="also print where a few steps spend CPU and GPU time")
-    own.add_argument("--no-cudnn-benchmark", action="store_true", help="cuDNN heuristics instead of autotuning")
+    own.add_argument("--cudnn-benchmark", action="store_true",
+                     help="autotune cuDNN's kernels (cudnn.benchmark) instead of the trainer's heuristics")
     bench_args, argv = own.parse_known_args(argv)
     steps, warmup = bench_args.steps, bench_args.warmup
     resolved = resolve_run(parse_train_flags(argv + ["--eval-period", "1000"], train_parser()))
     run = prepare_run(resolved, folder=Path("/tmp/train_speed"), progress=False)
     data, trainer, device, config = run.data, run.trainer, run.device, run.config
     rank, world = trainer.rank, trainer.world
-    if bench_args.no_cudnn_benchmark:
-        torch.backends.cudnn.benchmark = False
+    if bench_args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     step = trainer.enter_phase(trainer.phase_of(0))
     trainer.model.train()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -77,6 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
         step(images, targets)
     sync()
     warmup_s = time.perf_counter() - first
+    start = time.perf_counter()          # augmentation alone: the host's planning and the GPU's rendering
+    for _ in range(20):
+        next(stream)
+    sync()
+    augment_ms = (time.perf_counter() - start) / 20 * 1000
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     windows = []
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
               "img": config.model.input_shape[0], "batch": config.train.batch, "gpus": world,
               "cudnn_benchmark": torch.backends.cudnn.benchmark, "cuda_graphs": step.captured, "compile": config.train.compile,
               "augment": "gpu" if data.on_gpu else f"cpu x{config.data.workers}", "amp": str(trainer.amp),
-              "warmup_s": warmup_s, "img_per_s": seen * world / elapsed, "ms_per_step": elapsed / steps * 1000,
+              "warmup_s": warmup_s, "augment_ms": augment_ms, "img_per_s": seen * world / elapsed, "ms_per_step": elapsed / steps * 1000,
               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
               "img_per_s_windows": "/".join(f"{seen * world / w:.0f}" for w in windows)}
     if bench_args.profile:
