@@ -96,11 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = statistics.median(windows)
     seen = steps * data.batch_size
     # every rank ran the same number of steps on its share of the global batch
-    result = {"model": config.model.model, "backbone": config.model.backbone, "attention": config.model.uniform_attention() or "mixed",
+    result = {"model": config.model.model, "backbone": config.model.backbone,
+              "attention": config.model.uniform_attention() or "mixed",
               "img": config.model.input_shape[0], "batch": config.train.batch, "gpus": world,
-              "cudnn_benchmark": torch.backends.cudnn.benchmark, "cuda_graphs": step.captured, "compile": config.train.compile,
+              "cudnn_benchmark": torch.backends.cudnn.benchmark, "cuda_graphs": step.captured,
+              "compile": config.train.compile,
               "augment": "gpu" if data.on_gpu else f"cpu x{config.data.workers}", "amp": str(trainer.amp),
-              "warmup_s": warmup_s, "augment_ms": augment_ms, "img_per_s": seen * world / elapsed, "ms_per_step": elapsed / steps * 1000,
+              "warmup_s": warmup_s, "augment_ms": augment_ms,
+              "img_per_s": seen * world / elapsed, "ms_per_step": elapsed / steps * 1000,
               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
               "img_per_s_windows": "/".join(f"{seen * world / w:.0f}" for w in windows)}
     if bench_args.profile:

@@ -1,7 +1,7 @@
 """--cache auto: where the decoded training images are kept, from their decoded size and the memory free now.
 
 The sizes come from the records (image headers), at the form the code stores: the padded uint8
-tensor [N,3,H,W] of the batched augmenter, or the fitted images the CPU workers read. Nothing is
+tensor [N,H,3,W] of the batched augmenter, or the fitted images the CPU workers read. Nothing is
 decoded to decide.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ class CachePlan:
 
 @dataclass(frozen=True)
 class DecodedBytes:
-    """Bytes the cache would hold: padded [N,3,H,W] tensors (train, val) and the fitted training images."""
+    """Bytes the cache would hold: the padded tensors (3 x H x W bytes an image; train, val) and the fitted
+    training images."""
 
     padded: int
     fitted: int

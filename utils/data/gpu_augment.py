@@ -101,7 +101,7 @@ class GpuAugmenter:
 
     def __init__(self, images: torch.Tensor, sizes: np.ndarray, boxes: torch.Tensor, labels: torch.Tensor,
                  counts: torch.Tensor, input_shape: tuple[int, int], hyp: dict, device: torch.device):
-        self.images = images                     # N,3,Hc,Wc uint8 RGB, gray-padded
+        self.images = images                     # N,Hc,3,Wc uint8 RGB, gray-padded (rows x channels x columns)
         self.sizes = sizes                       # N,2 loaded (h, w)
         self.boxes = boxes.to(device)            # N,K,4 loaded pixels
         self.labels = labels.to(device)          # N,K
