@@ -22,9 +22,10 @@ def resampling_weights(scale: torch.Tensor, offset: torch.Tensor, lo: torch.Tens
                        gain: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Bilinear weights along one axis for tiles mapping `out = scale * src + offset`, [B,T] each.
 
-    Returns the matrices [B,T,out,src] (x gain, in dtype) and each output pixel's total weight
-    [B,T,out] (1 inside the source, less at its edges, 0 outside the tile's [lo, hi)).
-    Two taps per output pixel are scattered into zeros: the dense matrix is written once.
+    Returns the matrices [B,T,out,src] (x gain, in dtype; a strided view, laid out by the caller as its
+    product needs) and each output pixel's total weight [B,T,out] (1 inside the source, less at its edges,
+    0 outside the tile's [lo, hi)). Two taps per output pixel are scattered into zeros: the dense matrix is
+    written once.
     """
     centres = torch.arange(out_size, device=scale.device, dtype=torch.float32) + 0.5                 # O
     source = (centres - offset[..., None]) / scale[..., None] - 0.5                                  # B,T,O pixel coords
@@ -34,11 +35,10 @@ def resampling_weights(scale: torch.Tensor, offset: torch.Tensor, lo: torch.Tens
     taps = torch.stack([first, first + 1], -1)                                                       # B,T,O,2
     weights = torch.stack([1 - upper, upper], -1) * inside[..., None]
     weights = weights * ((taps >= 0) & (taps < src_size))                                            # zero padding
-    # column 0 and src_size + 1 of the scatter target catch taps beyond the edges (their weight is 0);
-    # the contiguous copy keeps rows aligned for the fast tensor-core kernels
+    # column 0 and src_size + 1 of the scatter target catch taps beyond the edges (their weight is 0)
     matrix = torch.zeros(*source.shape, src_size + 2, device=scale.device, dtype=dtype)
     matrix.scatter_(3, taps.clamp(-1, src_size).long() + 1, (weights * gain).to(dtype))
-    return matrix[..., 1:-1].contiguous(), weights.sum(-1)
+    return matrix[..., 1:-1], weights.sum(-1)
 
 
 def render_gpu(cache: torch.Tensor, plans: Plans, input_shape: tuple[int, int], device: torch.device,
@@ -64,9 +64,10 @@ def render_gpu(cache: torch.Tensor, plans: Plans, input_shape: tuple[int, int], 
     ry, ry_mass = resampling_weights(affine[..., 2], affine[..., 3], rect[..., 1], rect[..., 3], out_h, hc, dtype,
                                      gain=1 / 255)
     b = len(src)
-    columns = volume.view(b, tiles, hc * 3, wc) @ rx.transpose(2, 3)                    # B,T,Hc*3,W
+    # contiguous rows keep the product on the fast tensor-core kernels
+    columns = volume.view(b, tiles, hc * 3, wc) @ rx.contiguous().transpose(2, 3)       # B,T,Hc*3,W
     # the column pass summed over tiles is one product over (tile, source row): no per-tile outputs
-    rows = ry.transpose(1, 2).reshape(b, out_h, tiles * hc)                             # B,H,T*Hc
+    rows = ry.transpose(1, 2).reshape(b, out_h, tiles * hc)                             # B,H,T*Hc (one copy)
     painted = torch.bmm(rows, columns.view(b, tiles * hc, 3 * out_w)).view(b, out_h, 3, out_w)  # B,H,3,W in 0..1
     # weight each output pixel took from sources: 1 inside an image, less at its borders, 0 elsewhere
     coverage = torch.einsum("bty,btx->byx", ry_mass, rx_mass).to(dtype)                 # B,H,W
