@@ -8,7 +8,7 @@ import torch
 from utils.data.augment import mix_targets, plan_targets, render_cpu, sample_plans, transform_boxes, hsv_cpu
 from utils.ops.images import GRAY, letterbox, load_resized
 from utils.data.dataset import Record
-from utils.data.gpu_augment import GpuAugmenter, hsv_gpu, render_gpu
+from utils.data.gpu_augment import GpuAugmenter, hsv_gpu, paint_and_shift_colours, render_gpu
 from utils.data.loader import AugmentSampler, TrainDataset, collate, flat_targets, image_tensor, loaded_sizes, padded_boxes
 
 PAINT = np.array([30, 200, 90], dtype=np.uint8)   # BGR of the painted boxes
@@ -199,6 +199,23 @@ def test_cpu_and_gpu_paths_have_the_same_box_statistics(tmp_path):
     assert abs(len(cpu_all) - len(gpu_all)) / len(gpu_all) < 0.15
     for col in (4, 5):
         assert abs(cpu_all[:, col].mean() - gpu_all[:, col].mean()) / gpu_all[:, col].mean() < 0.15
+
+
+def test_compiled_pixel_work_draws_the_same_batches(monkeypatch, tmp_path):
+    """--compile hands the augmenter a torch.compile'd paint_and_shift_colours (traced here with the eager backend,
+    which needs no C compiler): the same images and targets as the plain function, mosaic on and off."""
+    import utils.engine.torch_utils as torch_utils
+    monkeypatch.setattr(torch_utils, "COMPILE_BACKEND", "eager")
+    images, boxes = painted_sources(6, 3)
+    records = records_for(images, boxes, tmp_path)
+    sizes = loaded_sizes(records, SHAPE)
+    table, labels, counts = padded_boxes(records, sizes)
+    made = [GpuAugmenter(image_tensor(images, SHAPE), sizes, table, labels, counts, SHAPE, HYP, torch.device("cpu"),
+                         pixels) for pixels in (None, torch_utils.compile_fixed(paint_and_shift_colours))]
+    for mosaic in (True, False):
+        plain, compiled = (m(np.arange(6), np.random.default_rng(4), mosaic) for m in made)
+        torch.testing.assert_close(plain[0], compiled[0])
+        assert torch.equal(plain[1], compiled[1])
 
 
 def test_sampler_is_deterministic_and_shards_cover_everything():

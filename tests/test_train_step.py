@@ -20,6 +20,7 @@ from import_probe import loaded_after
 from utils.ops.boxes import ciou_loss
 from utils.engine.optim import (NesterovSGD, build_optimizer, hyper_as_floats, hyper_on_device, hyper_value, set_hyper,
                          warmup)
+from utils.engine.loss_scale import LossScaler
 from utils.engine.torch_utils import ModelEMA
 from utils.engine.train_step import TrainStep, graph_blocker
 
@@ -157,13 +158,12 @@ def test_ema_blends_with_the_ramped_decay():
 
 def test_graph_blocker_names_the_reason():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert graph_blocker(gpu, True, False, 1, False) is None
-    assert "CUDA" in graph_blocker(cpu, True, False, 1, False)
-    assert "CPU augmentation" in graph_blocker(gpu, False, False, 1, False)
-    assert "fp16" in graph_blocker(gpu, True, True, 1, False)
-    assert graph_blocker(gpu, True, False, 4, False) is None          # accumulation is captured too
-    assert "--nbs" in graph_blocker(gpu, True, False, 4, False, world=2)
-    assert "--sync-bn" in graph_blocker(gpu, True, False, 1, True)
+    assert graph_blocker(gpu, True, 1, False) is None                 # fp16 loss scaling too (on the device)
+    assert "CUDA" in graph_blocker(cpu, True, 1, False)
+    assert "CPU augmentation" in graph_blocker(gpu, False, 1, False)
+    assert graph_blocker(gpu, True, 4, False) is None                 # accumulation is captured too
+    assert "--nbs" in graph_blocker(gpu, True, 4, False, world=2)
+    assert "--sync-bn" in graph_blocker(gpu, True, 1, True)
 
 
 def detector_setup(device, optimizer="sgd"):
@@ -195,7 +195,7 @@ def run_steps(device, graphs, optimizer="sgd", epochs=3, accumulate=1, amp=torch
     """Losses, weights, EMA weights and the TrainStep after `epochs` passes over 3 batches (the last short);
     the optimiser applies every `accumulate` batches and after each epoch's last, as the trainer does."""
     model, loss_fn, opt, ema, hyp = detector_setup(device, optimizer)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    scaler = LossScaler(device, enabled=False)
     extra = {"capture": capture} if capture is not None else {}
     step = TrainStep(model, loss_fn, opt, scaler, ema, amp, device, 1, graphs, **extra)
     data = batches(device, 3)
@@ -238,7 +238,7 @@ def test_accumulated_step_applies_the_sum_of_the_batches_gradients():
     ref_model = copy.deepcopy(model)
     ref_opt = build_optimizer(ref_model, "sgd", 0.01, hyp["momentum"], hyp["weight_decay"])
     ref_ema = ModelEMA(ref_model)
-    step = TrainStep(model, loss_fn, opt, torch.amp.GradScaler("cpu", enabled=False), ema, None, cpu, 1, False)
+    step = TrainStep(model, loss_fn, opt, LossScaler(cpu, enabled=False), ema, None, cpu, 1, False)
     data = [(im.float(), t) for im, t in batches(cpu, 3, batch=2)[:2]]
     for _ in range(2):                                   # two optimiser steps of 2 batches each
         for i, (images, targets) in enumerate(data):
@@ -318,7 +318,8 @@ def test_training_step_never_reads_values_back(model_name):
     hyp = load_hyp(model_name)
     opt = build_optimizer(model, "sgd", 0.01, hyp["momentum"], hyp["weight_decay"])
     hyper_on_device(opt, device)
-    step = TrainStep(model, YoloLoss(config, hyp), opt, torch.amp.GradScaler("cpu", enabled=False), ModelEMA(model),
+    # fp16's loss scaling on: its overflow check and skip must not read values back either
+    step = TrainStep(model, YoloLoss(config, hyp), opt, LossScaler(device, enabled=True), ModelEMA(model),
                      None, device, 1, graphs=False)
     images, targets = batches(device, 2)[0]
     step(images.float(), targets)              # first step: lazily built constants may read values
@@ -332,14 +333,14 @@ def test_training_step_never_reads_values_back(model_name):
 def test_compiled_step_traces_the_same_model_and_loss(monkeypatch):
     """--compile: the step runs torch.compile'd forward and loss (traced here with the eager backend, which needs
     no C compiler), and two steps give the eager path's losses and weights."""
-    import utils.engine.train_step as train_step
-    monkeypatch.setattr(train_step, "COMPILE_BACKEND", "eager")
+    import utils.engine.torch_utils as torch_utils
+    monkeypatch.setattr(torch_utils, "COMPILE_BACKEND", "eager")
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     model, loss_fn, opt, ema, hyp = detector_setup(cpu)
     twin = copy.deepcopy(model)
     twin_opt = build_optimizer(twin, "sgd", 0.01, hyp["momentum"], hyp["weight_decay"])
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = LossScaler(cpu, enabled=False)
     compiled = TrainStep(model, loss_fn, opt, scaler, ema, None, cpu, 1, False, compiled=True)
     eager = TrainStep(twin, loss_fn, twin_opt, scaler, ModelEMA(twin), None, cpu, 1, False)
     assert compiled.forward is not model and eager.forward is twin

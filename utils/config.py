@@ -279,7 +279,7 @@ class TrainConfig:
     ema: bool = setting(True, "exponential moving average of weights")
     sync_bn: bool = setting(False, "synchronised BatchNorm across GPUs")
     cuda_graph: bool = setting(True, "replay each training step as one CUDA graph where possible (needs GPU "
-                                     "augmentation and bf16 or fp32; with --batch below --nbs one GPU)", resume=True)
+                                     "augmentation; with --batch below --nbs one GPU)", resume=True)
     compile: bool = setting(False, "torch.compile the model and the loss inside the training step (fused Triton "
                                    "kernels: faster steps after tens of seconds of compilation; for long runs on "
                                    "CUDA)", resume=True)

@@ -11,6 +11,8 @@ against the OpenCV renderer).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -44,26 +46,42 @@ def resampling_weights(scale: torch.Tensor, offset: torch.Tensor, lo: torch.Tens
 def render_gpu(cache: torch.Tensor, plans: Plans, input_shape: tuple[int, int], device: torch.device,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Draw plans from loaded images `cache` [N,Hc,3,Wc] uint8 (gray-padded) -> [B,3,H,W] in 0..1."""
-    out_h, out_w = input_shape
-    hc, wc = cache.shape[1], cache.shape[3]
-    tiles = 1 if (plans.src[:, 1:] < 0).all() else plans.src.shape[1]
-    src = plans.src[:, :tiles]
-    if cache.device == device:
-        gathered = cache[upload(np.maximum(src, 0), device)]                            # B,T,Hc,3,Wc uint8
-    else:   # images in (pinned) RAM: upload each needed source image once
-        unique, slot = np.unique(np.maximum(src, 0), return_inverse=True)
-        volume = cache[torch.from_numpy(unique)].pin_memory().to(device, non_blocking=True)
-        gathered = volume[upload(slot.reshape(src.shape), device)]
-    # rows x channels x columns, so that the row pass below needs no per-channel copies
-    volume = gathered.to(dtype)                                                         # B,T,Hc,3,Wc 0..255
+    return paint_tiles(*tile_sources(cache, plans, device), input_shape, dtype)
 
-    unused = (src < 0)[..., None]                                                       # identity, empty rectangle
+
+def tile_sources(cache: torch.Tensor, plans: Plans,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The host's share of rendering: (images, slot [B,T], affine [B,T,4], rect [B,T,4]) on `device`, where tile t
+    of output b draws images[slot[b,t]]; T is 1 when no plan uses a second tile, else 4.
+
+    Images cached on `device` are passed whole; from (pinned) RAM each needed source is uploaded once.
+    Unused tiles get the identity map and an empty rectangle, so they paint nothing.
+    """
+    tiles = 1 if (plans.src[:, 1:] < 0).all() else plans.src.shape[1]
+    src = np.maximum(plans.src[:, :tiles], 0)
+    if cache.device == device:
+        images, slot = cache, src
+    else:
+        unique, slot = np.unique(src, return_inverse=True)
+        images = cache[torch.from_numpy(unique)].pin_memory().to(device, non_blocking=True)
+    unused = (plans.src[:, :tiles] < 0)[..., None]
     affine = upload(np.where(unused, [1.0, 0.0, 1.0, 0.0], plans.affine[:, :tiles]), device, torch.float32)
     rect = upload(np.where(unused, 0.0, plans.rect[:, :tiles]), device, torch.float32)
+    return images, upload(slot.reshape(src.shape), device), affine, rect
+
+
+def paint_tiles(images: torch.Tensor, slot: torch.Tensor, affine: torch.Tensor, rect: torch.Tensor,
+                input_shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Tiles of `images` [N,Hc,3,Wc] uint8 -> [B,3,H,W] in 0..1 (tile_sources' outputs). Tensors only, with
+    shapes fixed by the batch and the tile count, so torch.compile can fuse it (GpuAugmenter's `compiled`)."""
+    out_h, out_w = input_shape
+    b, tiles = slot.shape
+    hc, wc = images.shape[1], images.shape[3]
+    # rows x channels x columns, so that the row pass below needs no per-channel copies
+    volume = images[slot].to(dtype)                                                     # B,T,Hc,3,Wc 0..255
     rx, rx_mass = resampling_weights(affine[..., 0], affine[..., 1], rect[..., 0], rect[..., 2], out_w, wc, dtype)
     ry, ry_mass = resampling_weights(affine[..., 2], affine[..., 3], rect[..., 1], rect[..., 3], out_h, hc, dtype,
                                      gain=1 / 255)
-    b = len(src)
     # contiguous rows keep the product on the fast tensor-core kernels
     columns = volume.view(b, tiles, hc * 3, wc) @ rx.contiguous().transpose(2, 3)       # B,T,Hc*3,W
     # the column pass summed over tiles is one product over (tile, source row): no per-tile outputs
@@ -73,6 +91,12 @@ def render_gpu(cache: torch.Tensor, plans: Plans, input_shape: tuple[int, int], 
     coverage = torch.einsum("bty,btx->byx", ry_mass, rx_mass).to(dtype)                 # B,H,W
     painted = painted.sub_(coverage[:, :, None], alpha=GRAY / 255).add_(GRAY / 255).clamp_(0, 1)
     return painted.transpose(1, 2)                                                      # B,3,H,W (a view)
+
+
+def paint_and_shift_colours(images: torch.Tensor, slot: torch.Tensor, affine: torch.Tensor, rect: torch.Tensor,
+                            gains: torch.Tensor, input_shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """paint_tiles, then hsv_gpu with gains [B,3]: the pixel work of one batch, as one function to compile."""
+    return hsv_gpu(paint_tiles(images, slot, affine, rect, input_shape, dtype), gains)
 
 
 def hsv_gpu(images: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
@@ -101,7 +125,9 @@ class GpuAugmenter:
     """Makes augmented training batches from decoded images held in memory (GPU or pinned RAM)."""
 
     def __init__(self, images: torch.Tensor, sizes: np.ndarray, boxes: torch.Tensor, labels: torch.Tensor,
-                 counts: torch.Tensor, input_shape: tuple[int, int], hyp: dict, device: torch.device):
+                 counts: torch.Tensor, input_shape: tuple[int, int], hyp: dict, device: torch.device,
+                 pixels: Callable | None = None):
+        """pixels: paint_and_shift_colours or a compiled form of it (--compile fuses its kernels)."""
         self.images = images                     # N,Hc,3,Wc uint8 RGB, gray-padded (rows x channels x columns)
         self.sizes = sizes                       # N,2 loaded (h, w)
         self.boxes = boxes.to(device)            # N,K,4 loaded pixels
@@ -110,13 +136,14 @@ class GpuAugmenter:
         self.input_shape = input_shape
         self.hyp = hyp
         self.device = device
+        self.pixels = pixels or paint_and_shift_colours
 
     def __call__(self, index: np.ndarray, rng: np.random.Generator, mosaic: bool,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Images [B,3,H,W] in 0..1 and per-image targets [B,K,6] (padding rows: image -1) for the records `index`."""
         plans = sample_plans(rng, index, self.sizes, self.input_shape, self.hyp, mosaic)
-        images = hsv_gpu(render_gpu(self.images, plans, self.input_shape, self.device, dtype),
-                         upload(plans.hsv, self.device, dtype))
+        images = self.pixels(*tile_sources(self.images, plans, self.device), upload(plans.hsv, self.device, dtype),
+                             self.input_shape, dtype)
         targets = plan_targets(plans, self.boxes, self.labels, self.counts, self.input_shape).view(len(plans), -1, 6)
         if plans.mixup.any():
             partner = np.roll(np.arange(len(plans)), 1)

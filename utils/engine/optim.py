@@ -54,7 +54,10 @@ class NesterovSGD:
             torch._foreach_zero_([p.grad for p in params])
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, found_inf: torch.Tensor | None = None):
+        """One update. found_inf: a 0-dim device flag (fp16 loss scaling, utils/engine/loss_scale.py): where it
+        is 1 the parameters and momentum stay as they were, decided on the device (a graph can capture it)."""
+        keep = None if found_inf is None else found_inf == 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -63,12 +66,15 @@ class NesterovSGD:
             bufs = [self._momentum_buffer(p) for p in params]
             if group["weight_decay"]:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            momentum = group["momentum"]
+            lr, momentum = group["lr"], group["momentum"]
+            if keep is not None:   # a skipped step: zero gradients, momentum 1 and lr 0 leave buf and params
+                zero_unless(grads, keep)
+                lr, momentum = lr * keep, torch.where(keep, momentum, 1.0)
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, grads)                      # buf = momentum * buf + g (buf starts at 0)
             update = torch._foreach_mul(bufs, momentum)
             torch._foreach_add_(update, grads)                    # Nesterov: g + momentum * buf
-            torch._foreach_mul_(update, group["lr"])
+            torch._foreach_mul_(update, lr)
             torch._foreach_sub_(params, update)
 
     def _momentum_buffer(self, param: torch.Tensor) -> torch.Tensor:
@@ -107,6 +113,29 @@ class NesterovSGD:
 
 
 Optimizer = Union[torch.optim.Optimizer, NesterovSGD]
+
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def zero_unless(tensors: list[torch.Tensor], keep: torch.Tensor) -> None:
+    """Zero every tensor in place unless the 0-dim device bool `keep` is set, with one multi-tensor kernel.
+
+    Multiplying the values by 0 would leave inf * 0 = NaN (an overflowed gradient); multiplying their bit
+    patterns, viewed as integers of the same width, by 0 or 1 gives exactly +0.0 or the tensor unchanged.
+    """
+    bits = [t.view(_SAME_WIDTH_INT[t.element_size()]) for t in tensors]
+    torch._foreach_mul_(bits, keep.to(bits[0].dtype))
+
+
+def step_optimizer(optimizer: Optimizer, found_inf: torch.Tensor | None) -> None:
+    """optimizer.step(), skipped on the device where the fp16 overflow flag `found_inf` is 1 (None: no scaling)."""
+    if found_inf is None:
+        optimizer.step()
+    elif isinstance(optimizer, NesterovSGD):
+        optimizer.step(found_inf)
+    else:   # torch's fused Adam (CUDA) reads the flag itself and skips in its kernel
+        optimizer.found_inf = found_inf
+        optimizer.step()
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> Optimizer:

@@ -163,7 +163,8 @@ def prepare_run(resolved: Resolved, folder: Path | None = None, progress: bool =
         hyp = resolved_hyp(load_hyp(config.model.model, config.train.hyp), config.train)
     # --batch auto is measured on the model, which needs the data's classes: the data starts at the nominal batch
     data = TrainData(config.data, tuple(config.model.input_shape), (config.train.batch or config.train.nbs) // world,
-                     config.train.seed, hyp, device, rank, world, progress=progress and is_main_process())
+                     config.train.seed, hyp, device, rank, world, progress=progress and is_main_process(),
+                     compiled=config.train.compile)
     if ckpt is None:
         model = complete_model_config(dataclasses.replace(config.model, class_names=data.class_names))
         model = choose_anchors(model, data.train_records, config.train.anchor_fit, hyp.get("anchor_t"))

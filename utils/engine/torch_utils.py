@@ -30,6 +30,14 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+COMPILE_BACKEND = "inductor"   # torch.compile's default (Triton kernels on CUDA); tests trace with "eager"
+
+
+def compile_fixed(fn):
+    """torch.compile for fixed shapes (--compile): the training step's model and loss, the GPU augmenter's pixels."""
+    return torch.compile(fn, dynamic=False, backend=COMPILE_BACKEND)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)

@@ -13,9 +13,10 @@ from utils.config import DataConfig
 from utils.data.cache_plan import GPU_SHARE, CachePlan, decoded_bytes, plan_cache
 from utils.data.dataset import DatasetError, LoadReport, Record, default_fallback, read_class_names
 from utils.data.formats import DataSource, open_data
-from utils.data.gpu_augment import GpuAugmenter
+from utils.data.gpu_augment import GpuAugmenter, paint_and_shift_colours
 from utils.data.loader import (AugmentSampler, TrainDataset, cpu_loader, decode_all, image_tensor, loaded_sizes,
                           padded_boxes, to_training_batch)
+from utils.engine.torch_utils import compile_fixed
 from utils.log import get_logger
 
 log = get_logger(__name__)
@@ -107,9 +108,10 @@ class TrainData:
     """Training batches for each epoch (CPU workers or batched GPU augmentation) plus the validation records."""
 
     def __init__(self, data: DataConfig, input_shape: tuple[int, int], batch_size: int, seed: int, hyp: dict,
-                 device: torch.device, rank: int = 0, world: int = 1, progress: bool = True):
-        """batch_size: this process's share of the global batch."""
-        self.config, self.hyp, self.device, self.seed = data, hyp, device, seed
+                 device: torch.device, rank: int = 0, world: int = 1, progress: bool = True, compiled: bool = False):
+        """batch_size: this process's share of the global batch; compiled: torch.compile the GPU augmenter's
+        pixel work when the images are cached on the device (--compile; fixed shapes, so not from RAM)."""
+        self.config, self.hyp, self.device, self.seed, self.compiled = data, hyp, device, seed, compiled
         self.rank, self.batch_size = rank, batch_size
         self.input_shape = tuple(input_shape)
         splits = load_splits(data)
@@ -172,7 +174,8 @@ class TrainData:
                  self.device)
         sizes = loaded_sizes(self.train_records, self.input_shape)
         boxes, labels, counts = padded_boxes(self.train_records, sizes)
-        return GpuAugmenter(tensor, sizes, boxes, labels, counts, self.input_shape, self.hyp, self.device)
+        pixels = compile_fixed(paint_and_shift_colours) if self.compiled and tensor.device == self.device else None
+        return GpuAugmenter(tensor, sizes, boxes, labels, counts, self.input_shape, self.hyp, self.device, pixels)
 
     def _rng(self, epoch: int, step: int) -> np.random.Generator:
         """The random draws of one GPU batch: fixed by seed, epoch, rank and step."""

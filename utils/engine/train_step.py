@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.engine.optim import hyper_on_device
-from utils.engine.torch_utils import ModelEMA
+from utils.engine.loss_scale import LossScaler
+from utils.engine.optim import Optimizer, hyper_on_device, step_optimizer
+from utils.engine.torch_utils import ModelEMA, compile_fixed
 
 # eager steps of a (shape, apply) pair before it is captured: lazy initialisation (cuBLAS/cuDNN handles,
 # the loss's constant cache, optimiser state) must happen outside capture; DDP needs 11 to settle its buckets
@@ -39,15 +40,13 @@ MAX_GRAD_NORM = 10.0
 Capture = Callable[[Callable[[], None], object], Callable[[], None]]
 
 
-def graph_blocker(device: torch.device, gpu_batches: bool, scaler_enabled: bool, accumulate: int,
-                  sync_bn: bool, world: int = 1) -> str | None:
+def graph_blocker(device: torch.device, gpu_batches: bool, accumulate: int, sync_bn: bool,
+                  world: int = 1) -> str | None:
     """Why the step cannot be captured as a CUDA graph here, or None when it can."""
     if device.type != "cuda":
         return "not on CUDA"
     if not gpu_batches:
         return "CPU augmentation (batch shapes vary and the step waits for workers anyway)"
-    if scaler_enabled:
-        return "fp16 loss scaling checks for inf on the host"
     if accumulate > 1 and world > 1:     # DDP's reducer under two graphs is untested
         return f"gradients accumulate over {accumulate} batches (--batch below --nbs) across {world} processes"
     if sync_bn:
@@ -63,9 +62,6 @@ def cuda_graph_capture(work: Callable[[], None], pool) -> Callable[[], None]:
     return graph.replay
 
 
-COMPILE_BACKEND = "inductor"   # torch.compile's default (Triton kernels on CUDA); tests trace with "eager"
-
-
 class TrainStep:
     """Callable (images, targets, last) -> (summed loss, parts); `last` = apply the optimiser after this batch.
 
@@ -73,7 +69,7 @@ class TrainStep:
     to check the graph bookkeeping on the CPU).
     """
 
-    def __init__(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    def __init__(self, model: nn.Module, loss_fn, optimizer: Optimizer, scaler: LossScaler,
                  ema: ModelEMA | None, amp: torch.dtype | None, device: torch.device, world: int, graphs: bool,
                  capture: Capture = cuda_graph_capture, compiled: bool = False,
                  capture_lock: threading.Lock | None = None):
@@ -87,8 +83,8 @@ class TrainStep:
             ids = [device.index] if device.type == "cuda" else None
             self.model = DistributedDataParallel(model, device_ids=ids) if world > 1 else model
         # compiled during the eager steps before capture; a capture records the compiled kernels
-        self.forward = torch.compile(self.model, dynamic=False, backend=COMPILE_BACKEND) if compiled else self.model
-        self.loss = torch.compile(loss_fn, dynamic=False, backend=COMPILE_BACKEND) if compiled else loss_fn
+        self.forward = compile_fixed(self.model) if compiled else self.model
+        self.loss = compile_fixed(loss_fn) if compiled else loss_fn
         if graphs:
             hyper_on_device(optimizer, device)
         self.eager_before_capture = EAGER_BEFORE_CAPTURE_DDP if world > 1 else EAGER_BEFORE_CAPTURE
@@ -142,14 +138,16 @@ class TrainStep:
             outputs = self.forward(images)
         loss, parts = self.loss(outputs, targets)
         # gradients add into the existing .grad buffers in place (autograd outside create_graph)
-        self.scaler.scale(loss * self.world).backward()   # DDP averages gradients over processes
+        self.scaler.scale_loss(loss * self.world).backward()   # DDP averages gradients over processes
         return loss.detach(), parts
 
     def _apply(self) -> None:
-        """Clip, optimiser step and EMA blend: device work only (no host reads), so it can be captured."""
-        self.scaler.unscale_(self.optimizer)
+        """Unscale, clip, optimiser step (skipped on the device after an fp16 overflow), scale update: device work
+        only (no host reads), so it can be captured."""
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        found_inf = self.scaler.unscale(grads)
         torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm=MAX_GRAD_NORM)
-        self.scaler.step(self.optimizer)
+        step_optimizer(self.optimizer, found_inf)
         self.scaler.update()
 
     def _zero_grads(self) -> None:
