@@ -27,7 +27,12 @@ log = get_logger(__name__)
 
 
 class Outputs:
-    """Writes every product of a prediction run under one folder; images' files are written in the background."""
+    """Writes every product of a prediction run under one folder; images' files are made in the background.
+
+    Two stages: one thread draws (drawing is Python holding the GIL, box by box: with several threads they
+    only queue for it, and measured slower than one), a pool of threads encodes and writes (OpenCV's encoder
+    releases the GIL). With --show everything runs on the main thread, which owns the window.
+    """
 
     def __init__(self, args: argparse.Namespace, yolo: YOLO, out: Path, wanted: set[int] | None):
         self.args, self.yolo, self.out, self.wanted = args, yolo, out, wanted
@@ -38,12 +43,13 @@ class Outputs:
         if args.show and not self.show:
             log.warning("--show: no display here; results are only saved")
         self.needs_pixels = args.save_images or args.crop or self.show
-        self.writes = BackgroundWrites(threads=0 if self.show else None)   # windows belong to the main thread
+        self.drawing = BackgroundWrites(threads=0 if self.show else 1, window=16)
+        self.writes = BackgroundWrites(threads=0 if self.show else None)   # fed by the drawing thread only
 
     def image(self, name: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
               wait_ms: int = 1) -> None:
         """Record one image's results (its BGR pixels needed only when `needs_pixels`; size = (h, w));
-        its files are written by the background writer."""
+        its files are made in the background."""
         detections = keep_classes(detections, self.wanted)
         stem = self.stems(name)           # safe and distinct: a.jpg and a.png do not overwrite each other
         if self.args.save_json:
@@ -52,32 +58,44 @@ class Outputs:
         self.totals.update(counts)
         if self.args.count:
             log.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing")
-        self.writes.submit(self._write, stem, image if self.needs_pixels else None, size, detections, wait_ms)
+        self.drawing.submit(self._draw, stem, image if self.needs_pixels else None, size, detections, wait_ms)
 
-    def _write(self, stem: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
-               wait_ms: int) -> None:
-        """The files of one image: drawing, labels, crops; with --show, the window too (main thread)."""
+    def _draw(self, stem: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
+              wait_ms: int) -> None:
+        """One image's files, on the drawing thread: the drawing made here, labels and crops handed to the writers;
+        with --show, the window too (main thread)."""
         if self.args.save_txt:
-            labels = make_dir(inside(self.out, "labels"))
             lines = yolo_label_lines(detections, size[1], size[0], score=self.args.save_conf)
-            write_text(inside(labels, f"{stem}.txt"), "".join(f"{line}\n" for line in lines))
+            self.writes.submit(self._write_labels, stem, "".join(f"{line}\n" for line in lines))
         if image is None:
             return
         if self.args.save_images or self.show:
             drawn = self.yolo.detect_image(image, detections)
             if self.args.save_images:
-                write_image(inside(self.out, f"{stem}.jpg"), drawn)
+                self.writes.submit(write_image, inside(self.out, f"{stem}.jpg"), drawn)
             if self.show:
                 cv2.imshow("predict", drawn)
                 cv2.waitKey(wait_ms)
         if self.args.crop:
-            save_crops(inside(self.out, "crops"), stem, image, detections, self.yolo.class_names)
+            self.writes.submit(save_crops, inside(self.out, "crops"), stem, image, detections, self.yolo.class_names)
+
+    def _write_labels(self, stem: str, text: str) -> None:
+        write_text(inside(make_dir(inside(self.out, "labels")), f"{stem}.txt"), text)
 
     def finish(self) -> None:
-        """Wait for the background writes (raising the first failure), then write predictions.json."""
-        self.writes.finish()
+        """Wait for the drawing, then the writes (raising the first failure), then write predictions.json."""
+        try:
+            self.drawing.finish()
+            self.writes.finish()
+        finally:
+            self.close()
         if self.args.save_json:
             write_text(inside(self.out, "predictions.json"), json.dumps(self.records, indent=1))
+
+    def close(self) -> None:
+        """Stop both stages (jobs not started are dropped): after a failure elsewhere."""
+        self.drawing.close()
+        self.writes.close()
 
 
 def decode_mode(requested: str, yolo: YOLO) -> str:
@@ -105,7 +123,7 @@ def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int, dec
         outputs.finish()
     finally:
         made.close()                   # stops the reading thread at once if a write failed
-        outputs.writes.close()
+        outputs.close()
     if on_host:
         log.warning("%d images were decoded by OpenCV on the host (not JPEG, or decode_jpeg refused them)", on_host)
     if skipped:

@@ -19,6 +19,11 @@ def class_color(index: int, num_classes: int) -> tuple[int, int, int]:
 
 
 @lru_cache(maxsize=16)
+def _palette_bgr(num_classes: int) -> list[tuple[int, int, int]]:
+    return [class_color(i, num_classes)[::-1] for i in range(num_classes)]
+
+
+@lru_cache(maxsize=16)
 def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(FONT_PATH), size)
 
@@ -98,10 +103,12 @@ def draw_detections(image_bgr: np.ndarray, detections: np.ndarray, class_names: 
     image = image_bgr.copy()
     h, w = image.shape[:2]
     size, thickness = _style(h, w)
+    palette = _palette_bgr(len(class_names))
+    inset = (thickness - 1) / 2
     for (x1, y1, x2, y2, _, cls), text, (lx, ly, _, _) in _labels(detections, class_names, size, (w, h)):
-        color = class_color(int(cls), len(class_names))[::-1]                              # BGR
+        cls = int(cls)
+        color = palette[cls] if 0 <= cls < len(palette) else class_color(cls, len(class_names))[::-1]   # BGR
         # the outline inside the box, as a line of `thickness` pixels from its corners inwards
-        inset = (thickness - 1) / 2
         cv2.rectangle(image, (round(x1 + inset), round(y1 + inset)), (round(x2 - inset), round(y2 - inset)), color,
                       thickness)
         x0, y0 = round(lx), round(ly)
