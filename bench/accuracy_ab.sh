@@ -75,10 +75,12 @@ declare -A flags=(
     [v4t-ignore0.7]="--model yolov4-tiny --hyp $logs/hyp.yolov4-tiny.ignore0.7.yaml"
     [v4t-ignore0.5]="--model yolov4-tiny --hyp $logs/hyp.yolov4-tiny.ignore0.5.yaml"
     [v4t-compile]="--model yolov4-tiny --compile"
+    [v4t-bf16]="--model yolov4-tiny --amp-dtype bf16"
+    [v5n-bf16]="--model yolov5n --amp-dtype bf16"
 )
 order="v5n-old v5n-new v4t v4t-fit v4t-iouobj v4t-v5head v4t-v5head-peer v5n-mosaic0.7 v5s v5s-noamp v5s-cpuaug
        v5s-cpuaug2 v4t-fit-anchors v4t-iouobj-anchors v4t-v5head-anchors v4t-box2 v4t-box2-fit v4t-mosaic1
-       v4t-ignore0.7 v4t-ignore0.5 v4t-compile"
+       v4t-ignore0.7 v4t-ignore0.5 v4t-compile v4t-bf16 v5n-bf16"
 variants=${VARIANTS:-$(echo $order | cut -d' ' -f1-6)}
 for v in $variants; do [ -n "${flags[$v]+x}" ] || { echo "error: unknown variant $v (known: $order)"; exit 1; }; done
 

@@ -276,6 +276,9 @@ class TrainConfig:
                                            "recall is checked either way", flag="anchors", type=str,
                                      shown="the model's own, with a recall check", metavar="auto|FILE")
     amp: bool | None = setting(None, "mixed precision", type=bool, shown="on with CUDA")
+    amp_dtype: str = setting("fp16", "mixed precision's type on CUDA: fp16 (cuDNN's fused BatchNorm, the loss scaled "
+                                     "on the GPU) or bf16 (float32's range, no scaling, slower BatchNorm); the CPU "
+                                     "uses bf16", choices=("fp16", "bf16"))
     ema: bool = setting(True, "exponential moving average of weights")
     sync_bn: bool = setting(False, "synchronised BatchNorm across GPUs")
     cuda_graph: bool = setting(True, "replay each training step as one CUDA graph where possible (needs GPU "

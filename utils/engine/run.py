@@ -181,7 +181,8 @@ def prepare_run(resolved: Resolved, folder: Path | None = None, progress: bool =
 
 def with_auto_batch(config: RunConfig, device: torch.device, world: int) -> RunConfig:
     """The config with --batch auto resolved (stored so, so a resume keeps the batch the run started with)."""
-    amp = amp_dtype(device, device.type == "cuda" if config.train.amp is None else config.train.amp)
+    amp = amp_dtype(device, device.type == "cuda" if config.train.amp is None else config.train.amp,
+                    config.train.amp_dtype)
     choice = auto_batch(config.model, device, amp, config.train.nbs, world)
     if is_main_process():
         log.info("batch %d (auto: %s)", choice.batch, choice.reason)

@@ -42,16 +42,18 @@ LAST_PT_SECONDS = 10.0
 USUAL_LR = {"sgd": 0.01, "adam": 0.001}   # the hyp files' lr0: the most a divergence message suggests
 
 
-def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """fp16 on CUDA, bf16 on the CPU, None when AMP is off.
+def amp_dtype(device: torch.device, enabled: bool, cuda_dtype: str = "fp16") -> torch.dtype | None:
+    """--amp-dtype on CUDA, bf16 on the CPU, None when AMP is off.
 
-    fp16 rather than bf16 on CUDA: torch sends fp16 BatchNorm (fp32 parameters) to cuDNN's fused kernels but
-    bf16 to its own, slower ones; the YOLOv4-tiny step is ~20 % faster (bench/RESULTS.md). The loss is scaled
-    on the device (utils/engine/loss_scale.py), so the step is still captured as a CUDA graph.
+    fp16 is CUDA's default: torch sends fp16 BatchNorm (fp32 parameters) to cuDNN's fused kernels but bf16 to
+    its own, slower ones; the YOLOv4-tiny step is ~20 % faster (bench/RESULTS.md). Its loss is scaled on the
+    device (utils/engine/loss_scale.py), so the step is still captured as a CUDA graph.
     """
     if not enabled:
         return None
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if device.type != "cuda":
+        return torch.bfloat16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[cuda_dtype]
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, args.optimizer, hyp["lr0"], self.hyp["momentum"], 0.0)
         self.lf = lr_lambda(self.hyp["lr_schedule"], args.epochs, self.hyp["lrf"])
         self.ema = ModelEMA(self.model) if args.ema else None
-        self.amp = amp_dtype(self.device, self.device.type == "cuda" if args.amp is None else args.amp)
+        self.amp = amp_dtype(self.device, self.device.type == "cuda" if args.amp is None else args.amp, args.amp_dtype)
         self.scaler = LossScaler(self.device, enabled=self.amp == torch.float16)
         self.start_epoch = 0
         self.watch = DivergenceWatch()
