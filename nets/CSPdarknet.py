@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from nets.common import ConvBNAct
+from nets.common import ConvBNAct, ImageConv2d
 
 
 def scale_width(channels: int, width_multiple: float) -> int:
@@ -74,7 +74,7 @@ class CSPDarknet(nn.Module):
         w = lambda c: scale_width(c, width_multiple)   # noqa: E731
         d = lambda n: scale_depth(n, depth_multiple)   # noqa: E731
         self.out_channels = (w(256), w(512), w(1024))
-        self.stem = ConvBNAct(3, w(64), 6, 2, padding=2)
+        self.stem = ConvBNAct(3, w(64), 6, 2, padding=2, conv=ImageConv2d)
         self.dark2 = nn.Sequential(ConvBNAct(w(64), w(128), 3, 2), C3(w(128), w(128), d(3)))
         self.dark3 = nn.Sequential(ConvBNAct(w(128), w(256), 3, 2), C3(w(256), w(256), d(6)))
         self.dark4 = nn.Sequential(ConvBNAct(w(256), w(512), 3, 2), C3(w(512), w(512), d(9)))

@@ -247,3 +247,22 @@ def test_detection_biases_start_at_the_yolov5_priors(model, strides):
         assert (bias[:, 5:] - math.log(0.6 / 2.01)).abs().max() <= bound
         assert bias[:, :4].abs().max() <= bound                       # box logits untouched
     assert math.log(8 / (640 / 8) ** 2) == pytest.approx(-6.6846, abs=1e-4)
+
+
+def test_image_conv_pads_channels_to_the_same_sums(monkeypatch):
+    """ImageConv2d on a padding device: zero channels up to 8 in input and weight give the plain convolution's
+    output and gradients; its state dict is nn.Conv2d's."""
+    import nets.common as common
+    torch.manual_seed(0)
+    padded = common.ImageConv2d(3, 16, 6, 2, 2, bias=False)
+    plain = torch.nn.Conv2d(3, 16, 6, 2, 2, bias=False)
+    plain.load_state_dict(padded.state_dict())
+    x = torch.rand(2, 3, 32, 24).contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(common, "PADDED_ON", ("cpu",))
+    a, b = padded(x), plain(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    torch.testing.assert_close(padded.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-5)
+    assert padded.weight.shape == (16, 3, 6, 6)
+    assert isinstance(build_model(make_config("yolov5n", None, ["a"], (64, 64))).backbone.stem.conv, common.ImageConv2d)
