@@ -5,7 +5,6 @@ On the CPU the device path decodes with libjpeg-turbo instead of nvJPEG; everyth
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import cv2
@@ -16,7 +15,6 @@ import torch
 import predict
 import train
 from utils.data.image_batches import ImageBatches, decode_chunk
-from utils.engine.predict_io import quick_gil_handoff
 from utils.data.sample_data import make_sample_dataset
 from utils.ops.images import letterbox
 from utils.ops.tensor_letterbox import letterbox_tensors
@@ -187,12 +185,3 @@ def test_nvjpeg_batches_and_the_cli_on_cuda(weights, folder, tmp_path, capsys):
     assert results["device"].keys() == results["opencv"].keys()
     for name, boxes in results["opencv"].items():
         assert matched(np.array(boxes), np.array(results["device"][name])) >= 0.8, name
-
-
-def test_quick_gil_handoff_shortens_the_switch_interval_and_restores_it():
-    before = sys.getswitchinterval()
-    with quick_gil_handoff(0.001):
-        assert sys.getswitchinterval() == pytest.approx(min(before, 0.001), rel=1e-3)
-    assert sys.getswitchinterval() == before
-    with quick_gil_handoff(1.0):                      # never lengthened
-        assert sys.getswitchinterval() == before

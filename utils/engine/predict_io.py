@@ -6,11 +6,9 @@ path through `inside`, so a hostile class name or file name cannot write outside
 from __future__ import annotations
 
 import os
-import sys
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -131,26 +129,6 @@ def draw_fps(image: np.ndarray, fps: float, avoid: list[Rect] = ()) -> np.ndarra
     cv2.rectangle(image, (x, y), (x + tw + 2 * pad, y + th + base + 2 * pad), (0, 0, 0), -1)
     cv2.putText(image, text, (x + pad, y + pad + th), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 255, 0), thick, cv2.LINE_AA)
     return image
-
-
-# how long a thread holding the GIL keeps it from a waiting one (Python's default is 5 ms)
-QUICK_SWITCH_S = 0.001
-
-
-@contextmanager
-def quick_gil_handoff(interval: float = QUICK_SWITCH_S) -> Iterator[None]:
-    """Shorten the interpreter's switch interval for a while (never lengthen it), then restore it.
-
-    Every torch op releases the GIL; while the drawing thread runs Python, the thread that issued the op
-    waits up to a switch interval to get it back. At 5 ms a batch's few hundred ops took seconds: small torch
-    ops ran 26x slower beside a drawing thread on the development machine, and as fast as alone at 1 ms
-    (bench/RESULTS.md)."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, interval))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
 
 
 class BackgroundWrites:

@@ -18,7 +18,7 @@ from utils.data.image_batches import DecodedBatch, ImageBatches, device_decode_a
 from utils.data.sources import Source, display_available
 from utils.engine.folders import OutputError, inside, make_dir, safe_component, write_text
 from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, json_entries, keep_classes,
-                                     quick_gil_handoff, save_crops, write_image, yolo_label_lines)
+                                     save_crops, write_image, yolo_label_lines)
 from utils.log import get_logger
 from utils.ops.plots import detection_rects
 from yolo import YOLO
@@ -114,14 +114,13 @@ def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int, dec
     made = (_device_batches(yolo, paths, batch, outputs.needs_pixels) if decode == "device" else
             _opencv_batches(yolo, paths, batch))
     try:
-        with quick_gil_handoff():          # the drawing thread runs Python beside this loop's torch ops
-            for chunk, images, sizes, dets in made:
-                skipped += chunk.skipped
-                on_host += chunk.on_host
-                for path, image, size, det in zip(chunk.paths, images, sizes, dets):
-                    outputs.image(path.name, image, size, det, wait_ms=0 if single else 1)
-                    found += len(keep_classes(det, outputs.wanted))
-            outputs.finish()
+        for chunk, images, sizes, dets in made:
+            skipped += chunk.skipped
+            on_host += chunk.on_host
+            for path, image, size, det in zip(chunk.paths, images, sizes, dets):
+                outputs.image(path.name, image, size, det, wait_ms=0 if single else 1)
+                found += len(keep_classes(det, outputs.wanted))
+        outputs.finish()
     finally:
         made.close()                   # stops the reading thread at once if a write failed
         outputs.close()

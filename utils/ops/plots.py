@@ -92,16 +92,8 @@ def detection_rects(detections: np.ndarray, class_names: list[str], image_shape:
     return [tuple(row[:4]) for row, _, _ in labels] + [rect for _, _, rect in labels]
 
 
-def _fill(image: np.ndarray, x0: int, y0: int, x1: int, y1: int, color: tuple[int, int, int]) -> None:
-    """Paint the pixels x0..x1, y0..y1 (inclusive) that lie inside the image."""
-    h, w = image.shape[:2]
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w - 1), min(y1, h - 1)
-    if x0 <= x1 and y0 <= y1:
-        image[y0:y1 + 1, x0:x1 + 1] = color
-
-
 def copy_holding_gil(image: np.ndarray) -> np.ndarray:
-    """A writable copy made without releasing the GIL (bytearray's memcpy): NumPy releases it for a large copy,
+    """A writable copy made without releasing the GIL (bytearray's memcpy). NumPy releases it for a large copy,
     and a thread that does so waits a whole switch interval (5 ms) to get it back behind a busy Python thread."""
     image = np.ascontiguousarray(image)
     return np.frombuffer(bytearray(image.data), image.dtype).reshape(image.shape)
@@ -110,32 +102,29 @@ def copy_holding_gil(image: np.ndarray) -> np.ndarray:
 def draw_detections(image_bgr: np.ndarray, detections: np.ndarray, class_names: list[str]) -> np.ndarray:
     """Boxes, class names and scores drawn on a copy of a BGR image; label size follows the image size.
 
-    The copy and the outlines and labels (cached sprites, painted in small NumPy slices) never release the
-    GIL: a thread that does waits up to a switch interval (5 ms) to get it back behind a busy Python thread,
-    and predict.py draws on a thread of its own beside its main loop (bench/RESULTS.md).
+    Boxes by OpenCV and labels from cached sprites, on the BGR array itself: no conversion to a PIL image and
+    back. The copy keeps the GIL: with NumPy's, drawing beside a busy Python thread ran 4x slower
+    (bench/save_pipeline.py, bench/RESULTS.md), and predict.py draws on a thread of its own beside its main loop.
     """
+    import cv2  # noqa: PLC0415 (ops stay importable without OpenCV's start-up)
+
     image = copy_holding_gil(image_bgr)
     h, w = image.shape[:2]
     size, thickness = _style(h, w)
     palette = _palette_bgr(len(class_names))
+    inset = (thickness - 1) / 2
     for (x1, y1, x2, y2, _, cls), text, (lx, ly, _, _) in _labels(detections, class_names, size, (w, h)):
         cls = int(cls)
         color = palette[cls] if 0 <= cls < len(palette) else class_color(cls, len(class_names))[::-1]   # BGR
-        # the outline inside the box: `thickness` pixels from its edges inwards
-        left, top, right, bottom = round(x1), round(y1), round(x2), round(y2)
-        inner = thickness - 1
-        _fill(image, left, top, right, top + inner, color)
-        _fill(image, left, bottom - inner, right, bottom, color)
-        _fill(image, left, top, left + inner, bottom, color)
-        _fill(image, right - inner, top, right, bottom, color)
+        # the outline inside the box, as a line of `thickness` pixels from its corners inwards
+        cv2.rectangle(image, (round(x1 + inset), round(y1 + inset)), (round(x2 - inset), round(y2 - inset)), color,
+                      thickness)
         x0, y0 = round(lx), round(ly)
         ix0, iy0 = max(0, -x0), max(0, -y0)                       # the part of the label inside the image
         x0, y0 = max(x0, 0), max(y0, 0)
         label = _label_patch(text, size, color)
         patch = image[y0:y0 + label.shape[0] - iy0, x0:x0 + label.shape[1] - ix0]
-        pixels = label[iy0:iy0 + patch.shape[0], ix0:ix0 + patch.shape[1]]
-        for row in range(len(patch)):    # row by row: NumPy releases the GIL for the whole patch at once
-            patch[row] = pixels[row]
+        patch[:] = label[iy0:iy0 + patch.shape[0], ix0:ix0 + patch.shape[1]]
     return image
 
 
