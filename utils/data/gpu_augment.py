@@ -73,7 +73,7 @@ def tile_sources(cache: torch.Tensor, plans: Plans,
 def paint_tiles(images: torch.Tensor, slot: torch.Tensor, affine: torch.Tensor, rect: torch.Tensor,
                 input_shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """Tiles of `images` [N,Hc,3,Wc] uint8 -> [B,3,H,W] in 0..1 (tile_sources' outputs). Tensors only, with
-    shapes fixed by the batch and the tile count, so torch.compile can fuse it (GpuAugmenter's `compiled`)."""
+    shapes fixed by the batch and the tile count, so torch.compile can fuse it (GpuAugmenter's `pixels`)."""
     out_h, out_w = input_shape
     b, tiles = slot.shape
     hc, wc = images.shape[1], images.shape[3]
