@@ -48,8 +48,9 @@ def _style(height: int, width: int) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=4096)
-def _label_sprite(text: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A label as drawn once: its text's ink [h, w] (0..1, float32, 2 px margin) and (w, h).
+def _label_sprite(text: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A label as drawn once: its text's ink [h, w] (0..1, float32, 2 px margin) and (w, h) as Python ints
+    (the per-box arithmetic of label_origin is several times slower on NumPy scalars).
 
     Rendered with the TrueType font once per text and size: a folder of images repeats the same few
     hundred labels ('RBC 0.87'), and a cached label is ~100x cheaper than rendering the text again.
@@ -59,7 +60,7 @@ def _label_sprite(text: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     w, h = right - left + 4, bottom - top + 4
     ink = Image.new("L", (w, h), 0)
     ImageDraw.Draw(ink).text((2, 2 - top), text, fill=255, font=font)
-    return np.asarray(ink, dtype=np.float32) / 255, np.array([w, h])
+    return np.asarray(ink, dtype=np.float32) / 255, (w, h)
 
 
 @lru_cache(maxsize=4096)
