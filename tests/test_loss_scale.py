@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from test_train_step import batches, detector_setup
@@ -112,3 +113,18 @@ def test_training_step_skips_an_overflow_and_trains_after_it():
     loss, _ = step(second[0].float(), second[1])
     assert torch.isfinite(loss) and scaler.scale.item() == 512.0
     assert any(not torch.equal(v, start[k]) for k, v in model.named_parameters())
+
+
+def test_fused_adam_skips_an_overflowed_step_by_the_flag():
+    """torch's fused Adam (what build_optimizer gives on CUDA; fused on the CPU here) reads the flag itself."""
+    param = torch.nn.Parameter(torch.ones(3))
+    try:
+        opt = torch.optim.Adam([param], lr=0.1, fused=True)
+    except RuntimeError:
+        pytest.skip("this torch has no fused Adam on the CPU")
+    param.grad = torch.tensor([1.0, float("inf"), 2.0])
+    step_optimizer(opt, torch.tensor(1.0))
+    assert torch.equal(param.detach(), torch.ones(3)) and float(opt.state[param]["step"]) == 0
+    param.grad = torch.ones(3)
+    step_optimizer(opt, torch.tensor(0.0))
+    assert (param.detach() < 1).all() and float(opt.state[param]["step"]) == 1
