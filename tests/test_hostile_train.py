@@ -125,6 +125,18 @@ def test_divergence_watch_needs_several_reads_far_above_the_median():
     assert DivergenceWatch().observe(float("nan"))                       # NaN/inf stop at once, even at start
 
 
+def test_a_non_finite_fp16_loss_also_suggests_bf16(tmp_path):
+    """An inf loss under fp16 autocast may be an activation past fp16's range: the message names bf16 too."""
+    from types import SimpleNamespace
+    from utils.engine.trainer import Trainer
+    trainer = SimpleNamespace(hyp={"lr0": 0.01}, args=SimpleNamespace(optimizer="sgd"), watch=DivergenceWatch(),
+                              run_dir=tmp_path, ledger=SimpleNamespace(saved_epoch=0), amp=torch.float16)
+    assert "--amp-dtype bf16" in str(Trainer._diverged(trainer, float("inf"), 2))
+    assert "--amp-dtype bf16" not in str(Trainer._diverged(trainer, 50.0, 2))      # a rising loss is the lr's
+    trainer.amp = torch.bfloat16
+    assert "--amp-dtype bf16" not in str(Trainer._diverged(trainer, float("inf"), 2))
+
+
 def test_an_exploding_loss_stops_keeps_the_last_good_epoch_and_resume_takes_lr(data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(divergence, "DIVERGE_READS", 1)    # one read per epoch here: stop at the first strike
     err = one_line_error(capsys, ["--data", str(data), "--epochs", "4", "--save-dir", str(tmp_path), "--name", "d",

@@ -288,6 +288,8 @@ class Trainer:
                       f"train.py --resume {last} --lr {lower}")
         else:
             advice = f"nothing was saved yet: train again with a lower learning rate, e.g. --lr {lower}"
+        if not math.isfinite(loss) and self.amp == torch.float16:   # an activation past fp16's 65,504
+            advice += "; or train in bf16, whose range is float32's: --amp-dtype bf16"
         return TrainingDiverged(f"training diverged in epoch {epoch + 1} ({what}; lr0 {self.hyp['lr0']:g}); "
                                 f"{advice} (or check the labels)")
 
