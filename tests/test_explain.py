@@ -21,8 +21,7 @@ from utils.engine.predict_io import draw_fps
 from utils.ops.cam import eigen_cam, grad_cam, layer_cam, renormalise_in_boxes
 from utils.ops.images import map_to_image
 from utils.ops.overlay import normalise_map, tick_labels
-from utils.ops.plots import (class_color, copy_holding_gil, detection_rects, draw_detections, free_corner, label_origin,
-                             overlap)
+from utils.ops.plots import class_color, detection_rects, draw_detections, free_corner, label_origin, overlap
 from yolo import YOLO
 
 
@@ -216,14 +215,6 @@ def test_drawn_detections_outline_the_box_and_fill_the_label_in_the_class_colour
     assert (drawn[60:100, 150:] == 200).all()          # the box beyond the left edge does not wrap to the right
     assert (drawn[61:99, 0] == 200).all() and (drawn[99, 0:30] != 200).any(1).all()   # no left edge; bottom kept
     assert draw_detections(image, dets[:0], names).tolist() == image.tolist()
-
-
-def test_copy_holding_gil_is_an_independent_writable_copy():
-    image = np.arange(2 * 5 * 3, dtype=np.uint8).reshape(2, 5, 3)[:, ::2]     # a strided view
-    copy = copy_holding_gil(image)
-    assert copy.tolist() == image.tolist() and copy.flags.writeable and copy.flags.c_contiguous
-    copy[:] = 0
-    assert image.any()
 
 
 def test_fps_text_goes_to_a_corner_free_of_boxes():

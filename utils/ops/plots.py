@@ -93,23 +93,15 @@ def detection_rects(detections: np.ndarray, class_names: list[str], image_shape:
     return [tuple(row[:4]) for row, _, _ in labels] + [rect for _, _, rect in labels]
 
 
-def copy_holding_gil(image: np.ndarray) -> np.ndarray:
-    """A writable copy made without releasing the GIL (bytearray's memcpy). NumPy releases it for a large copy,
-    and a thread that does so waits a whole switch interval (5 ms) to get it back behind a busy Python thread."""
-    image = np.ascontiguousarray(image)
-    return np.frombuffer(bytearray(image.data), image.dtype).reshape(image.shape)
-
-
 def draw_detections(image_bgr: np.ndarray, detections: np.ndarray, class_names: list[str]) -> np.ndarray:
     """Boxes, class names and scores drawn on a copy of a BGR image; label size follows the image size.
 
     Boxes by OpenCV and labels from cached sprites, on the BGR array itself: no conversion to a PIL image and
-    back. The copy keeps the GIL: with NumPy's, drawing beside a busy Python thread ran 4x slower
-    (bench/save_pipeline.py, bench/RESULTS.md), and predict.py draws on a thread of its own beside its main loop.
+    back. predict.py draws on a thread of its own beside its main loop (bench/save_pipeline.py measures both).
     """
     import cv2  # noqa: PLC0415 (ops stay importable without OpenCV's start-up)
 
-    image = copy_holding_gil(image_bgr)
+    image = image_bgr.copy()
     h, w = image.shape[:2]
     size, thickness = _style(h, w)
     palette = _palette_bgr(len(class_names))
