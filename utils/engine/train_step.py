@@ -144,15 +144,18 @@ class TrainStep:
     def _apply(self) -> None:
         """Unscale, clip, optimiser step (skipped on the device after an fp16 overflow), scale update: device work
         only (no host reads), so it can be captured."""
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        found_inf = self.scaler.unscale(grads)
+        found_inf = self.scaler.unscale(self._grads())
         torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm=MAX_GRAD_NORM)
         step_optimizer(self.optimizer, found_inf)
         self.scaler.update()
 
+    def _grads(self) -> list[torch.Tensor]:
+        """The optimiser's gradient buffers (allocated by the first backward, never replaced)."""
+        return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+
     def _zero_grads(self) -> None:
         """Zero the gradient buffers in place: captured graphs hold their addresses, so they are never replaced."""
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = self._grads()
         if grads:
             torch._foreach_zero_(grads)
 
