@@ -9,7 +9,8 @@ folder loop (predict_images: read, decode, letterbox, model, NMS, results writte
 on the whole folder after a warm-up pass on its first two batches (CUDA context, cuDNN, graph capture), and
 reports images/s = files / seconds. Stage rows: reading + decoding only (each path), model + NMS only on
 a letterboxed batch, then that split into the model (with box decode) and NMS alone, once per NMS method
-("auto" picks the matrix on CUDA when it fits), to say what bounds each path.
+("auto" picks the matrix on CUDA when it fits), and saving on the device path split into drawing and JPEG
+encoding, to say what bounds each path.
 """
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import predict  # noqa: E402
 from utils.data.dataset import load_image  # noqa: E402
-from utils.data.image_batches import ImageBatches  # noqa: E402
+from utils.data.image_batches import ImageBatches, decode_chunk  # noqa: E402
 from utils.data.sources import resolve_source  # noqa: E402
+from utils.engine.predict_io import encode_jpegs  # noqa: E402
 from utils.engine.predict_pipeline import Outputs, predict_images  # noqa: E402
 from utils.ops.boxes import NMS_METHODS, non_max_suppression  # noqa: E402
+from utils.ops.draw_tensors import draw_on_tensors  # noqa: E402
 from yolo import YOLO  # noqa: E402
 
 
@@ -56,7 +59,7 @@ def folder_run(yolo: YOLO, folder: Path, out: Path, decode: str, batch: int, sav
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    outputs = Outputs(args, yolo, out, None)
+    outputs = Outputs(args, yolo, out, None, device_images=decode == "device")
     source = resolve_source(str(folder))
     sync(yolo.device)
     start = time.perf_counter()
@@ -124,6 +127,31 @@ def stage_split(yolo: YOLO, paths: list[Path], batch: int, repeats: int) -> list
     return rows
 
 
+def device_saving_split(yolo: YOLO, paths: list[Path], batch: int, repeats: int) -> list[tuple[str, float]]:
+    """Images/s of what saving costs on the device path, on one decoded batch and its detections: drawing
+    (draw_on_tensors), JPEG encoding with the copy back (encode_jpegs), and both."""
+    images = decode_chunk(paths[:batch], yolo.device).images
+    detections = yolo.predict_tensors(images)
+    drawn = draw_on_tensors(images, detections, yolo.class_names)
+
+    def rate(fn) -> float:
+        for _ in range(3):
+            fn()
+        sync(yolo.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync(yolo.device)
+        return repeats * len(images) / (time.perf_counter() - start)
+
+    boxes = sum(len(d) for d in detections) / len(images)
+    return [(f"draw on the device only ({boxes:.1f} boxes/image)",
+             rate(lambda: draw_on_tensors(images, detections, yolo.class_names))),
+            ("JPEG encode on the device + copy back only", rate(lambda: encode_jpegs(drawn))),
+            ("draw + encode on the device", rate(lambda: encode_jpegs(draw_on_tensors(images, detections,
+                                                                                       yolo.class_names))))]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True)
@@ -158,6 +186,7 @@ def main() -> None:
             rows.append((f"read + decode only, {decode}", args.count / decode_only(paths, args.batch, device, decode)))
         rows.append((f"model + NMS only, batch {args.batch}", 1 / model_only(yolo, paths, args.batch, 50)))
         rows += stage_split(yolo, paths, args.batch, 50)
+        rows += device_saving_split(yolo, paths, args.batch, 20)
     width = max(len(r[0]) for r in rows)
     for label, rate in rows:
         print(f"{label.ljust(width)}  {rate:8,.0f} img/s")

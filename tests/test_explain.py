@@ -20,6 +20,7 @@ from utils.engine.explain.capture import capture, resolve_layer
 from utils.engine.predict_io import draw_fps
 from utils.ops.cam import eigen_cam, grad_cam, layer_cam, renormalise_in_boxes
 from utils.ops.images import map_to_image
+from utils.ops.draw_tensors import draw_on_tensors
 from utils.ops.overlay import normalise_map, tick_labels
 from utils.ops.plots import class_color, detection_rects, draw_detections, free_corner, label_origin, overlap
 from yolo import YOLO
@@ -215,6 +216,32 @@ def test_drawn_detections_outline_the_box_and_fill_the_label_in_the_class_colour
     assert (drawn[60:100, 150:] == 200).all()          # the box beyond the left edge does not wrap to the right
     assert (drawn[61:99, 0] == 200).all() and (drawn[99, 0:30] != 200).any(1).all()   # no left edge; bottom kept
     assert draw_detections(image, dets[:0], names).tolist() == image.tolist()
+
+
+def test_drawing_on_tensors_is_draw_detections_pixel_for_pixel():
+    """The batched scatter (predict.py's drawing on the GPU) against the NumPy drawing, in one batch: overlapping
+    boxes (the later one on top), boxes past every edge, a class past the palette, thick lines on a large image,
+    an image with nothing to draw."""
+    rng = np.random.default_rng(3)
+    names = ["RBC", "WBC", "a long class name"]
+    images, dets = [], []
+    for h, w, n in [(120, 160, 25), (37, 50, 3), (1080, 1400, 12), (64, 64, 0), (90, 30, 4)]:
+        images.append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        xy = rng.uniform(-0.2, 1.0, (n, 2)) * (w, h)
+        wh = rng.uniform(0.05, 0.8, (n, 2)) * (w, h)
+        dets.append(np.concatenate([xy, xy + wh, rng.uniform(0, 1, (n, 1)), rng.integers(0, 4, (n, 1))], 1))
+    tensors = [torch.from_numpy(np.ascontiguousarray(im[:, :, ::-1].transpose(2, 0, 1))) for im in images]
+    before = [t.clone() for t in tensors]
+    drawn = draw_on_tensors(tensors, dets, names)
+    painted = 0
+    for image, det, out in zip(images, dets, drawn):
+        expected = draw_detections(image, det, names)
+        assert out.shape == (3, *image.shape[:2])
+        assert np.array_equal(out.numpy().transpose(1, 2, 0)[:, :, ::-1], expected)
+        painted += (expected != image).any(2).sum()
+    assert painted > 10_000 and np.array_equal(drawn[3].numpy(), before[3].numpy())
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))       # the inputs are left as they were
+    assert draw_on_tensors([], [], names) == []
 
 
 def test_fps_text_goes_to_a_corner_free_of_boxes():

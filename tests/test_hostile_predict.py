@@ -112,6 +112,18 @@ def test_failed_writes_are_one_line_errors(weights, data, images, tmp_path, caps
                                                     "--out", str(tmp_path / mode)])
         assert err.startswith(f"error: cannot write {(tmp_path / mode).resolve()}/") and ".jpg:" in err, err
     monkeypatch.undo()
+    # --decode device draws and encodes where the images are, then writes bytes: a full disk there too
+    real_write_bytes = Path.write_bytes
+
+    def no_space(self, *a, **k):
+        if self.suffix == ".jpg":
+            raise OSError(28, "No space left on device")
+        return real_write_bytes(self, *a, **k)
+    monkeypatch.setattr(Path, "write_bytes", no_space)
+    out = tmp_path / "device"
+    err = one_line_error(capsys, predict.main, [*base, "--source", str(images), "--decode", "device", "--out", str(out)])
+    assert err.startswith(f"error: cannot write {out.resolve()}/") and err.endswith(".jpg: No space left on device")
+    monkeypatch.undo()
     # a video writer that cannot open
     video = tmp_path / "clip.avi"
     write_video(video, 3)

@@ -17,6 +17,7 @@ import train
 from utils.data.image_batches import ImageBatches, decode_chunk
 from utils.data.sample_data import make_sample_dataset
 from utils.ops.images import letterbox
+from utils.ops.plots import draw_detections
 from utils.ops.tensor_letterbox import letterbox_tensors
 from yolo import YOLO
 
@@ -141,6 +142,16 @@ def test_predict_cli_device_decode_matches_opencv(weights, folder, tmp_path, cap
         assert ("1 images were decoded by OpenCV" in err) == (decode == "device")
     assert results["device"][0] == results["opencv"][0]           # the same files: drawings, labels, json
     assert len(results["opencv"][0]) == 2 * 9 + 1                 # 9 readable images
+    # the device path drew and encoded the images itself: each file is its image with the recorded boxes drawn
+    names = YOLO(weights, device="cpu").class_names
+    for name in ("im0.jpg", "im6.jpg"):
+        source = decode_chunk([folder / name], torch.device("cpu"), host_copies=True).host[0]
+        boxes = [[*e["box"], e["score"], e["class"]] for e in results["device"][1] if e["image"] == name]
+        jpeg = lambda image: cv2.imdecode(cv2.imencode(".jpg", image)[1], cv2.IMREAD_COLOR).astype(int)  # noqa: E731
+        saved = cv2.imread(str(tmp_path / "device" / name)).astype(int)
+        assert boxes and saved.shape == source.shape      # small busy images: JPEG alone moves pixels by ~20
+        assert np.abs(saved - jpeg(draw_detections(source, np.array(boxes), names))).mean() < 2
+        assert np.abs(saved - jpeg(source)).mean() > 10
     by_image = {d: {} for d in results}
     for decode, (_, entries) in results.items():
         for e in entries:

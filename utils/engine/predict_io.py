@@ -5,7 +5,9 @@ path through `inside`, so a hostile class name or file name cannot write outside
 """
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from utils.engine.folders import OutputError, inside, make_dir, safe_component
 from utils.ops.plots import Rect, free_corner
@@ -56,6 +59,29 @@ def json_entries(name: str, detections: np.ndarray, class_names: list[str]) -> l
     return [{"image": name, "class": int(c), "class_name": class_names[int(c)], "score": round(float(s), 5),
              "box": [round(float(v), 2) for v in (x1, y1, x2, y2)]}
             for x1, y1, x2, y2, s, c in detections]
+
+
+JPEG_QUALITY = 95                         # OpenCV's default, so both ways of saving give files alike
+
+
+def encode_jpegs(images: list[torch.Tensor]) -> list[np.ndarray]:
+    """RGB uint8 [3,H,W] tensors -> each one's JPEG file bytes, encoded where the images are (nvJPEG on CUDA,
+    in one batched call) and copied back to the host in one transfer."""
+    from torchvision.io import encode_jpeg  # noqa: PLC0415 (torchvision loads only where images are encoded with it)
+
+    if not images:
+        return []
+    encoded = encode_jpeg(images, quality=JPEG_QUALITY)
+    data = torch.cat(encoded).cpu().numpy()
+    return np.split(data, np.cumsum([len(e) for e in encoded[:-1]], dtype=np.int64))
+
+
+def write_bytes(path: Path, data: np.ndarray) -> None:
+    """A file's bytes written; a failure (full disk, unwritable folder) becomes an OutputError."""
+    try:
+        path.write_bytes(memoryview(data))
+    except OSError as exc:
+        raise OutputError(path, exc.strerror or str(exc), exc.errno or errno.EIO) from exc
 
 
 def write_image(path: Path, image: np.ndarray) -> None:
@@ -135,7 +161,8 @@ class BackgroundWrites:
     """Runs write jobs on a few threads (OpenCV's encoders release the GIL), so saving keeps pace with inference.
 
     At most `window` jobs are pending (memory stays bounded); a job's error is raised on the caller's thread,
-    at a later submit or at `finish`. threads 0: every job runs at once on the caller's thread.
+    at a later submit or at `finish`. threads 0: every job runs at once on the caller's thread. Several
+    threads may submit.
     """
 
     def __init__(self, threads: int | None = None, window: int | None = None):
@@ -143,14 +170,16 @@ class BackgroundWrites:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="writer") if threads else None
         self.window = window or 8 * max(threads, 1)
         self.pending: deque[Future] = deque()
+        self.lock = threading.Lock()
 
     def submit(self, job: Callable, *args) -> None:
         if self.pool is None:
             job(*args)
             return
-        while self.pending and (self.pending[0].done() or len(self.pending) >= self.window):
-            self.pending.popleft().result()
-        self.pending.append(self.pool.submit(job, *args))
+        with self.lock:
+            while self.pending and (self.pending[0].done() or len(self.pending) >= self.window):
+                self.pending.popleft().result()
+            self.pending.append(self.pool.submit(job, *args))
 
     def finish(self) -> None:
         """Wait for every job; the first failure is raised (the jobs not started are dropped)."""

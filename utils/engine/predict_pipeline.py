@@ -5,21 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from utils.data.dataset import ImageReadError, load_image
 from utils.data.image_batches import DecodedBatch, ImageBatches, device_decode_available
 from utils.data.sources import Source, display_available
 from utils.engine.folders import OutputError, inside, make_dir, safe_component, write_text
-from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, json_entries, keep_classes,
-                                     save_crops, write_image, yolo_label_lines)
+from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, encode_jpegs, json_entries,
+                                     keep_classes, save_crops, write_bytes, write_image, yolo_label_lines)
 from utils.log import get_logger
+from utils.ops.draw_tensors import draw_on_tensors
 from utils.ops.plots import detection_rects
 from yolo import YOLO
 
@@ -32,9 +35,16 @@ class Outputs:
     Two stages: one thread draws (drawing is Python holding the GIL, box by box: with several threads they
     only queue for it, and measured slower than one), a pool of threads encodes and writes (OpenCV's encoder
     releases the GIL). With --show everything runs on the main thread, which owns the window.
+
+    device_images: the images come as tensors on the model's device (--decode device). They are then drawn and
+    JPEG-encoded there (`drawn_on_device`) on a third stage, one thread that also copies the bytes back and
+    hands them to the writers: torchvision's encoder waits for each image on the calling thread, so the main
+    loop goes on with the next batch meanwhile. That thread uses CUDA holding `device_lock`; a caller about to
+    capture a CUDA graph takes it too. Pixels are copied back to the host only for --crop and --show.
     """
 
-    def __init__(self, args: argparse.Namespace, yolo: YOLO, out: Path, wanted: set[int] | None):
+    def __init__(self, args: argparse.Namespace, yolo: YOLO, out: Path, wanted: set[int] | None,
+                 device_images: bool = False):
         self.args, self.yolo, self.out, self.wanted = args, yolo, out, wanted
         self.stems = UniqueStems()
         self.records: list[dict] = []
@@ -42,14 +52,18 @@ class Outputs:
         self.show = args.show and display_available()
         if args.show and not self.show:
             log.warning("--show: no display here; results are only saved")
-        self.needs_pixels = args.save_images or args.crop or self.show
+        self.draws_on_device = device_images and args.save_images and not self.show
+        self.needs_pixels = (args.save_images and not self.draws_on_device) or args.crop or self.show
         self.drawing = BackgroundWrites(threads=0 if self.show else 1, window=16)
-        self.writes = BackgroundWrites(threads=0 if self.show else None)   # fed by the drawing thread only
+        # two batches of device images at most wait for their drawing (the GPU memory they hold stays bounded)
+        self.device_saving = BackgroundWrites(threads=1 if self.draws_on_device else 0, window=2)
+        self.device_lock = threading.Lock()
+        self.writes = BackgroundWrites(threads=0 if self.show else None)   # fed by the two stages above
 
     def image(self, name: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
-              wait_ms: int = 1) -> None:
-        """Record one image's results (its BGR pixels needed only when `needs_pixels`; size = (h, w));
-        its files are made in the background."""
+              wait_ms: int = 1) -> tuple[str, np.ndarray]:
+        """Record one image's results (its BGR pixels needed only when `needs_pixels`; size = (h, w)); its files
+        are made in the background. Returns the stem its files are named by and the detections kept."""
         detections = keep_classes(detections, self.wanted)
         stem = self.stems(name)           # safe and distinct: a.jpg and a.png do not overwrite each other
         if self.args.save_json:
@@ -59,6 +73,24 @@ class Outputs:
         if self.args.count:
             log.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing")
         self.drawing.submit(self._draw, stem, image if self.needs_pixels else None, size, detections, wait_ms)
+        return stem, detections
+
+    def drawn_on_device(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray]) -> None:
+        """A batch's images (RGB [3,H,W] tensors on the device) drawn and JPEG-encoded there, their bytes written,
+        all in the background."""
+        self.device_saving.submit(self._draw_encode_write, stems, images, detections)
+
+    def _draw_encode_write(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray]) -> None:
+        with self.device_lock:
+            drawn = draw_on_tensors(images, detections, self.yolo.class_names)
+            if drawn[0].device.type == "cuda":
+                # torchvision encodes on a stream of its own that does not wait for this one: wait for the drawing
+                done = torch.cuda.Event()
+                done.record()
+                done.synchronize()
+            encoded = encode_jpegs(drawn)
+        for stem, data in zip(stems, encoded):
+            self.writes.submit(write_bytes, inside(self.out, f"{stem}.jpg"), data)
 
     def _draw(self, stem: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
               wait_ms: int) -> None:
@@ -69,7 +101,7 @@ class Outputs:
             self.writes.submit(self._write_labels, stem, "".join(f"{line}\n" for line in lines))
         if image is None:
             return
-        if self.args.save_images or self.show:
+        if (self.args.save_images and not self.draws_on_device) or self.show:
             drawn = self.yolo.detect_image(image, detections)
             if self.args.save_images:
                 self.writes.submit(write_image, inside(self.out, f"{stem}.jpg"), drawn)
@@ -86,6 +118,7 @@ class Outputs:
         """Wait for the drawing, then the writes (raising the first failure), then write predictions.json."""
         try:
             self.drawing.finish()
+            self.device_saving.finish()
             self.writes.finish()
         finally:
             self.close()
@@ -93,8 +126,9 @@ class Outputs:
             write_text(inside(self.out, "predictions.json"), json.dumps(self.records, indent=1))
 
     def close(self) -> None:
-        """Stop both stages (jobs not started are dropped): after a failure elsewhere."""
+        """Stop every stage (jobs not started are dropped): after a failure elsewhere."""
         self.drawing.close()
+        self.device_saving.close()
         self.writes.close()
 
 
@@ -111,15 +145,20 @@ def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int, dec
     """Every image of the source, batched; unreadable ones are skipped and counted (a single one is an error)."""
     paths, skipped, found, on_host = source.paths, [], 0, 0
     single = len(paths) == 1
-    made = (_device_batches(yolo, paths, batch, outputs.needs_pixels) if decode == "device" else
+    made = (_device_batches(yolo, paths, batch, outputs.needs_pixels, outputs.device_lock) if decode == "device" else
             _opencv_batches(yolo, paths, batch))
     try:
         for chunk, images, sizes, dets in made:
             skipped += chunk.skipped
             on_host += chunk.on_host
+            stems, kept = [], []
             for path, image, size, det in zip(chunk.paths, images, sizes, dets):
-                outputs.image(path.name, image, size, det, wait_ms=0 if single else 1)
-                found += len(keep_classes(det, outputs.wanted))
+                stem, det = outputs.image(path.name, image, size, det, wait_ms=0 if single else 1)
+                stems.append(stem)
+                kept.append(det)
+                found += len(det)
+            if outputs.draws_on_device and stems:
+                outputs.drawn_on_device(stems, chunk.images, kept)
         outputs.finish()
     finally:
         made.close()                   # stops the reading thread at once if a write failed
@@ -148,13 +187,13 @@ def _opencv_batches(yolo: YOLO, paths: list[Path], batch: int):
         yield chunk, images, [im.shape[:2] for im in images], yolo.predict(images, batch_size=batch) if images else []
 
 
-def _device_batches(yolo: YOLO, paths: list[Path], batch: int, needs_pixels: bool):
+def _device_batches(yolo: YOLO, paths: list[Path], batch: int, needs_pixels: bool, saving_lock: threading.Lock):
     """(chunk, BGR arrays or Nones, sizes, detections) per batch: read and decoded on a background thread, on the
     model's device; the arrays are copied back there only when the outputs need pixels."""
     batches = ImageBatches(paths, batch, yolo.device, host_copies=needs_pixels)
     for chunk in tqdm(batches, total=len(batches), desc="predict", disable=len(paths) <= batch, file=sys.stdout):
         if yolo.captures(len(chunk.images)):
-            with batches.lock:             # no decoding on the other thread while the graph is captured
+            with batches.lock, saving_lock:    # no CUDA on the other threads while the graph is captured
                 dets = yolo.predict_tensors(chunk.images)
         else:
             dets = yolo.predict_tensors(chunk.images)

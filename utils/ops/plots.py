@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,24 +34,24 @@ Rect = tuple[float, float, float, float]          # x1, y1, x2, y2 in pixels
 
 def label_origin(box: Rect, label_wh: tuple[float, float], image_wh: tuple[int, int]) -> tuple[float, float]:
     """Top-left corner of a box's label: above the box, inside its top when there is no room above (a box at
-    the top edge), shifted left at the right edge; inside the image whenever the label fits in it."""
+    the top edge), shifted left at the right edge; inside the image whenever the label fits in it.
+    Every argument may also be arrays of many boxes (NumPy broadcasting)."""
     x1, y1 = box[0], box[1]
     (lw, lh), (w, h) = label_wh, image_wh
-    y = y1 - lh if y1 - lh >= 0 else max(y1, 0.0)
-    y = max(0.0, min(y, h - lh))
-    x = max(0.0, min(max(x1, 0.0), w - lw))
+    y = np.where(y1 - lh >= 0, y1 - lh, np.maximum(y1, 0.0))
+    y = np.maximum(0.0, np.minimum(y, h - lh))
+    x = np.maximum(0.0, np.minimum(np.maximum(x1, 0.0), w - lw))
     return x, y
 
 
-def _style(height: int, width: int) -> tuple[int, int]:
-    """Label font size and line thickness for an image size."""
-    return max(10, int(3e-2 * height + 0.5)), max(1, (width + height) // 600)
+def _style(height: np.ndarray, width: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Label font size and line thickness for image sizes (int arrays)."""
+    return np.maximum(10, (3e-2 * height + 0.5).astype(np.int64)), np.maximum(1, (width + height) // 600)
 
 
 @lru_cache(maxsize=4096)
 def _label_sprite(text: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """A label as drawn once: its text's ink [h, w] (0..1, float32, 2 px margin) and (w, h) as Python ints
-    (the per-box arithmetic of label_origin is several times slower on NumPy scalars).
+    """A label as drawn once: its text's ink [h, w] (0..1, float32, 2 px margin) and (w, h).
 
     Rendered with the TrueType font once per text and size: a folder of images repeats the same few
     hundred labels ('RBC 0.87'), and a cached label is ~100x cheaper than rendering the text again.
@@ -71,53 +72,100 @@ def _label_patch(text: str, size: int, color_bgr: tuple[int, int, int]) -> np.nd
     return (np.asarray(color_bgr, np.float32) * (1 - ink)).astype(np.uint8)
 
 
-def _labels(detections: np.ndarray, class_names: list[str], size: int,
-            image_wh: tuple[int, int]) -> list[tuple[list[float], str, Rect]]:
-    """Per detection: its row as Python floats (x1, y1, x2, y2, score, class), its label's text and the
-    label rectangle in the image."""
-    out = []
-    for row in np.asarray(detections, np.float64)[:, :6].tolist():     # Python floats: fast to format and round
-        x1, y1, x2, y2, score, cls = row
-        cls = int(cls)
-        text = f"{class_names[cls] if 0 <= cls < len(class_names) else cls} {score:.2f}"
-        lw, lh = _label_sprite(text, size)[1]
-        lx, ly = label_origin((x1, y1, x2, y2), (lw, lh), image_wh)
-        out.append((row, text, (lx, ly, lx + lw, ly + lh)))
-    return out
+@dataclass
+class Labelled:
+    """Detections of one or more images, as drawn: one row each."""
+
+    boxes: np.ndarray         # [n, 4] x1, y1, x2, y2 (float64)
+    image: np.ndarray         # [n] the image each belongs to
+    colors: np.ndarray        # [n, 3] uint8 BGR, the class colour
+    patches: list[np.ndarray]  # [n] the label's pixels [h, w, 3] uint8 BGR
+    origins: np.ndarray       # [n, 2] the label's top-left corner (float64)
+
+
+def _labelled(detections: list[np.ndarray], class_names: list[str], sizes: list[tuple[int, int]]) -> Labelled:
+    """Every detection's box, colour, label patch and label position, for images of sizes (h, w)."""
+    rows = np.concatenate([np.asarray(d, np.float64).reshape(-1, 6)[:, :6] for d in detections] or
+                          [np.zeros((0, 6))])
+    image = np.repeat(np.arange(len(sizes)), [len(d) for d in detections])
+    h, w = np.asarray(sizes, np.int64).reshape(-1, 2)[image].T
+    font = _style(h, w)[0]
+    palette = _palette_bgr(len(class_names))
+    colors, patches, label_wh = [], [], []
+    for score, cls, size in zip(rows[:, 4].tolist(), rows[:, 5].astype(np.int64).tolist(), font.tolist()):
+        known = 0 <= cls < len(class_names)
+        color = palette[cls] if known else class_color(cls, len(class_names))[::-1]
+        text = f"{class_names[cls] if known else cls} {score:.2f}"
+        patches.append(_label_patch(text, size, color))
+        colors.append(color)
+        label_wh.append(patches[-1].shape[1::-1])
+    lw, lh = np.asarray(label_wh, np.float64).reshape(-1, 2).T
+    origins = np.stack(label_origin(rows[:, :4].T, (lw, lh), (w, h)), 1)
+    return Labelled(rows[:, :4], image, np.asarray(colors, np.uint8).reshape(-1, 3), patches, origins)
 
 
 def detection_rects(detections: np.ndarray, class_names: list[str], image_shape: tuple[int, ...]) -> list[Rect]:
     """Every box and every label rectangle draw_detections draws: what other text must not cover."""
-    h, w = image_shape[:2]
-    labels = _labels(detections, class_names, _style(h, w)[0], (w, h))
-    return [tuple(row[:4]) for row, _, _ in labels] + [rect for _, _, rect in labels]
+    found = _labelled([detections], class_names, [image_shape[:2]])
+    wh = np.asarray([p.shape[1::-1] for p in found.patches], np.float64).reshape(-1, 2)
+    labels = np.concatenate([found.origins, found.origins + wh], 1)
+    return [tuple(r) for r in found.boxes.tolist()] + [tuple(r) for r in labels.tolist()]
+
+
+@dataclass
+class Paints:
+    """What drawing detections paints, in drawing order (a later paint covers an earlier one): opaque rectangles
+    inside their image, each a solid colour or (label) the pixels of a patch."""
+
+    image: np.ndarray                   # [P] the image painted
+    rects: np.ndarray                   # [P, 4] x0, y0, x1, y1 (int64, x1 and y1 exclusive), not empty
+    colors: np.ndarray                  # [P, 3] uint8 BGR: a solid paint's fill
+    patches: list[np.ndarray | None]    # [P] a label's pixels [h, w, 3] uint8 BGR; None for a solid paint
+    offsets: np.ndarray                 # [P, 2] (sx, sy): the patch pixel at (x0, y0), a label clipped at an edge
+
+
+def detection_paints(detections: list[np.ndarray], class_names: list[str], sizes: list[tuple[int, int]]) -> Paints:
+    """What drawing the detections of images of sizes (h, w) paints: per box its outline (four bands of the
+    image's line thickness inside the box, its last row and column included), then its label (the cached
+    patch, clipped to the image). All boxes of all images at once, in NumPy; the labels' text is per box.
+
+    The one geometry of a drawing: draw_detections paints these with NumPy on the host, draw_on_tensors
+    (utils/ops/draw_tensors.py) with one scatter per batch on the images' device, pixel for pixel the same.
+    """
+    found = _labelled(detections, class_names, sizes)
+    h, w = np.asarray(sizes, np.int64).reshape(-1, 2)[found.image].T[:, :, None]       # [2, n, 1]
+    t = _style(h, w)[1]
+    x0, y0 = np.round(found.boxes[:, :2]).astype(np.int64).T[:, :, None]
+    x1, y1 = np.maximum(np.round(found.boxes[:, 2:]).astype(np.int64).T[:, :, None], (x0, y0)) + 1
+    lx, ly = np.round(found.origins).astype(np.int64).T[:, :, None]
+    lw, lh = np.asarray([p.shape[1::-1] for p in found.patches], np.int64).reshape(-1, 2).T[:, :, None]
+    # per box: top, bottom, left, right band, label; each x0, y0, x1, y1 [n, 5]
+    rects = np.stack([np.concatenate(parts, 1) for parts in (
+        (x0, x0, x0, x1 - t, lx), (y0, y1 - t, y0, y0, ly), (x1, x1, x0 + t, x1, lx + lw), (y0 + t, y1, y1, y1, ly + lh))],
+        2)                                                                                 # [n, 5, 4]
+    unclipped = rects[:, 4, :2].copy()
+    rects = np.concatenate([np.maximum(rects[..., :2], 0), np.minimum(rects[..., 2:], np.stack([w, h], 2))], 2)
+    keep = ((rects[..., 0] < rects[..., 2]) & (rects[..., 1] < rects[..., 3])).reshape(-1)
+    n = len(found.boxes)
+    offsets = np.zeros((n, 5, 2), np.int64)
+    offsets[:, 4] = rects[:, 4, :2] - unclipped
+    patches = [patch if k == 4 else None for patch in found.patches for k in range(5)]
+    return Paints(np.repeat(found.image, 5)[keep], rects.reshape(-1, 4)[keep], np.repeat(found.colors, 5, 0)[keep],
+                  [p for p, kept in zip(patches, keep.tolist()) if kept], offsets.reshape(-1, 2)[keep])
 
 
 def draw_detections(image_bgr: np.ndarray, detections: np.ndarray, class_names: list[str]) -> np.ndarray:
     """Boxes, class names and scores drawn on a copy of a BGR image; label size follows the image size.
 
-    Boxes by OpenCV and labels from cached sprites, on the BGR array itself: no conversion to a PIL image and
-    back. predict.py draws on a thread of its own beside its main loop (bench/save_pipeline.py measures both).
+    detection_paints' rectangles copied into the array with NumPy: cached label patches, no conversion to a PIL
+    image and back. predict.py draws on a thread of its own beside its main loop (bench/save_pipeline.py measures
+    both), or on the GPU when the images were decoded there.
     """
-    import cv2  # noqa: PLC0415 (ops stay importable without OpenCV's start-up)
-
     image = image_bgr.copy()
-    h, w = image.shape[:2]
-    size, thickness = _style(h, w)
-    palette = _palette_bgr(len(class_names))
-    inset = (thickness - 1) / 2
-    for (x1, y1, x2, y2, _, cls), text, (lx, ly, _, _) in _labels(detections, class_names, size, (w, h)):
-        cls = int(cls)
-        color = palette[cls] if 0 <= cls < len(palette) else class_color(cls, len(class_names))[::-1]   # BGR
-        # the outline inside the box, as a line of `thickness` pixels from its corners inwards
-        cv2.rectangle(image, (round(x1 + inset), round(y1 + inset)), (round(x2 - inset), round(y2 - inset)), color,
-                      thickness)
-        x0, y0 = round(lx), round(ly)
-        ix0, iy0 = max(0, -x0), max(0, -y0)                       # the part of the label inside the image
-        x0, y0 = max(x0, 0), max(y0, 0)
-        label = _label_patch(text, size, color)
-        patch = image[y0:y0 + label.shape[0] - iy0, x0:x0 + label.shape[1] - ix0]
-        patch[:] = label[iy0:iy0 + patch.shape[0], ix0:ix0 + patch.shape[1]]
+    paints = detection_paints([detections], class_names, [image.shape[:2]])
+    for (x0, y0, x1, y1), color, patch, (sx, sy) in zip(paints.rects.tolist(), paints.colors.tolist(), paints.patches,
+                                                          paints.offsets.tolist()):
+        image[y0:y1, x0:x1] = color if patch is None else patch[sy:sy + y1 - y0, sx:sx + x1 - x0]
     return image
 
 
