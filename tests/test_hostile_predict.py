@@ -3,6 +3,7 @@ write is a one-line error, numeric flags are range-checked first, colliding stem
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -113,17 +114,26 @@ def test_failed_writes_are_one_line_errors(weights, data, images, tmp_path, caps
         assert err.startswith(f"error: cannot write {(tmp_path / mode).resolve()}/") and ".jpg:" in err, err
     monkeypatch.undo()
     # --decode device draws and encodes where the images are, then writes bytes: a full disk there too
-    real_write_bytes = Path.write_bytes
+    real_open = os.open
 
-    def no_space(self, *a, **k):
-        if self.suffix == ".jpg":
+    def no_space(path, flags, *a, **k):
+        if str(path).endswith(".jpg"):
             raise OSError(28, "No space left on device")
-        return real_write_bytes(self, *a, **k)
-    monkeypatch.setattr(Path, "write_bytes", no_space)
+        return real_open(path, flags, *a, **k)
+    monkeypatch.setattr(os, "open", no_space)
     out = tmp_path / "device"
     err = one_line_error(capsys, predict.main, [*base, "--source", str(images), "--decode", "device", "--out", str(out)])
     assert err.startswith(f"error: cannot write {out.resolve()}/") and err.endswith(".jpg: No space left on device")
     monkeypatch.undo()
+    # a symlink planted where a drawing goes is refused, not followed out of the folder
+    out, outside = tmp_path / "planted", tmp_path / "outside.jpg"
+    out.mkdir()
+    outside.write_bytes(b"keep me")
+    first = sorted(p for p in images.iterdir() if p.suffix == ".jpg")[0]
+    (out / f"{first.stem}.jpg").symlink_to(outside)
+    err = one_line_error(capsys, predict.main, [*base, "--source", str(images), "--decode", "device", "--out", str(out)])
+    assert err.startswith(f"error: cannot write {out.resolve()}/{first.stem}.jpg")
+    assert outside.read_bytes() == b"keep me"
     # a video writer that cannot open
     video = tmp_path / "clip.avi"
     write_video(video, 3)

@@ -182,7 +182,9 @@ def test_nvjpeg_batches_and_the_cli_on_cuda(weights, folder, tmp_path, capsys):
     assert on_gpu.paths == on_cpu.paths and on_gpu.on_host == on_cpu.on_host == 1
     for gpu_image, cpu_image in zip(on_gpu.images, on_cpu.images):
         assert gpu_image.is_cuda
-        assert (gpu_image.cpu().int() - cpu_image.int()).abs().float().mean() < 2.0
+        # nvJPEG upsamples chroma unlike libjpeg-turbo: 6.5 levels apart on average on these noise textures
+        # (H200, torchvision 0.26); a channel swap is ~50 apart, a one-pixel shift ~16
+        assert (gpu_image.cpu().int() - cpu_image.int()).abs().float().mean() < 10
     results = {}
     for decode in ("opencv", "device"):
         out = tmp_path / decode
