@@ -160,6 +160,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--device", default=None)
     p.add_argument("--tmp", default=None, help="where the temporary folder goes (default the system's)")
+    p.add_argument("--decodes", default="opencv,device", help="the paths timed end to end, comma-separated")
     args = p.parse_args()
     yolo = YOLO(args.weights, device=args.device)
     device = yolo.device
@@ -175,13 +176,13 @@ def main() -> None:
         for path in paths[:2 * args.batch]:
             shutil.copyfile(path, warm / path.name)
         rows = []
-        for decode in ("opencv", "device"):
+        for decode in args.decodes.split(","):
             for save in (False, True):
                 folder_run(yolo, warm, Path(tmp) / "out", decode, args.batch, save)          # warm-up
                 seconds = folder_run(yolo, folder, Path(tmp) / "out", decode, args.batch, save)
                 rows.append((f"predict folder, --decode {decode}, {'saving' if save else 'not saving'} images",
                              args.count / seconds))
-        for decode in ("opencv", "device"):
+        for decode in args.decodes.split(","):
             decode_only(paths[:2 * args.batch], args.batch, device, decode)
             rows.append((f"read + decode only, {decode}", args.count / decode_only(paths, args.batch, device, decode)))
         rows.append((f"model + NMS only, batch {args.batch}", 1 / model_only(yolo, paths, args.batch, 50)))

@@ -2,77 +2,98 @@
 predict.py can draw and encode a folder's images there and only write bytes on the host.
 
 The rectangles are detection_paints' (utils/ops/plots.py), the one geometry of a drawing; here they become one
-table uploaded per batch and one scatter. Every pixel a paint covers is generated on the device (repeat_interleave
-over the paints' areas); where paints overlap, the later one wins (a scatter-amax of paint numbers picks it), as
-when draw_detections paints them in order. The result is pixel for pixel draw_detections' drawing, in RGB.
+table (`plan_drawing`, host only) uploaded per batch and one scatter (`paint`, the device). Every pixel a paint
+covers is generated on the device (repeat_interleave over the paints' areas); where paints overlap, the later
+one wins (a scatter-amax of paint numbers picks it), as when draw_detections paints them in order. The result
+is pixel for pixel draw_detections' drawing, in RGB.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from utils.ops.plots import detection_paints
 
-def draw_on_tensors(images: list[torch.Tensor], detections: list[np.ndarray],
-                    class_names: list[str]) -> list[torch.Tensor]:
-    """Copies of RGB uint8 [3,H,W] images (all on one device) with their detections drawn on them."""
-    if not images:
-        return []
-    device = images[0].device
-    sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+
+@dataclass
+class DrawingPlan:
+    """A batch's drawing as arrays, made on the host without touching the images' device."""
+
+    sizes: list[tuple[int, int]]   # (h, w) per image
+    pixel_start: np.ndarray        # [B+1] image b's pixel (y, x) is pixel_start[b] + y*w + x of the batch
+    # per paint: its first pixel in the batch and in the canvas (the images' planes one after another), its
+    # image's row length and plane size, its width and height, its first source pixel, the source's row and
+    # column strides (0 and 0: a solid colour)
+    table: np.ndarray              # [P, 9] int64, in drawing order
+    sources_rgb: np.ndarray        # [S, 3] uint8: every solid paint's colour, then each label patch once
+
+
+def plan_drawing(sizes: list[tuple[int, int]], detections: list[np.ndarray], class_names: list[str]) -> DrawingPlan:
+    """What drawing the detections of images of sizes (h, w) paints, as one table."""
     areas = np.asarray([h * w for h, w in sizes], np.int64)
-    pixel_start = np.concatenate([[0], np.cumsum(areas)])   # image b's pixel (y, x): pixel_start[b] + y*w + x
+    pixel_start = np.concatenate([[0], np.cumsum(areas)]).astype(np.int64)
     paints = detection_paints(detections, class_names, sizes)
-    if not len(paints.image):
-        return [im.clone() for im in images]
-    # the sources: every solid paint's colour (one pixel, strides 0), then each label patch once (its pixels)
-    solid = np.asarray([p is None for p in paints.patches])
+    solid = np.asarray([p is None for p in paints.patches], bool)
     sources, patch_at, length = [paints.colors[solid]], {}, int(solid.sum())
     src_start = np.zeros(len(solid), np.int64)
     src_row = np.zeros(len(solid), np.int64)
     src_start[solid] = np.arange(length)
     for i in np.flatnonzero(~solid).tolist():
         patch = paints.patches[i]
-        if id(patch) not in patch_at:
+        if id(patch) not in patch_at:                   # each cached label patch packed once a batch
             patch_at[id(patch)] = length
             sources.append(patch.reshape(-1, 3))
             length += len(sources[-1])
         sx, sy = paints.offsets[i].tolist()
         src_start[i] = patch_at[id(patch)] + sy * patch.shape[1] + sx
         src_row[i] = patch.shape[1]
-    # per paint: its first pixel in the winner index and in the canvas, its image's row length and plane size,
-    # its width and height, its first source pixel, the source's row and column strides (0 and 0: a solid colour)
     x0, y0, x1, y1 = paints.rects.T
     w = np.asarray([w for _, w in sizes], np.int64)[paints.image]
-    offset = y0 * w + x0
-    table = np.stack([pixel_start[paints.image] + offset, 3 * pixel_start[paints.image] + offset, w,
-                      areas[paints.image], x1 - x0, y1 - y0, src_start, src_row, (~solid).astype(np.int64)], 1)
-    canvas = torch.cat([im.reshape(-1) for im in images] + [images[0].new_zeros(3)])  # planar images, then a bin
-    _paint(canvas, int(pixel_start[-1]), table, np.concatenate(sources)[:, ::-1], device)
-    return [canvas[3 * pixel_start[b]:3 * pixel_start[b + 1]].view(3, h, w) for b, (h, w) in enumerate(sizes)]
+    first, offset = pixel_start[paints.image], y0 * w + x0
+    table = np.stack([first + offset, 3 * first + offset, w, areas[paints.image], x1 - x0, y1 - y0, src_start,
+                      src_row, (~solid).astype(np.int64)], 1).reshape(-1, 9)
+    return DrawingPlan(list(sizes), pixel_start, table, np.concatenate(sources)[:, ::-1])
 
 
-def _paint(canvas: torch.Tensor, pixels: int, table: np.ndarray, sources_rgb: np.ndarray,
-           device: torch.device) -> None:
-    """Scatter every paint of `table` into `canvas` (the images' planes, flat, then 3 spare bytes); `pixels` is
-    the number of image pixels. No host synchronisation: the sizes come from the host table."""
+def paint(images: list[torch.Tensor], plan: DrawingPlan) -> list[torch.Tensor]:
+    """Copies of RGB uint8 [3,H,W] images (all on one device) with the plan painted on them. No host
+    synchronisation: every size comes from the plan."""
+    if not len(plan.table):
+        return [im.clone() for im in images]
+    device = images[0].device
+    table = plan.table
     counts = table[:, 4] * table[:, 5]
     total = int(counts.sum())
+    canvas = torch.cat([im.reshape(-1) for im in images] + [images[0].new_zeros(3)])  # planar images, then a bin
     t = torch.from_numpy(table).to(device)
-    src_pixels = torch.from_numpy(np.ascontiguousarray(sources_rgb)).to(device)   # [S, 3]
+    src_pixels = torch.from_numpy(np.ascontiguousarray(plan.sources_rgb)).to(device)               # [S, 3]
     pixel0, canvas0, row_len, plane, width, _, src0, src_row, src_col = t.unbind(1)
-    paint = torch.repeat_interleave(torch.arange(len(table), device=device), t[:, 4] * t[:, 5],
-                                    output_size=total)                                            # [N]
+    painted = torch.repeat_interleave(torch.arange(len(table), device=device), t[:, 4] * t[:, 5],
+                                      output_size=total)                                          # [N]
     first = torch.from_numpy(np.cumsum(counts) - counts).to(device)
-    local = torch.arange(total, device=device) - first[paint]
-    r = torch.div(local, width[paint], rounding_mode="floor")
-    c = local - r * width[paint]
-    pixel = pixel0[paint] + r * row_len[paint] + c                                                 # [N]
+    local = torch.arange(total, device=device) - first[painted]
+    r = torch.div(local, width[painted], rounding_mode="floor")
+    c = local - r * width[painted]
+    pixel = pixel0[painted] + r * row_len[painted] + c                                             # [N]
     # the last paint covering a pixel wins: paint numbers grow in drawing order
-    order = paint.to(torch.int32)                          # int32: the winner index costs 4 bytes an image pixel
-    winner = torch.full((pixels,), -1, dtype=torch.int32, device=device).scatter_reduce_(0, pixel, order, "amax")
+    order = painted.to(torch.int32)                       # int32: the winner index costs 4 bytes an image pixel
+    winner = torch.full((int(plan.pixel_start[-1]),), -1, dtype=torch.int32, device=device)
+    winner.scatter_reduce_(0, pixel, order, "amax")
     spare = canvas.numel() - 3                            # the losers write into the 3 spare bytes instead
-    at = torch.where(winner[pixel] == order, canvas0[paint] + r * row_len[paint] + c, spare)
-    at = at[None] + torch.where(at == spare, 0, plane[paint])[None] * torch.arange(3, device=device)[:, None]
-    colour = src_pixels[src0[paint] + r * src_row[paint] + c * src_col[paint]].T                   # [3, N]
+    at = torch.where(winner[pixel] == order, canvas0[painted] + r * row_len[painted] + c, spare)
+    at = at[None] + torch.where(at == spare, 0, plane[painted])[None] * torch.arange(3, device=device)[:, None]
+    colour = src_pixels[src0[painted] + r * src_row[painted] + c * src_col[painted]].T              # [3, N]
     canvas.index_put_((at.reshape(-1),), colour.reshape(-1))
+    starts = plan.pixel_start.tolist()
+    return [canvas[3 * starts[b]:3 * starts[b + 1]].view(3, h, w) for b, (h, w) in enumerate(plan.sizes)]
+
+
+def draw_on_tensors(images: list[torch.Tensor], detections: list[np.ndarray],
+                    class_names: list[str]) -> list[torch.Tensor]:
+    """Copies of RGB uint8 [3,H,W] images (all on one device) with their detections drawn on them."""
+    if not images:
+        return []
+    return paint(images, plan_drawing([(int(im.shape[1]), int(im.shape[2])) for im in images], detections,
+                                      class_names))
