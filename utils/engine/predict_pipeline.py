@@ -22,7 +22,7 @@ from utils.engine.folders import OutputError, inside, make_dir, safe_component, 
 from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, encode_jpegs, json_entries,
                                      keep_classes, save_crops, write_files, write_image, yolo_label_lines)
 from utils.log import get_logger
-from utils.ops.draw_tensors import paint, plan_drawing
+from utils.ops.draw_tensors import draw_on_tensors
 from utils.ops.plots import detection_rects
 from yolo import YOLO
 
@@ -39,11 +39,10 @@ class Outputs:
     releases the GIL). With --show everything runs on the main thread, which owns the window.
 
     device_images: the images come as tensors on the model's device (--decode device). They are then drawn and
-    JPEG-encoded there (`drawn_on_device`) by two more threads: one plans a batch's drawing on the host and
-    paints it on the device, one encodes the painted batch and hands the bytes to the writers (torchvision's
-    encoder waits for each image on its calling thread), so planning, encoding and the main loop overlap.
-    Both use CUDA holding `device_lock`; a caller about to capture a CUDA graph takes it too. Pixels are
-    copied back to the host only for --crop and --show.
+    JPEG-encoded there (`drawn_on_device`) on a third stage, one thread that also copies the bytes back and
+    hands them to the writers: torchvision's encoder waits for each image on the calling thread, so the main
+    loop goes on with the next batch meanwhile. That thread uses CUDA holding `device_lock`; a caller about to
+    capture a CUDA graph takes it too. Pixels are copied back to the host only for --crop and --show.
     """
 
     def __init__(self, args: argparse.Namespace, yolo: YOLO, out: Path, wanted: set[int] | None,
@@ -58,11 +57,10 @@ class Outputs:
         self.draws_on_device = device_images and args.save_images and not self.show
         self.needs_pixels = (args.save_images and not self.draws_on_device) or args.crop or self.show
         self.drawing = BackgroundWrites(threads=0 if self.show else 1, window=16)
-        # two batches of device images at most wait at each stage (the GPU memory they hold stays bounded)
-        self.device_drawing = BackgroundWrites(threads=1 if self.draws_on_device else 0, window=2)
-        self.encoding = BackgroundWrites(threads=1 if self.draws_on_device else 0, window=2)
+        # two batches of device images at most wait for their drawing (the GPU memory they hold stays bounded)
+        self.device_saving = BackgroundWrites(threads=1 if self.draws_on_device else 0, window=2)
         self.device_lock = threading.Lock()
-        self.writes = BackgroundWrites(threads=0 if self.show else None)   # fed by the stages above
+        self.writes = BackgroundWrites(threads=0 if self.show else None)   # fed by the two stages above
 
     def image(self, name: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
               wait_ms: int = 1) -> tuple[str, np.ndarray]:
@@ -82,23 +80,16 @@ class Outputs:
     def drawn_on_device(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray]) -> None:
         """A batch's images (RGB [3,H,W] tensors on the device) drawn and JPEG-encoded there, their bytes written,
         all in the background."""
-        self.device_drawing.submit(self._paint_on_device, stems, images, detections)
+        self.device_saving.submit(self._draw_encode_write, stems, images, detections)
 
-    def _paint_on_device(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray]) -> None:
-        plan = plan_drawing([(int(im.shape[1]), int(im.shape[2])) for im in images], detections,
-                            self.yolo.class_names)                         # host only: no lock needed
+    def _draw_encode_write(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray]) -> None:
         with self.device_lock:
-            drawn = paint(images, plan)
-            painted = None
+            drawn = draw_on_tensors(images, detections, self.yolo.class_names)
             if drawn[0].device.type == "cuda":
-                painted = torch.cuda.Event()
-                painted.record()
-        self.encoding.submit(self._encode_and_write, stems, drawn, painted)
-
-    def _encode_and_write(self, stems: list[str], drawn: list[torch.Tensor], painted: torch.cuda.Event | None) -> None:
-        with self.device_lock:
-            if painted is not None:
-                painted.synchronize()      # torchvision encodes on a stream of its own that does not wait for ours
+                # torchvision encodes on a stream of its own that does not wait for this one: wait for the drawing
+                done = torch.cuda.Event()
+                done.record()
+                done.synchronize()
             encoded = encode_jpegs(drawn)
         folder, files = inside(self.out), [(f"{stem}.jpg", data) for stem, data in zip(stems, encoded)]
         for start in range(0, len(files), FILES_A_JOB):
@@ -130,8 +121,7 @@ class Outputs:
         """Wait for the drawing, then the writes (raising the first failure), then write predictions.json."""
         try:
             self.drawing.finish()
-            self.device_drawing.finish()
-            self.encoding.finish()
+            self.device_saving.finish()
             self.writes.finish()
         finally:
             self.close()
@@ -141,8 +131,7 @@ class Outputs:
     def close(self) -> None:
         """Stop every stage (jobs not started are dropped): after a failure elsewhere."""
         self.drawing.close()
-        self.device_drawing.close()
-        self.encoding.close()
+        self.device_saving.close()
         self.writes.close()
 
 
