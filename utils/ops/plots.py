@@ -76,11 +76,14 @@ def _label_patch(text: str, size: int, color_bgr: tuple[int, int, int]) -> np.nd
 class Labelled:
     """Detections of one or more images, as drawn: one row each."""
 
-    boxes: np.ndarray         # [n, 4] x1, y1, x2, y2 (float64)
-    image: np.ndarray         # [n] the image each belongs to
-    colors: np.ndarray        # [n, 3] uint8 BGR, the class colour
+    boxes: np.ndarray          # [n, 4] x1, y1, x2, y2 (float64)
+    image: np.ndarray          # [n] the image each belongs to
+    image_wh: np.ndarray       # [n, 2] its image's width and height (int64)
+    thickness: np.ndarray      # [n] its image's line thickness (int64)
+    colors: np.ndarray         # [n, 3] uint8 BGR, the class colour
     patches: list[np.ndarray]  # [n] the label's pixels [h, w, 3] uint8 BGR
-    origins: np.ndarray       # [n, 2] the label's top-left corner (float64)
+    label_wh: np.ndarray       # [n, 2] the label's width and height (int64)
+    origins: np.ndarray        # [n, 2] the label's top-left corner (float64)
 
 
 def _labelled(detections: list[np.ndarray], class_names: list[str], sizes: list[tuple[int, int]]) -> Labelled:
@@ -88,8 +91,8 @@ def _labelled(detections: list[np.ndarray], class_names: list[str], sizes: list[
     rows = np.concatenate([np.asarray(d, np.float64).reshape(-1, 6)[:, :6] for d in detections] or
                           [np.zeros((0, 6))])
     image = np.repeat(np.arange(len(sizes)), [len(d) for d in detections])
-    h, w = np.asarray(sizes, np.int64).reshape(-1, 2)[image].T
-    font = _style(h, w)[0]
+    image_wh = np.asarray(sizes, np.int64).reshape(-1, 2)[image][:, ::-1]
+    font, thickness = _style(image_wh[:, 1], image_wh[:, 0])
     palette = _palette_bgr(len(class_names))
     colors, patches, label_wh = [], [], []
     for score, cls, size in zip(rows[:, 4].tolist(), rows[:, 5].astype(np.int64).tolist(), font.tolist()):
@@ -99,16 +102,16 @@ def _labelled(detections: list[np.ndarray], class_names: list[str], sizes: list[
         patches.append(_label_patch(text, size, color))
         colors.append(color)
         label_wh.append(patches[-1].shape[1::-1])
-    lw, lh = np.asarray(label_wh, np.float64).reshape(-1, 2).T
-    origins = np.stack(label_origin(rows[:, :4].T, (lw, lh), (w, h)), 1)
-    return Labelled(rows[:, :4], image, np.asarray(colors, np.uint8).reshape(-1, 3), patches, origins)
+    label_wh = np.asarray(label_wh, np.int64).reshape(-1, 2)
+    origins = np.stack(label_origin(rows[:, :4].T, label_wh.T, image_wh.T), 1)
+    return Labelled(rows[:, :4], image, image_wh, thickness, np.asarray(colors, np.uint8).reshape(-1, 3), patches,
+                    label_wh, origins)
 
 
 def detection_rects(detections: np.ndarray, class_names: list[str], image_shape: tuple[int, ...]) -> list[Rect]:
     """Every box and every label rectangle draw_detections draws: what other text must not cover."""
     found = _labelled([detections], class_names, [image_shape[:2]])
-    wh = np.asarray([p.shape[1::-1] for p in found.patches], np.float64).reshape(-1, 2)
-    labels = np.concatenate([found.origins, found.origins + wh], 1)
+    labels = np.concatenate([found.origins, found.origins + found.label_wh], 1)
     return [tuple(r) for r in found.boxes.tolist()] + [tuple(r) for r in labels.tolist()]
 
 
@@ -133,22 +136,21 @@ def detection_paints(detections: list[np.ndarray], class_names: list[str], sizes
     (utils/ops/draw_tensors.py) with one scatter per batch on the images' device, pixel for pixel the same.
     """
     found = _labelled(detections, class_names, sizes)
-    h, w = np.asarray(sizes, np.int64).reshape(-1, 2)[found.image].T[:, :, None]       # [2, n, 1]
-    t = _style(h, w)[1]
-    x0, y0 = np.round(found.boxes[:, :2]).astype(np.int64).T[:, :, None]
-    x1, y1 = np.maximum(np.round(found.boxes[:, 2:]).astype(np.int64).T[:, :, None], (x0, y0)) + 1
-    lx, ly = np.round(found.origins).astype(np.int64).T[:, :, None]
-    lw, lh = np.asarray([p.shape[1::-1] for p in found.patches], np.int64).reshape(-1, 2).T[:, :, None]
-    # per box: top, bottom, left, right band, label; each x0, y0, x1, y1 [n, 5]
-    rects = np.stack([np.concatenate(parts, 1) for parts in (
-        (x0, x0, x0, x1 - t, lx), (y0, y1 - t, y0, y0, ly), (x1, x1, x0 + t, x1, lx + lw), (y0 + t, y1, y1, y1, ly + lh))],
-        2)                                                                                 # [n, 5, 4]
-    unclipped = rects[:, 4, :2].copy()
-    rects = np.concatenate([np.maximum(rects[..., :2], 0), np.minimum(rects[..., 2:], np.stack([w, h], 2))], 2)
+    n, t = len(found.boxes), found.thickness
+    corners = np.round(found.boxes).astype(np.int64)
+    x0, y0 = corners[:, 0], corners[:, 1]
+    x1, y1 = np.maximum(corners[:, 2], x0) + 1, np.maximum(corners[:, 3], y0) + 1     # exclusive
+    label = np.round(found.origins).astype(np.int64)
+    # per box: top, bottom, left, right band, label; each x0, y0, x1, y1
+    rects = np.empty((n, 5, 4), np.int64)
+    rects[:, :4] = np.stack([x0, y0, x1, y1], 1)[:, None]
+    rects[:, 0, 3], rects[:, 1, 1], rects[:, 2, 2], rects[:, 3, 0] = y0 + t, y1 - t, x0 + t, x1 - t
+    rects[:, 4, :2], rects[:, 4, 2:] = label, label + found.label_wh
+    np.maximum(rects[..., :2], 0, out=rects[..., :2])
+    np.minimum(rects[..., 2:], found.image_wh[:, None], out=rects[..., 2:])
     keep = ((rects[..., 0] < rects[..., 2]) & (rects[..., 1] < rects[..., 3])).reshape(-1)
-    n = len(found.boxes)
     offsets = np.zeros((n, 5, 2), np.int64)
-    offsets[:, 4] = rects[:, 4, :2] - unclipped
+    offsets[:, 4] = rects[:, 4, :2] - label
     patches = [patch if k == 4 else None for patch in found.patches for k in range(5)]
     return Paints(np.repeat(found.image, 5)[keep], rects.reshape(-1, 4)[keep], np.repeat(found.colors, 5, 0)[keep],
                   [p for p, kept in zip(patches, keep.tolist()) if kept], offsets.reshape(-1, 2)[keep])
@@ -163,7 +165,8 @@ def draw_detections(image_bgr: np.ndarray, detections: np.ndarray, class_names: 
     """
     image = image_bgr.copy()
     paints = detection_paints([detections], class_names, [image.shape[:2]])
-    for (x0, y0, x1, y1), color, patch, (sx, sy) in zip(paints.rects.tolist(), paints.colors.tolist(), paints.patches,
+    # colours as uint8 rows: NumPy fills a slice from them faster than from Python ints
+    for (x0, y0, x1, y1), color, patch, (sx, sy) in zip(paints.rects.tolist(), paints.colors, paints.patches,
                                                           paints.offsets.tolist()):
         image[y0:y1, x0:x1] = color if patch is None else patch[sy:sy + y1 - y0, sx:sx + x1 - x0]
     return image
