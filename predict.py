@@ -227,15 +227,15 @@ def main(argv: list[str] | None = None) -> Path | None:
         if cap is not None:
             cap.release()
         raise
-    outputs = None if pictures else Outputs(args, yolo, out, wanted, device_images=source.kind == "images"
-                                            and decode == "device")
+    outputs = None if pictures else Outputs(args, yolo, out, wanted,
+                                            device_images=source.kind == "images" and decode == "device")
+    decode_shown = decode + (", drawn and encoded there too" if outputs and outputs.draws_on_device else "")
     print_config("predict.py", {"weights": args.weights, "model": yolo.config["model"],
                                 "attention": yolo.config["attention"], "source": args.source,
                                 "mode": f"{args.mode} ({pictures[2]})" if pictures else args.mode,
                                 "input": "x".join(map(str, yolo.input_shape)), "device": yolo.runtime,
                                 "conf": detect.conf, "nms_iou": detect.nms_iou,
-                                **({"decode": decode + (", drawn and encoded there too" if outputs and
-                                                        outputs.draws_on_device else "")} if source.kind == "images" else {}), "out": out})
+                                **({"decode": decode_shown} if source.kind == "images" else {}), "out": out})
     if pictures:
         run_pictures(source, out, *pictures[:2])
         return out

@@ -137,7 +137,9 @@ def test_predict_cli_device_decode_matches_opencv(weights, folder, tmp_path, cap
                       "--decode", decode, "--save-txt", "--save-json", "--batch", "4", "--out", str(out)])
         results[decode] = (sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()),
                            json.loads((out / "predictions.json").read_text()))
-        err = capsys.readouterr().err
+        printed = capsys.readouterr()
+        err = printed.err
+        assert ("drawn and encoded there too" in printed.out + err) == (decode == "device")   # the start-up table
         assert "skipped 2 unreadable images" in err
         assert ("1 images were decoded by OpenCV" in err) == (decode == "device")
     assert results["device"][0] == results["opencv"][0]           # the same files: drawings, labels, json
