@@ -4,8 +4,8 @@ predict.py can draw and encode a folder's images there and only write bytes on t
 The rectangles are detection_paints' (utils/ops/plots.py), the one geometry of a drawing; here they become one
 table (`plan_drawing`, host only) uploaded per batch and one scatter (`paint`, the device). Every pixel a paint
 covers is generated on the device (repeat_interleave over the paints' areas); where paints overlap, the later
-one wins (a scatter-amax of paint numbers picks it), as when draw_detections paints them in order. The result
-is pixel for pixel draw_detections' drawing, in RGB.
+one wins (sorting the entries by pixel, then paint number, picks it), as when draw_detections paints them in
+order. The result is pixel for pixel draw_detections' drawing, in RGB.
 """
 from __future__ import annotations
 
@@ -77,12 +77,17 @@ def paint(images: list[torch.Tensor], plan: DrawingPlan) -> list[torch.Tensor]:
     r = torch.div(local, width[painted], rounding_mode="floor")
     c = local - r * width[painted]
     pixel = pixel0[painted] + r * row_len[painted] + c                                             # [N]
-    # the last paint covering a pixel wins: paint numbers grow in drawing order
-    order = painted.to(torch.int32)                       # int32: the winner index costs 4 bytes an image pixel
-    winner = torch.full((int(plan.pixel_start[-1]),), -1, dtype=torch.int32, device=device)
-    winner.scatter_reduce_(0, pixel, order, "amax")
+    # the last paint covering a pixel wins (paint numbers grow in drawing order): sorted by pixel, then paint,
+    # a pixel's last entry is its winner. Memory grows with the pixels painted, not with the images' size.
+    key = torch.sort(pixel * len(table) + painted).values
+    wins = torch.ones_like(key, dtype=torch.bool)
+    wins[:-1] = key[:-1] // len(table) != key[1:] // len(table)
+    painted = key % len(table)
+    pixel = key // len(table)
+    r = torch.div(pixel - pixel0[painted], row_len[painted], rounding_mode="floor")
+    c = pixel - pixel0[painted] - r * row_len[painted]
     spare = canvas.numel() - 3                            # the losers write into the 3 spare bytes instead
-    at = torch.where(winner[pixel] == order, canvas0[painted] + r * row_len[painted] + c, spare)
+    at = torch.where(wins, canvas0[painted] + r * row_len[painted] + c, spare)
     at = at[None] + torch.where(at == spare, 0, plane[painted])[None] * torch.arange(3, device=device)[:, None]
     colour = src_pixels[src0[painted] + r * src_row[painted] + c * src_col[painted]].T              # [3, N]
     canvas.index_put_((at.reshape(-1),), colour.reshape(-1))
