@@ -242,6 +242,7 @@ def test_drawing_on_tensors_is_draw_detections_pixel_for_pixel():
     assert painted > 10_000 and np.array_equal(drawn[3].numpy(), before[3].numpy())
     assert all(torch.equal(t, b) for t, b in zip(tensors, before))       # the inputs are left as they were
     assert draw_on_tensors([], [], names) == []
+    assert torch.equal(draw_on_tensors([tensors[3]], [dets[3]], names)[0], tensors[3])    # a batch with no boxes
 
 
 def test_fps_text_goes_to_a_corner_free_of_boxes():

@@ -35,20 +35,22 @@ def plan_drawing(sizes: list[tuple[int, int]], detections: list[np.ndarray], cla
     areas = np.asarray([h * w for h, w in sizes], np.int64)
     pixel_start = np.concatenate([[0], np.cumsum(areas)]).astype(np.int64)
     paints = detection_paints(detections, class_names, sizes)
-    solid = np.asarray([p is None for p in paints.patches], bool)
-    sources, patch_at, length = [paints.colors[solid]], {}, int(solid.sum())
+    solid = np.asarray([p is None for p in paints.patches], bool).reshape(-1)
+    labels = np.flatnonzero(~solid)
+    patches = [paints.patches[i] for i in labels.tolist()]
+    # each cached label patch packed once a batch, after the solid colours
+    _, first_of, which = np.unique(np.asarray([id(p) for p in patches], np.int64), return_index=True,
+                                     return_inverse=True)
+    unique = [patches[i] for i in first_of.tolist()]
+    sizes_px = np.asarray([p.shape[0] * p.shape[1] for p in unique], np.int64)
+    unique_start = int(solid.sum()) + np.concatenate([[0], np.cumsum(sizes_px)[:-1]]).astype(np.int64)
+    widths = np.asarray([p.shape[1] for p in patches], np.int64)
     src_start = np.zeros(len(solid), np.int64)
     src_row = np.zeros(len(solid), np.int64)
-    src_start[solid] = np.arange(length)
-    for i in np.flatnonzero(~solid).tolist():
-        patch = paints.patches[i]
-        if id(patch) not in patch_at:                   # each cached label patch packed once a batch
-            patch_at[id(patch)] = length
-            sources.append(patch.reshape(-1, 3))
-            length += len(sources[-1])
-        sx, sy = paints.offsets[i].tolist()
-        src_start[i] = patch_at[id(patch)] + sy * patch.shape[1] + sx
-        src_row[i] = patch.shape[1]
+    src_start[solid] = np.arange(int(solid.sum()))
+    src_start[labels] = unique_start[which.reshape(-1)] + paints.offsets[labels, 1] * widths + paints.offsets[labels, 0]
+    src_row[labels] = widths
+    sources = [paints.colors[solid]] + [p.reshape(-1, 3) for p in unique]
     x0, y0, x1, y1 = paints.rects.T
     w = np.asarray([w for _, w in sizes], np.int64)[paints.image]
     first, offset = pixel_start[paints.image], y0 * w + x0
