@@ -9,8 +9,8 @@
   python predict.py --weights best.onnx --source img.jpg          (ONNX Runtime; every mode takes an .onnx)
 
 Model, classes and input size come from the checkpoint (or the .onnx file's metadata). On CUDA, folders of
-JPEGs are decoded and letterboxed on the GPU in batches while the next batch is read (--decode); results are
-written by background threads.
+JPEGs are decoded, letterboxed, drawn and encoded on the GPU in batches while the next batch is read (--decode);
+results are written by background threads.
 """
 from __future__ import annotations
 
@@ -89,7 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode", default="auto", choices=("auto", "opencv", "device"),
                    help="how image folders are decoded: opencv (host threads), device (JPEGs in batches with "
                         "torchvision's decode_jpeg on the model's device, nvJPEG on CUDA, and letterboxed there; "
-                        "other files by OpenCV); auto = device on CUDA, else opencv")
+                        "other files by OpenCV; saved images drawn and encoded there too); auto = device on CUDA "
+                        "for more than one batch, else opencv")
     add_export_flags(p)
     args = p.parse_args(argv)
     check_export_flags(args)
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         return None
     # inputs are checked before the output folder exists: a failed run leaves nothing behind
     wanted = parse_class_filter(args.classes, yolo.class_names)
-    decode = decode_mode(args.decode, yolo)
+    decode = decode_mode(args.decode, yolo, len(source.paths) if source.kind == "images" else 0, args.batch)
     pictures = picture_mode(args, yolo, wanted)
     cap = open_video(source) if source.kind != "images" else None
     if source.kind == "images" and len(source.paths) == 1:

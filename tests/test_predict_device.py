@@ -163,6 +163,20 @@ def test_predict_cli_device_decode_matches_opencv(weights, folder, tmp_path, cap
         assert matched(np.array(boxes), np.array(by_image["device"][name])) >= 0.8, name
 
 
+def test_auto_decode_takes_the_device_path_for_more_than_one_batch_on_cuda(monkeypatch):
+    """A single batch stays on the host: it would gain nothing and pay for importing torchvision."""
+    from types import SimpleNamespace
+
+    from utils.engine import predict_pipeline
+    asked = []
+    monkeypatch.setattr(predict_pipeline, "device_decode_available", lambda: asked.append(1) or True)
+    on = lambda kind: SimpleNamespace(device=torch.device(kind))        # noqa: E731
+    assert predict_pipeline.decode_mode("auto", on("cuda"), images=16, batch=16) == "opencv" and not asked
+    assert predict_pipeline.decode_mode("auto", on("cuda"), images=17, batch=16) == "device" and asked
+    assert predict_pipeline.decode_mode("auto", on("cpu"), images=1000, batch=16) == "opencv"
+    assert predict_pipeline.decode_mode("device", on("cpu"), images=1, batch=16) == "device"
+
+
 def test_no_save_images_writes_only_what_is_asked(weights, folder, tmp_path):
     out = tmp_path / "out"
     predict.main(["--weights", str(weights), "--source", str(folder), "--device", "cpu", "--decode", "device",

@@ -135,10 +135,16 @@ class Outputs:
         self.writes.close()
 
 
-def decode_mode(requested: str, yolo: YOLO) -> str:
-    """--decode auto -> device on CUDA where torchvision can decode JPEGs, else opencv; device without it is an error."""
+def decode_mode(requested: str, yolo: YOLO, images: int, batch: int) -> str:
+    """--decode auto -> device on CUDA for more than one batch of images where torchvision can decode JPEGs,
+    else opencv; device without it is an error.
+
+    A single batch gains nothing from the device path (there is no next batch to read while one is predicted)
+    and would pay for importing torchvision, which imports torch._dynamo: 1.3 s on the development machine,
+    5.1 s on a slow GPU host (bench/RESULTS.md, seventh session)."""
     if requested == "auto":
-        return "device" if yolo.device.type == "cuda" and device_decode_available() else "opencv"
+        wanted = yolo.device.type == "cuda" and images > batch
+        return "device" if wanted and device_decode_available() else "opencv"
     if requested == "device" and not device_decode_available():
         raise ValueError("--decode device: this torchvision has no decode_jpeg; use --decode opencv")
     return requested
