@@ -83,18 +83,23 @@ def decode_only(paths: list[Path], batch: int, device: torch.device, decode: str
     return time.perf_counter() - start
 
 
-def model_only(yolo: YOLO, paths: list[Path], batch: int, repeats: int) -> float:
-    """Seconds per image of model + decode + NMS on one letterboxed batch (no reading, no letterbox)."""
-    tensors, metas = yolo.preprocess([load_image(p) for p in paths[:batch]])
-    tensors = tensors.to(yolo.device)
+def images_per_second(fn, images: int, repeats: int, device: torch.device) -> float:
+    """Images/s of `fn` (which handles `images` images a call): 3 untimed calls, then `repeats` timed ones."""
     for _ in range(3):
-        yolo.infer(tensors, metas)
-    sync(yolo.device)
+        fn()
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
-        yolo.infer(tensors, metas)
-    sync(yolo.device)
-    return (time.perf_counter() - start) / (repeats * len(metas))
+        fn()
+    sync(device)
+    return repeats * images / (time.perf_counter() - start)
+
+
+def model_only(yolo: YOLO, paths: list[Path], batch: int, repeats: int) -> float:
+    """Images/s of model + decode + NMS on one letterboxed batch (no reading, no letterbox)."""
+    tensors, metas = yolo.preprocess([load_image(p) for p in paths[:batch]])
+    tensors = tensors.to(yolo.device)
+    return images_per_second(lambda: yolo.infer(tensors, metas), len(metas), repeats, yolo.device)
 
 
 def stage_split(yolo: YOLO, paths: list[Path], batch: int, repeats: int) -> list[tuple[str, float]]:
@@ -103,14 +108,7 @@ def stage_split(yolo: YOLO, paths: list[Path], batch: int, repeats: int) -> list
     tensors = tensors.to(yolo.device)
 
     def rate(fn) -> float:
-        for _ in range(3):
-            fn()
-        sync(yolo.device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync(yolo.device)
-        return repeats * batch / (time.perf_counter() - start)
+        return images_per_second(fn, batch, repeats, yolo.device)
 
     def decoded() -> torch.Tensor:
         outputs = yolo.forward(tensors)
@@ -135,14 +133,7 @@ def device_saving_split(yolo: YOLO, paths: list[Path], batch: int, repeats: int)
     drawn = draw_on_tensors(images, detections, yolo.class_names)
 
     def rate(fn) -> float:
-        for _ in range(3):
-            fn()
-        sync(yolo.device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync(yolo.device)
-        return repeats * len(images) / (time.perf_counter() - start)
+        return images_per_second(fn, len(images), repeats, yolo.device)
 
     boxes = sum(len(d) for d in detections) / len(images)
     return [(f"draw on the device only ({boxes:.1f} boxes/image)",
@@ -185,7 +176,7 @@ def main() -> None:
         for decode in args.decodes.split(","):
             decode_only(paths[:2 * args.batch], args.batch, device, decode)
             rows.append((f"read + decode only, {decode}", args.count / decode_only(paths, args.batch, device, decode)))
-        rows.append((f"model + NMS only, batch {args.batch}", 1 / model_only(yolo, paths, args.batch, 50)))
+        rows.append((f"model + NMS only, batch {args.batch}", model_only(yolo, paths, args.batch, 50)))
         rows += stage_split(yolo, paths, args.batch, 50)
         rows += device_saving_split(yolo, paths, args.batch, 20)
     width = max(len(r[0]) for r in rows)

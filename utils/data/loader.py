@@ -17,10 +17,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from utils.data.augment import hsv_cpu, plan_targets, render_cpu, sample_plans
-from utils.ops.images import GRAY
 from utils.data.dataset import ImageReadError, Record, load_image
 from utils.log import get_logger
-from utils.ops.images import fitted_size, load_resized
+from utils.ops.images import GRAY, fitted_size, load_resized
 
 log = get_logger(__name__)
 
