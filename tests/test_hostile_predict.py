@@ -106,14 +106,8 @@ def test_blocked_out_fails_before_any_work(weights, data, images, tmp_path, caps
 
 def test_failed_writes_are_one_line_errors(weights, data, images, tmp_path, capsys, monkeypatch):
     base = ["--weights", str(weights), "--device", "cpu"]
-    # cv2.imwrite reports a full disk by returning False
-    monkeypatch.setattr(cv2, "imwrite", lambda *a, **k: False)
-    for mode in ("predict", "heatmap"):
-        err = one_line_error(capsys, predict.main, [*base, "--source", str(images), "--mode", mode,
-                                                    "--out", str(tmp_path / mode)])
-        assert err.startswith(f"error: cannot write {(tmp_path / mode).resolve()}/") and ".jpg:" in err, err
-    monkeypatch.undo()
-    # --decode device draws and encodes where the images are, then writes bytes: a full disk there too
+    # a full disk, on both paths: the host path encodes with OpenCV, --decode device with nvJPEG where the images
+    # are; both then write the bytes with write_files
     real_open = os.open
 
     def no_space(path, flags, *a, **k):
@@ -121,19 +115,25 @@ def test_failed_writes_are_one_line_errors(weights, data, images, tmp_path, caps
             raise OSError(28, "No space left on device")
         return real_open(path, flags, *a, **k)
     monkeypatch.setattr(os, "open", no_space)
-    out = tmp_path / "device"
-    err = one_line_error(capsys, predict.main, [*base, "--source", str(images), "--decode", "device", "--out", str(out)])
-    assert err.startswith(f"error: cannot write {out.resolve()}/") and err.endswith(".jpg: No space left on device")
+    for name, flags in (("predict", ["--mode", "predict"]), ("heatmap", ["--mode", "heatmap"]),
+                        ("device", ["--decode", "device"])):
+        out = tmp_path / name
+        err = one_line_error(capsys, predict.main, [*base, "--source", str(images), *flags, "--out", str(out)])
+        assert err.startswith(f"error: cannot write {out.resolve()}/") and err.endswith(
+            ".jpg: No space left on device"), err
     monkeypatch.undo()
-    # a symlink planted where a drawing goes is refused, not followed out of the folder
-    out, outside = tmp_path / "planted", tmp_path / "outside.jpg"
-    out.mkdir()
+    # a symlink planted where a drawing goes is refused, not followed out of the folder (both paths)
+    outside = tmp_path / "outside.jpg"
     outside.write_bytes(b"keep me")
     first = sorted(p for p in images.iterdir() if p.suffix == ".jpg")[0]
-    (out / f"{first.stem}.jpg").symlink_to(outside)
-    err = one_line_error(capsys, predict.main, [*base, "--source", str(images), "--decode", "device", "--out", str(out)])
-    assert err.startswith(f"error: cannot write {out.resolve()}/{first.stem}.jpg")
-    assert outside.read_bytes() == b"keep me"
+    for decode in ("opencv", "device"):
+        out = tmp_path / f"planted_{decode}"
+        out.mkdir()
+        (out / f"{first.stem}.jpg").symlink_to(outside)
+        err = one_line_error(capsys, predict.main, [*base, "--source", str(images), "--decode", decode, "--out", str(out)])
+        # the host path finds the link when it resolves the name (inside), the device path when it opens the file
+        assert err.startswith("error: ") and f"{out.resolve()}/{first.stem}.jpg" in err, err
+        assert outside.read_bytes() == b"keep me"
     # a video writer that cannot open
     video = tmp_path / "clip.avi"
     write_video(video, 3)

@@ -98,14 +98,26 @@ def write_files(folder: Path, files: list[tuple[str, np.ndarray]]) -> None:
             raise OutputError(path, exc.strerror or str(exc), exc.errno or errno.EIO) from exc
 
 
+def write_images(folder: Path, images: list[tuple[str, np.ndarray]]) -> None:
+    """BGR arrays encoded by OpenCV in the format of each name's suffix (JPEG at JPEG_QUALITY) and written into
+    `folder` by write_files. OpenCV's encoder releases the GIL, so writer threads encode in parallel."""
+    files = []
+    for name, image in images:
+        suffix = Path(name).suffix.lower() or ".jpg"
+        params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if suffix in (".jpg", ".jpeg") else []
+        try:
+            ok, data = cv2.imencode(suffix, image, params)
+        except cv2.error as exc:
+            raise OutputError(folder / name, f"OpenCV could not encode the image ({exc.err or exc})") from exc
+        if not ok:
+            raise OutputError(folder / name, "OpenCV could not encode the image")
+        files.append((name, data))
+    write_files(folder, files)
+
+
 def write_image(path: Path, image: np.ndarray) -> None:
-    """cv2.imwrite, whose False (full disk, unwritable folder) becomes an OutputError."""
-    try:
-        ok = cv2.imwrite(str(path), image)
-    except cv2.error as exc:
-        raise OutputError(path, f"OpenCV could not encode the image ({exc.err or exc})") from exc
-    if not ok:
-        raise OutputError(path, "OpenCV could not write the file (full disk, read-only or missing folder?)")
+    """One BGR array written as the image file `path` (write_images)."""
+    write_images(path.parent, [(path.name, image)])
 
 
 class UniqueStems:
@@ -179,9 +191,9 @@ class BackgroundWrites:
     threads may submit.
     """
 
-    def __init__(self, threads: int | None = None, window: int | None = None):
+    def __init__(self, threads: int | None = None, window: int | None = None, name: str = "writer"):
         threads = min(8, os.cpu_count() or 1) if threads is None else threads
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="writer") if threads else None
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix=name) if threads else None
         self.window = window or 8 * max(threads, 1)
         self.pending: deque[Future] = deque()
         self.lock = threading.Lock()
