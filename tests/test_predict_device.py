@@ -5,6 +5,7 @@ On the CPU the device path decodes with libjpeg-turbo instead of nvJPEG; everyth
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import cv2
@@ -14,7 +15,7 @@ import torch
 
 import predict
 import train
-from utils.data.image_batches import ImageBatches, decode_chunk
+from utils.data.image_batches import CaptureGuard, ImageBatches, decode_chunk
 from utils.data.sample_data import make_sample_dataset
 from utils.ops.images import letterbox
 from utils.ops.plots import draw_detections
@@ -90,6 +91,56 @@ def test_decode_chunk_falls_back_to_opencv_and_counts(folder):
     batches = list(ImageBatches(paths, 4, torch.device("cpu")))
     assert [p for b in batches for p in b.paths] == chunk.paths
     assert sum(b.on_host for b in batches) == 1 and sum(len(b.skipped) for b in batches) == 2
+
+
+def test_capture_guard_shares_among_users_and_captures_alone():
+    guard, order = CaptureGuard(), []
+    inside, release, captured = threading.Event(), threading.Event(), threading.Event()
+
+    def user() -> None:
+        with guard.using():
+            order.append("a in")
+            inside.set()
+            release.wait(10)
+            order.append("a out")
+
+    def capture() -> None:
+        with guard.capturing():
+            order.append("capture")
+            captured.set()
+            release.wait(10)
+
+    first = threading.Thread(target=user)
+    first.start()
+    assert inside.wait(10)
+    with guard.using():                      # a second user enters while the first is inside: shared
+        order.append("b in")
+    capturer = threading.Thread(target=capture)
+    capturer.start()
+    assert not captured.wait(0.3)            # the capture waits for the user still inside
+    release.set()
+    first.join(10)
+    assert captured.wait(10)
+    capturer.join(10)
+    assert order == ["a in", "b in", "a out", "capture"]
+    # a user arriving during a capture waits for its end
+    release.clear()
+    captured.clear()
+    entered = threading.Event()
+    capturer = threading.Thread(target=capture)
+    capturer.start()
+    assert captured.wait(10)
+
+    def late_user() -> None:
+        with guard.using():
+            entered.set()
+    late = threading.Thread(target=late_user)
+    late.start()
+    assert not entered.wait(0.3)
+    release.set()
+    assert entered.wait(10)
+    capturer.join(10)
+    late.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,16 @@ OpenCV (`load_image`, the project's one decoder) and counted. Pixels are as stor
 rotation), as `load_image` gives them. While the caller runs a batch, the next ones are read.
 
 The reading thread's CUDA calls (nvJPEG, copies) would break a CUDA graph captured meanwhile on
-another thread, so it decodes holding `ImageBatches.lock`: a caller that captures holds it too. With
-`host_copies` the thread also copies each image back as a BGR array, so that writer threads never
-touch CUDA.
+another thread, so it decodes inside `CaptureGuard.using()`; a caller about to capture enters
+`capturing()`, which waits for every such user and holds new ones back. With `host_copies` the thread
+also copies each image back as a BGR array, so that writer threads never touch CUDA.
 """
 from __future__ import annotations
 
 import queue
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,45 @@ def device_decode_available() -> bool:
     return hasattr(torchvision.io, "decode_jpeg")
 
 
+class CaptureGuard:
+    """Keeps background threads' CUDA calls out of a CUDA graph being captured on another thread.
+
+    Threads that use CUDA in the background (decoding, drawing, encoding) enter `using()`; any number of
+    them at once. The thread about to capture enters `capturing()`: it waits until no one is using, and no
+    one starts meanwhile (a plain lock would also make the background threads wait for each other).
+    """
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._users = 0
+        self._capturing = False
+
+    @contextmanager
+    def using(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._capturing)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._users -= 1
+                self._changed.notify_all()
+
+    @contextmanager
+    def capturing(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._capturing)
+            self._capturing = True            # from here no new user starts
+            self._changed.wait_for(lambda: self._users == 0)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._capturing = False
+                self._changed.notify_all()
+
+
 @dataclass
 class DecodedBatch:
     """The readable images of one chunk of paths: their paths and RGB uint8 [3,H,W] tensors on the device."""
@@ -47,6 +87,16 @@ class DecodedBatch:
 
 def _rgb_tensor(bgr: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1))).to(device)
+
+
+def bgr_arrays(images: list[torch.Tensor]) -> list[np.ndarray]:
+    """RGB uint8 [3,H,W] tensors, all on one device -> BGR [H,W,3] arrays: reordered where the tensors are, then
+    copied back to the host in one transfer."""
+    if not images:
+        return []
+    flat = torch.cat([im.flip(0).permute(1, 2, 0).reshape(-1) for im in images]).cpu().numpy()
+    ends = np.cumsum([im.numel() for im in images]).tolist()
+    return [flat[end - im.numel():end].reshape(im.shape[1], im.shape[2], 3) for im, end in zip(images, ends)]
 
 
 def decode_chunk(paths: list[Path], device: torch.device, host_copies: bool = False) -> DecodedBatch:
@@ -77,7 +127,8 @@ def decode_chunk(paths: list[Path], device: torch.device, host_copies: bool = Fa
                     decoded.append(None)
         for i, image in zip(jpegs, decoded):
             images[i] = image
-    batch = DecodedBatch([], [], [] if host_copies else None)
+    batch = DecodedBatch([], [])
+    host: list[np.ndarray | None] = []           # OpenCV's arrays, None where decode_jpeg decoded the image
     for path, image in zip(paths, images):
         bgr = None
         if image is None:
@@ -90,9 +141,10 @@ def decode_chunk(paths: list[Path], device: torch.device, host_copies: bool = Fa
             batch.on_host += 1
         batch.paths.append(path)
         batch.images.append(image)
-        if host_copies:
-            # RGB -> BGR and CHW -> HWC on the device: the copy back is then the array, no strided copy on the host
-            batch.host.append(bgr if bgr is not None else image.flip(0).permute(1, 2, 0).contiguous().cpu().numpy())
+        host.append(bgr)
+    if host_copies:
+        copies = iter(bgr_arrays([im for im, bgr in zip(batch.images, host) if bgr is None]))
+        batch.host = [bgr if bgr is not None else next(copies) for bgr in host]
     return batch
 
 
@@ -100,9 +152,10 @@ class ImageBatches:
     """Iterate DecodedBatch of `batch` paths each, decoded on a background thread up to QUEUE_DEPTH ahead."""
 
 
-    def __init__(self, paths: list[Path], batch: int, device: torch.device, host_copies: bool = False):
+    def __init__(self, paths: list[Path], batch: int, device: torch.device, host_copies: bool = False,
+                 guard: CaptureGuard | None = None):
         self.paths, self.batch, self.device, self.host_copies = list(paths), batch, device, host_copies
-        self.lock = threading.Lock()      # held while the thread decodes: a caller capturing a CUDA graph takes it
+        self.guard = guard or CaptureGuard()     # the thread decodes using it; a caller capturing a graph waits
 
     def __len__(self) -> int:
         return -(-len(self.paths) // self.batch)
@@ -124,7 +177,7 @@ class ImageBatches:
         def produce() -> None:
             try:
                 for start in range(0, len(self.paths), self.batch):
-                    with self.lock:
+                    with self.guard.using():
                         item = decode_chunk(self.paths[start:start + self.batch], self.device, self.host_copies)
                     if not put(item):
                         return

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,13 +15,13 @@ import torch
 from tqdm import tqdm
 
 from utils.data.dataset import ImageReadError, load_image
-from utils.data.image_batches import DecodedBatch, ImageBatches, device_decode_available
+from utils.data.image_batches import CaptureGuard, DecodedBatch, ImageBatches, device_decode_available
 from utils.data.sources import Source, display_available
 from utils.engine.folders import OutputError, inside, make_dir, safe_component, write_text
 from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, encode_jpegs, json_entries,
                                      keep_classes, save_crops, write_files, write_image, yolo_label_lines)
 from utils.log import get_logger
-from utils.ops.draw_tensors import draw_on_tensors
+from utils.ops.draw_tensors import paint, plan_drawing
 from utils.ops.plots import detection_rects
 from yolo import YOLO
 
@@ -39,10 +38,12 @@ class Outputs:
     releases the GIL). With --show everything runs on the main thread, which owns the window.
 
     device_images: the images come as tensors on the model's device (--decode device). They are then drawn and
-    JPEG-encoded there (`drawn_on_device`) on a third stage, one thread that also copies the bytes back and
-    hands them to the writers: torchvision's encoder waits for each image on the calling thread, so the main
-    loop goes on with the next batch meanwhile. That thread uses CUDA holding `device_lock`; a caller about to
-    capture a CUDA graph takes it too. Pixels are copied back to the host only for --crop and --show.
+    JPEG-encoded there (`drawn_on_device`), a batch at a time, by two more stages of one thread each, so that
+    the main loop goes on with the next batch meanwhile: painting (the drawing planned on the host, painted on
+    the device) and encoding (torchvision's nvJPEG encoder, which waits for each image on the calling thread;
+    the bytes copied back and handed to the writers). Both use CUDA inside `cuda_guard.using()`; a caller about
+    to capture a CUDA graph enters `cuda_guard.capturing()`. Pixels are copied back to the host only for --crop
+    and --show.
     """
 
     def __init__(self, args: argparse.Namespace, yolo: YOLO, out: Path, wanted: set[int] | None,
@@ -56,11 +57,13 @@ class Outputs:
             log.warning("--show: no display here; results are only saved")
         self.draws_on_device = device_images and args.save_images and not self.show
         self.needs_pixels = (args.save_images and not self.draws_on_device) or args.crop or self.show
-        self.drawing = BackgroundWrites(threads=0 if self.show else 1, window=16)
-        # two batches of device images at most wait for their drawing (the GPU memory they hold stays bounded)
-        self.device_saving = BackgroundWrites(threads=1 if self.draws_on_device else 0, window=2)
-        self.device_lock = threading.Lock()
-        self.writes = BackgroundWrites(threads=0 if self.show else None)   # fed by the two stages above
+        self.drawing = BackgroundWrites(threads=0 if self.show else 1, window=16, name="drawing")
+        # two batches of device images at most wait for each stage (the GPU memory they hold stays bounded)
+        on_device = 1 if self.draws_on_device else 0
+        self.painting = BackgroundWrites(threads=on_device, window=2, name="painting")
+        self.encoding = BackgroundWrites(threads=on_device, window=2, name="encoding")
+        self.cuda_guard = CaptureGuard()
+        self.writes = BackgroundWrites(threads=0 if self.show else None)   # fed by the stages above
 
     def image(self, name: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
               wait_ms: int = 1) -> tuple[str, np.ndarray]:
@@ -74,21 +77,33 @@ class Outputs:
         self.totals.update(counts)
         if self.args.count:
             log.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing")
-        self.drawing.submit(self._draw, stem, image if self.needs_pixels else None, size, detections, wait_ms)
+        if self.args.save_txt or (self.needs_pixels and image is not None):   # else nothing to hand over
+            self.drawing.submit(self._draw, stem, image if self.needs_pixels else None, size, detections, wait_ms)
         return stem, detections
 
     def drawn_on_device(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray]) -> None:
         """A batch's images (RGB [3,H,W] tensors on the device) drawn and JPEG-encoded there, their bytes written,
         all in the background."""
-        self.device_saving.submit(self._draw_encode_write, stems, images, detections)
+        self.painting.submit(self._paint, stems, images, detections)
 
-    def _draw_encode_write(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray]) -> None:
-        with self.device_lock:
-            drawn = draw_on_tensors(images, detections, self.yolo.class_names)
+    def _paint(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray]) -> None:
+        """Painting stage: the drawing planned on the host (no CUDA, so outside the guard), painted on the device."""
+        plan = plan_drawing([(int(im.shape[1]), int(im.shape[2])) for im in images], detections,
+                            self.yolo.class_names)
+        with self.cuda_guard.using():
+            drawn = paint(images, plan)
+            done = None
             if drawn[0].device.type == "cuda":
-                # torchvision encodes on a stream of its own that does not wait for this one: wait for the drawing
                 done = torch.cuda.Event()
                 done.record()
+        self.encoding.submit(self._encode, stems, drawn, done)
+
+    def _encode(self, stems: list[str], drawn: list[torch.Tensor], done: torch.cuda.Event | None) -> None:
+        """Encoding stage: the painted images JPEG-encoded on the device, the bytes copied back and handed to the
+        writers."""
+        with self.cuda_guard.using():
+            if done is not None:
+                # torchvision encodes on a stream of its own that does not wait for the painting's
                 done.synchronize()
             encoded = encode_jpegs(drawn)
         folder, files = inside(self.out), [(f"{stem}.jpg", data) for stem, data in zip(stems, encoded)]
@@ -121,7 +136,8 @@ class Outputs:
         """Wait for the drawing, then the writes (raising the first failure), then write predictions.json."""
         try:
             self.drawing.finish()
-            self.device_saving.finish()
+            self.painting.finish()
+            self.encoding.finish()
             self.writes.finish()
         finally:
             self.close()
@@ -131,7 +147,8 @@ class Outputs:
     def close(self) -> None:
         """Stop every stage (jobs not started are dropped): after a failure elsewhere."""
         self.drawing.close()
-        self.device_saving.close()
+        self.painting.close()
+        self.encoding.close()
         self.writes.close()
 
 
@@ -154,7 +171,7 @@ def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int, dec
     """Every image of the source, batched; unreadable ones are skipped and counted (a single one is an error)."""
     paths, skipped, found, on_host = source.paths, [], 0, 0
     single = len(paths) == 1
-    made = (_device_batches(yolo, paths, batch, outputs.needs_pixels, outputs.device_lock) if decode == "device" else
+    made = (_device_batches(yolo, paths, batch, outputs.needs_pixels, outputs.cuda_guard) if decode == "device" else
             _opencv_batches(yolo, paths, batch))
     try:
         for chunk, images, sizes, dets in made:
@@ -196,13 +213,13 @@ def _opencv_batches(yolo: YOLO, paths: list[Path], batch: int):
         yield chunk, images, [im.shape[:2] for im in images], yolo.predict(images, batch_size=batch) if images else []
 
 
-def _device_batches(yolo: YOLO, paths: list[Path], batch: int, needs_pixels: bool, saving_lock: threading.Lock):
+def _device_batches(yolo: YOLO, paths: list[Path], batch: int, needs_pixels: bool, guard: CaptureGuard):
     """(chunk, BGR arrays or Nones, sizes, detections) per batch: read and decoded on a background thread, on the
     model's device; the arrays are copied back there only when the outputs need pixels."""
-    batches = ImageBatches(paths, batch, yolo.device, host_copies=needs_pixels)
+    batches = ImageBatches(paths, batch, yolo.device, host_copies=needs_pixels, guard=guard)
     for chunk in tqdm(batches, total=len(batches), desc="predict", disable=len(paths) <= batch, file=sys.stdout):
         if yolo.captures(len(chunk.images)):
-            with batches.lock, saving_lock:    # no CUDA on the other threads while the graph is captured
+            with guard.capturing():            # no CUDA on the other threads while the graph is captured
                 dets = yolo.predict_tensors(chunk.images)
         else:
             dets = yolo.predict_tensors(chunk.images)
