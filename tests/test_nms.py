@@ -112,6 +112,17 @@ def test_blocked_nms_needs_no_torchvision():
     assert loaded == {"torchvision": False, "torch._dynamo": False}
 
 
+def test_auto_on_the_cpu_needs_no_torchvision_for_a_prediction():
+    """A prediction's few candidates fit one round: predicting an image on the CPU does not import torchvision."""
+    loaded = loaded_after("import torch\n"
+                          "from utils.ops.boxes import non_max_suppression\n"
+                          "pred = torch.rand(2, 2000, 8)\n"
+                          "pred[..., 4] = torch.where(torch.rand(2, 2000) < 0.02, 0.9, 0.01)\n"
+                          "out = non_max_suppression(pred, 0.25, 0.5, 300)\n"
+                          "assert 10 < sum(len(o) for o in out) < 200\n", ["torchvision", "torch._dynamo"])
+    assert loaded == {"torchvision": False, "torch._dynamo": False}
+
+
 def test_fitting_groups_keep_each_overlap_matrix_under_the_limit(monkeypatch):
     import utils.ops.boxes as boxes
     monkeypatch.setattr(boxes, "MATRIX_NMS_MAX_ELEMENTS", 3 * 100 * 100)
@@ -170,7 +181,8 @@ def test_an_iou_exactly_at_the_threshold_suppresses_as_torchvision_does(method):
     torch.testing.assert_close(non_max_suppression(pred, 0.1, 0.6, method=method)[0], reference[0], rtol=0, atol=0)
 
 
-def test_auto_is_the_blocked_rounds_on_cuda_and_torchvision_elsewhere():
-    assert resolved_nms_method("auto", torch.device("cuda", 0)) == "blocked"
-    assert resolved_nms_method("auto", torch.device("cpu")) == "per_image"
-    assert resolved_nms_method("matrix", torch.device("cuda")) == "matrix"
+def test_auto_is_the_blocked_rounds_on_cuda_and_for_few_candidates_torchvision_for_many_on_the_cpu():
+    assert resolved_nms_method("auto", torch.device("cuda", 0), 5000) == "blocked"
+    assert resolved_nms_method("auto", torch.device("cpu"), 5000) == "per_image"
+    assert resolved_nms_method("auto", torch.device("cpu"), 40) == "blocked"       # a prediction: no torchvision
+    assert resolved_nms_method("matrix", torch.device("cuda"), 40) == "matrix"

@@ -125,8 +125,8 @@ def ciou_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tens
 # NMS_BLOCK candidates each (`blocked_nms`), in groups whose overlap matrices fit MATRIX_NMS_MAX_ELEMENTS (about 50
 # images x 1024 candidates); an image leaves once it keeps max_det boxes. Greedy NMS of a score-ordered prefix keeps
 # exactly the full answer's boxes from that prefix, so the result is the full answer at a cost set by the boxes
-# kept, not by every candidate (an early-epoch model at --conf 0.001 gives thousands an image). On the CPU through
-# torchvision's C++ kernel one image at a time. Not torchvision on GPUs:
+# kept, not by every candidate (an early-epoch model at --conf 0.001 gives thousands an image). On the CPU, beyond
+# one round, through torchvision's C++ kernel one image at a time. Not torchvision on GPUs:
 # importing it imports torch._dynamo, seconds that stalled the first evaluation of a training run.
 MATRIX_NMS_MAX_ELEMENTS = 64 * 1024 * 1024
 NMS_BLOCK = 1024
@@ -143,7 +143,8 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     torchvision batched_nms call per image; "matrix" does every image at once (`matrix_nms`, the same result,
     a few GPU waits per batch instead of one per image, memory growing with the square of the candidates);
     "blocked" does every image at once in rounds of NMS_BLOCK candidates (`blocked_nms`, the same result in bounded
-    memory); "auto" is "blocked" on CUDA and torchvision per image on the CPU (`resolved_nms_method`).
+    memory); "auto" is "blocked" on CUDA and on the CPU for up to NMS_BLOCK candidates an image, else torchvision
+    per image (`resolved_nms_method`).
     Reading the candidate counts is one wait for the GPU; the candidates are a prefix of each image's sorted scores.
     `multi_label` keeps every class above threshold per box, as COCO-style evaluation expects;
     otherwise only each box's best class.
@@ -167,7 +168,7 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     if method == "matrix":
         keep = matrix_nms(det[:, :k], counts, iou_thres)                                 # B,k
         return [det[image, :n][keep[image, :n]][:max_det] for image, n in enumerate(counts)]
-    if resolved_nms_method(method, det.device) == "blocked":
+    if resolved_nms_method(method, det.device, k) == "blocked":
         return [det[image][kept] for image, kept in enumerate(blocked_nms(det, counts, iou_thres, max_det))]
     from torchvision.ops import batched_nms  # noqa: PLC0415 (lazy: see cxcywh_to_xyxy)
     out = []
@@ -178,12 +179,16 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     return out
 
 
-def resolved_nms_method(method: str, device: torch.device) -> str:
-    """What "auto" means on a device: "blocked" on CUDA (no torchvision import, no wait per image), "per_image"
-    (torchvision's C++ kernel) elsewhere; any other method stands."""
+def resolved_nms_method(method: str, device: torch.device, candidates: int) -> str:
+    """What "auto" means on a device for at most `candidates` an image: "blocked" on CUDA (no torchvision import,
+    no wait per image); on the CPU "blocked" too when they fit one round (NMS_BLOCK: a prediction's few dozen),
+    which spares the import of torchvision (it imports torch._dynamo: 1.3-2 s, half of predicting one image
+    on the development machine), else "per_image" (torchvision's C++ kernel: an evaluation at --conf 0.001 with
+    thousands of candidates an image suppressed ~5x faster than by blocked rounds there). Any other method
+    stands."""
     if method != "auto":
         return method
-    return "blocked" if device.type == "cuda" else "per_image"
+    return "blocked" if device.type == "cuda" or candidates <= NMS_BLOCK else "per_image"
 
 
 def _fitting_groups(counts: list[int], kept: list[int] | None = None) -> list[list[int]]:
