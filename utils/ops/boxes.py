@@ -184,7 +184,7 @@ def resolved_nms_method(method: str, device: torch.device, candidates: int) -> s
     no wait per image); on the CPU "blocked" too when they fit one round (NMS_BLOCK: a prediction's few dozen),
     which spares the import of torchvision (it imports torch._dynamo: 1.3-2 s, half of predicting one image
     on the development machine), else "per_image" (torchvision's C++ kernel: an evaluation at --conf 0.001 with
-    thousands of candidates an image suppressed ~5x faster than by blocked rounds there). Any other method
+    thousands of candidates an image, 0.06 s against 1.4-1.6 s of blocked rounds there). Any other method
     stands."""
     if method != "auto":
         return method
