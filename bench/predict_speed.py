@@ -8,9 +8,10 @@ The JPEGs are copied round-robin into a temporary folder of --count files. Each 
 folder loop (predict_images: read, decode, letterbox, model, NMS, results written by the background writer)
 on the whole folder after a warm-up pass on its first two batches (CUDA context, cuDNN, graph capture), and
 reports images/s = files / seconds. Stage rows: reading + decoding only (each path), model + NMS only on
-a letterboxed batch, then that split into the model (with box decode) and NMS alone, once per NMS method
-("auto" picks the matrix on CUDA when it fits), and saving on the device path split into drawing and JPEG
-encoding, to say what bounds each path.
+a letterboxed batch, then that split into the model (with box decode) and NMS alone, once per NMS method,
+and saving on the device path split into drawing and JPEG encoding, to say what bounds each path. With
+--stage-times, one more saving pass of the device path with each thread's stages timed (the main loop's model +
+NMS, the reader's decoding, painting's plan and paint, encoding, the writers, and every wait for a full stage).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -143,6 +145,42 @@ def device_saving_split(yolo: YOLO, paths: list[Path], batch: int, repeats: int)
                                                                                        yolo.class_names))))]
 
 
+def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> list[tuple[str, float, int]]:
+    """(thread: stage, seconds, calls) of one saving pass of predict.py's device folder loop over `folder`: how long
+    each thread spent in each stage, the stage functions wrapped with timers for the pass. A thread busy for most
+    of the pass bounds it; a submit that blocks is a stage waiting for the next one."""
+    import utils.data.image_batches as image_batches  # noqa: PLC0415
+    import utils.engine.predict_io as predict_io  # noqa: PLC0415
+    import utils.engine.predict_pipeline as pipeline  # noqa: PLC0415
+
+    spent: dict[tuple[str, str], list] = {}
+
+    def timed(label: str, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                entry = spent.setdefault((threading.current_thread().name.rsplit("_", 1)[0], label), [0.0, 0])
+                entry[0] += time.perf_counter() - start
+                entry[1] += 1
+        return wrapper
+
+    patches = [(pipeline, "plan_drawing"), (pipeline, "paint"), (pipeline, "encode_jpegs"),
+               (pipeline, "write_files"), (image_batches, "decode_chunk")]
+    methods = [(YOLO, "predict_tensors"), (predict_io.BackgroundWrites, "submit")]
+    originals = [(owner, name, getattr(owner, name)) for owner, name in patches + methods]
+    try:
+        for owner, name, fn in originals:
+            setattr(owner, name, timed("submit (blocked while the next stage is full)" if name == "submit" else name,
+                                       fn))
+        folder_run(yolo, folder, out, "device", batch, True)
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+    return [(f"{thread}: {label}", seconds, calls) for (thread, label), (seconds, calls) in sorted(spent.items())]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True)
@@ -152,6 +190,8 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--tmp", default=None, help="where the temporary folder goes (default the system's)")
     p.add_argument("--decodes", default="opencv,device", help="the paths timed end to end, comma-separated")
+    p.add_argument("--stage-times", action="store_true",
+                   help="also time each thread's stages over one saving pass of the device path (what bounds it)")
     args = p.parse_args()
     yolo = YOLO(args.weights, device=args.device)
     device = yolo.device
@@ -179,9 +219,18 @@ def main() -> None:
         rows.append((f"model + NMS only, batch {args.batch}", model_only(yolo, paths, args.batch, 50)))
         rows += stage_split(yolo, paths, args.batch, 50)
         rows += device_saving_split(yolo, paths, args.batch, 20)
+        if args.stage_times:
+            start = time.perf_counter()
+            stages = stage_times(yolo, folder, Path(tmp) / "out", args.batch)
+            wall = time.perf_counter() - start
     width = max(len(r[0]) for r in rows)
     for label, rate in rows:
         print(f"{label.ljust(width)}  {rate:8,.0f} img/s")
+    if args.stage_times:
+        print(f"stages of one saving pass of the device path ({args.count} files in {wall:.2f} s, timers included):")
+        width = max(len(label) for label, _, _ in stages)
+        for label, seconds, calls in stages:
+            print(f"  {label.ljust(width)}  {seconds:6.2f} s  ({calls} calls)")
 
 
 if __name__ == "__main__":
