@@ -15,8 +15,9 @@ import torch
 
 import predict
 import train
-from utils.data.image_batches import CaptureGuard, ImageBatches, decode_chunk
+from utils.data.image_batches import ImageBatches, decode_chunk
 from utils.data.sample_data import make_sample_dataset
+from utils.ops.capture_guard import CaptureGuard
 from utils.ops.images import letterbox
 from utils.ops.plots import draw_detections
 from utils.ops.tensor_letterbox import letterbox_tensors

@@ -15,7 +15,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from utils.data.dataset import ImageReadError, load_image
+from utils.ops.capture_guard import CaptureGuard
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 QUEUE_DEPTH = 3            # batches decoded ahead of the consumer
@@ -33,45 +33,6 @@ def device_decode_available() -> bool:
     """torchvision still has decode_jpeg (deprecated from 0.29 in favour of TorchCodec)."""
     import torchvision.io  # noqa: PLC0415 (torchvision loads only where images are decoded with it)
     return hasattr(torchvision.io, "decode_jpeg")
-
-
-class CaptureGuard:
-    """Keeps background threads' CUDA calls out of a CUDA graph being captured on another thread.
-
-    Threads that use CUDA in the background (decoding, drawing, encoding) enter `using()`; any number of
-    them at once. The thread about to capture enters `capturing()`: it waits until no one is using, and no
-    one starts meanwhile (a plain lock would also make the background threads wait for each other).
-    """
-
-    def __init__(self):
-        self._changed = threading.Condition()
-        self._users = 0
-        self._capturing = False
-
-    @contextmanager
-    def using(self) -> Iterator[None]:
-        with self._changed:
-            self._changed.wait_for(lambda: not self._capturing)
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._users -= 1
-                self._changed.notify_all()
-
-    @contextmanager
-    def capturing(self) -> Iterator[None]:
-        with self._changed:
-            self._changed.wait_for(lambda: not self._capturing)
-            self._capturing = True            # from here no new user starts
-            self._changed.wait_for(lambda: self._users == 0)
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._capturing = False
-                self._changed.notify_all()
 
 
 @dataclass

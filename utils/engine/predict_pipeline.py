@@ -15,12 +15,13 @@ import torch
 from tqdm import tqdm
 
 from utils.data.dataset import ImageReadError, load_image
-from utils.data.image_batches import CaptureGuard, DecodedBatch, ImageBatches, device_decode_available
+from utils.data.image_batches import DecodedBatch, ImageBatches, device_decode_available
 from utils.data.sources import Source, display_available
 from utils.engine.folders import OutputError, inside, make_dir, safe_component, write_text
 from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, encode_jpegs, json_entries,
                                      keep_classes, save_crops, write_files, write_image, yolo_label_lines)
 from utils.log import get_logger
+from utils.ops.capture_guard import CaptureGuard
 from utils.ops.draw_tensors import paint, plan_drawing
 from utils.ops.plots import detection_rects
 from yolo import YOLO

@@ -17,7 +17,6 @@ and EMA state, static inputs and outputs) lives outside it.
 """
 from __future__ import annotations
 
-import threading
 
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -29,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from utils.engine.loss_scale import LossScaler
 from utils.engine.optim import Optimizer, hyper_on_device, step_optimizer
 from utils.engine.torch_utils import ModelEMA, compile_fixed
+from utils.ops.capture_guard import CaptureGuard
 
 # eager steps of a (shape, apply) pair before it is captured: lazy initialisation (cuBLAS/cuDNN handles,
 # the loss's constant cache, optimiser state) must happen outside capture; DDP needs 11 to settle its buckets
@@ -72,12 +72,12 @@ class TrainStep:
     def __init__(self, model: nn.Module, loss_fn, optimizer: Optimizer, scaler: LossScaler,
                  ema: ModelEMA | None, amp: torch.dtype | None, device: torch.device, world: int, graphs: bool,
                  capture: Capture = cuda_graph_capture, compiled: bool = False,
-                 capture_lock: threading.Lock | None = None):
+                 capture_guard: CaptureGuard | None = None):
         self.raw, self.loss_fn, self.optimizer, self.scaler, self.ema = model, loss_fn, optimizer, scaler, ema
         self.amp, self.device, self.world = amp, device, world
         self.graphs_on, self._record = graphs, capture
-        # held while a graph is recorded: other threads' CUDA work (the evaluation) must not run inside a capture
-        self._capture_lock = capture_lock or threading.Lock()
+        # other threads' CUDA work (the evaluation) must not run inside a capture
+        self._capture_guard = capture_guard or CaptureGuard()
         self.side = torch.cuda.Stream(device) if graphs and device.type == "cuda" else None
         with self._on_side():                       # DDP built on the side stream to be capturable
             ids = [device.index] if device.type == "cuda" else None
@@ -188,7 +188,7 @@ class TrainStep:
         return result
 
     def _capture(self, shape: tuple, images: torch.Tensor, targets: torch.Tensor, last: bool) -> Callable[[], None]:
-        with self._capture_lock:
+        with self._capture_guard.capturing():
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             static = self._statics.get(shape)

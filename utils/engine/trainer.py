@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from utils.engine.torch_utils import ModelEMA, barrier, is_main_process, seed_ev
 from utils.engine.divergence import DivergenceWatch, TrainingDiverged
 from utils.engine.loss_scale import LossScaler
 from utils.engine.train_step import TrainStep, graph_blocker
+from utils.ops.capture_guard import CaptureGuard
 from yolo import YOLO
 
 log = get_logger(__name__)
@@ -119,7 +119,7 @@ class Trainer:
         self._eval_yolo: YOLO | None = None
         self._eval_model: torch.nn.Module | None = None    # CUDA: a copy of the weights evaluated on a side stream
         self._eval_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.main else None
-        self._gpu_lock = threading.Lock()      # the evaluation thread and graph captures take turns
+        self._capture_guard = CaptureGuard()    # the evaluation thread and graph captures take turns
         if resume_ckpt:
             self._restore(resume_ckpt)
         self._val_has_objects = any(len(r.boxes) for r in data.val_records)
@@ -192,7 +192,7 @@ class Trainer:
                 log.info("training step: %s%s", "captured as a CUDA graph" if graphs else
                          f"eager ({'--no-cuda-graph' if not self.args.cuda_graph else blocker})", accumulating)
         return TrainStep(self.model, self.loss_fn, self.optimizer, self.scaler, self.ema, self.amp, self.device,
-                         self.world, graphs, compiled=self.args.compile, capture_lock=self._gpu_lock)
+                         self.world, graphs, compiled=self.args.compile, capture_guard=self._capture_guard)
 
     def _train_mode(self, phase: Phase) -> None:
         """Training mode, with a frozen backbone's BatchNorm layers kept on their (pretrained) running statistics."""
@@ -334,7 +334,7 @@ class Trainer:
         copied.record()
 
         def evaluate() -> dict:
-            with self._gpu_lock, torch.cuda.stream(self._eval_stream):
+            with self._capture_guard.using(), torch.cuda.stream(self._eval_stream):
                 self._eval_stream.wait_event(copied)
                 return self.evaluator.quick(self._eval_yolo)
 
