@@ -7,8 +7,10 @@ rotation), as `load_image` gives them. While the caller runs a batch, the next o
 
 The reading thread's CUDA calls (nvJPEG, copies) would break a CUDA graph captured meanwhile on
 another thread, so it decodes inside `CaptureGuard.using()`; a caller about to capture enters
-`capturing()`, which waits for every such user and holds new ones back. With `host_copies` the thread
-also copies each image back as a BGR array, so that writer threads never touch CUDA.
+`capturing()`, which waits for every such user and holds new ones back. On CUDA the thread decodes on
+a stream of its own (utils/ops/streams.py): a batch's `made` event says when its images are ready, and
+whoever uses them calls `adopt()` first. With `host_copies` the thread also copies each image back as
+a BGR array, so that writer threads never touch CUDA.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 
 from utils.data.dataset import ImageReadError, load_image
 from utils.ops.capture_guard import CaptureGuard
+from utils.ops.streams import adopt, made_event, on_stream, side_stream
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 QUEUE_DEPTH = 3            # batches decoded ahead of the consumer
@@ -44,6 +47,11 @@ class DecodedBatch:
     host: list[np.ndarray] | None = None                  # the same images as BGR arrays (host_copies)
     skipped: list[Path] = field(default_factory=list)    # unreadable by any decoder
     on_host: int = 0                                      # decoded by OpenCV instead of decode_jpeg
+    made: torch.cuda.Event | None = None                  # recorded on the reader's stream after the images
+
+    def adopt(self) -> None:
+        """Make the images safe to use on the current stream (call on every stream that uses them)."""
+        adopt(self.images, self.made)
 
 
 def _rgb_tensor(bgr: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -112,7 +120,6 @@ def decode_chunk(paths: list[Path], device: torch.device, host_copies: bool = Fa
 class ImageBatches:
     """Iterate DecodedBatch of `batch` paths each, decoded on a background thread up to QUEUE_DEPTH ahead."""
 
-
     def __init__(self, paths: list[Path], batch: int, device: torch.device, host_copies: bool = False,
                  guard: CaptureGuard | None = None):
         self.paths, self.batch, self.device, self.host_copies = list(paths), batch, device, host_copies
@@ -135,11 +142,14 @@ class ImageBatches:
                     continue
             return False
 
+        stream = side_stream(self.device)   # off the legacy default stream: the model does not queue behind it
+
         def produce() -> None:
             try:
                 for start in range(0, len(self.paths), self.batch):
-                    with self.guard.using():
+                    with self.guard.using(), on_stream(stream):
                         item = decode_chunk(self.paths[start:start + self.batch], self.device, self.host_copies)
+                        item.made = made_event(self.device)
                     if not put(item):
                         return
                 put(_DONE)

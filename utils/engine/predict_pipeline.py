@@ -24,6 +24,7 @@ from utils.log import get_logger
 from utils.ops.capture_guard import CaptureGuard
 from utils.ops.draw_tensors import paint, plan_drawing
 from utils.ops.plots import detection_rects
+from utils.ops.streams import adopt, made_event, on_stream, side_stream
 from yolo import YOLO
 
 log = get_logger(__name__)
@@ -43,8 +44,10 @@ class Outputs:
     the main loop goes on with the next batch meanwhile: painting (the drawing planned on the host, painted on
     the device) and encoding (torchvision's nvJPEG encoder, which waits for each image on the calling thread;
     the bytes copied back and handed to the writers). Both use CUDA inside `cuda_guard.using()`; a caller about
-    to capture a CUDA graph enters `cuda_guard.capturing()`. Pixels are copied back to the host only for --crop
-    and --show.
+    to capture a CUDA graph enters `cuda_guard.capturing()`. Painting has a CUDA stream of its own; encoding
+    stays on the legacy default stream, where torchvision's encoder copies each image's bytes out, so that the
+    copy back is ordered after those copies (the model runs on a stream of its own, `_device_batches`). Pixels
+    are copied back to the host only for --crop and --show.
     """
 
     def __init__(self, args: argparse.Namespace, yolo: YOLO, out: Path, wanted: set[int] | None,
@@ -63,6 +66,7 @@ class Outputs:
         on_device = 1 if self.draws_on_device else 0
         self.painting = BackgroundWrites(threads=on_device, window=2, name="painting")
         self.encoding = BackgroundWrites(threads=on_device, window=2, name="encoding")
+        self.paint_stream = side_stream(yolo.device) if self.draws_on_device else None
         self.cuda_guard = CaptureGuard()
         self.writes = BackgroundWrites(threads=0 if self.show else None)   # fed by the stages above
 
@@ -82,21 +86,21 @@ class Outputs:
             self.drawing.submit(self._draw, stem, image if self.needs_pixels else None, size, detections, wait_ms)
         return stem, detections
 
-    def drawn_on_device(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray]) -> None:
-        """A batch's images (RGB [3,H,W] tensors on the device) drawn and JPEG-encoded there, their bytes written,
-        all in the background."""
-        self.painting.submit(self._paint, stems, images, detections)
+    def drawn_on_device(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray],
+                        made: torch.cuda.Event | None = None) -> None:
+        """A batch's images (RGB [3,H,W] tensors on the device, ready once `made` has happened) drawn and
+        JPEG-encoded there, their bytes written, all in the background."""
+        self.painting.submit(self._paint, stems, images, detections, made)
 
-    def _paint(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray]) -> None:
+    def _paint(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray],
+               made: torch.cuda.Event | None) -> None:
         """Painting stage: the drawing planned on the host (no CUDA, so outside the guard), painted on the device."""
         plan = plan_drawing([(int(im.shape[1]), int(im.shape[2])) for im in images], detections,
                             self.yolo.class_names)
-        with self.cuda_guard.using():
+        with self.cuda_guard.using(), on_stream(self.paint_stream):
+            adopt(images, made)
             drawn = paint(images, plan)
-            done = None
-            if drawn[0].device.type == "cuda":
-                done = torch.cuda.Event()
-                done.record()
+            done = made_event(drawn[0].device)
         self.encoding.submit(self._encode, stems, drawn, done)
 
     def _encode(self, stems: list[str], drawn: list[torch.Tensor], done: torch.cuda.Event | None) -> None:
@@ -106,6 +110,7 @@ class Outputs:
             if done is not None:
                 # torchvision encodes on a stream of its own that does not wait for the painting's
                 done.synchronize()
+            # on the legacy default stream (this thread's current one), as the encoder's copies out are
             encoded = encode_jpegs(drawn)
         folder, files = inside(self.out), [(f"{stem}.jpg", data) for stem, data in zip(stems, encoded)]
         for start in range(0, len(files), FILES_A_JOB):
@@ -185,7 +190,7 @@ def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int, dec
                 kept.append(det)
                 found += len(det)
             if outputs.draws_on_device and stems:
-                outputs.drawn_on_device(stems, chunk.images, kept)
+                outputs.drawn_on_device(stems, chunk.images, kept, chunk.made)
         outputs.finish()
     finally:
         made.close()                   # stops the reading thread at once if a write failed
@@ -218,12 +223,17 @@ def _device_batches(yolo: YOLO, paths: list[Path], batch: int, needs_pixels: boo
     """(chunk, BGR arrays or Nones, sizes, detections) per batch: read and decoded on a background thread, on the
     model's device; the arrays are copied back there only when the outputs need pixels."""
     batches = ImageBatches(paths, batch, yolo.device, host_copies=needs_pixels, guard=guard)
+    # the model's batches on a high-priority stream of their own: they do not queue behind the reader's, painting's
+    # or encoding's work, and CUDA runs their kernels first when those wait too
+    stream = side_stream(yolo.device, high_priority=True)
     for chunk in tqdm(batches, total=len(batches), desc="predict", disable=len(paths) <= batch, file=sys.stdout):
-        if yolo.captures(len(chunk.images)):
-            with guard.capturing():            # no CUDA on the other threads while the graph is captured
+        with on_stream(stream):
+            chunk.adopt()
+            if yolo.captures(len(chunk.images)):
+                with guard.capturing():            # no CUDA on the other threads while the graph is captured
+                    dets = yolo.predict_tensors(chunk.images)
+            else:
                 dets = yolo.predict_tensors(chunk.images)
-        else:
-            dets = yolo.predict_tensors(chunk.images)
         sizes = [tuple(im.shape[1:]) for im in chunk.images]
         yield chunk, chunk.host or [None] * len(chunk.images), sizes, dets
 

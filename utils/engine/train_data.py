@@ -18,6 +18,7 @@ from utils.data.loader import (AugmentSampler, TrainDataset, cpu_loader, decode_
                           padded_boxes, to_training_batch)
 from utils.engine.torch_utils import compile_fixed
 from utils.log import get_logger
+from utils.ops.streams import adopt, made_event, on_stream
 
 log = get_logger(__name__)
 
@@ -203,19 +204,14 @@ class TrainData:
 
 def prefetched(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], side: torch.cuda.Stream):
     """Make each batch on a side CUDA stream while the one before it trains: augmentation overlaps the step."""
-    device = side.device
     pending = None
     while True:
-        with torch.cuda.stream(side):
+        with on_stream(side):
             made = next(batches, None)
-            ready = torch.cuda.Event()
-            ready.record(side)
+            ready = made_event(side.device)
         if pending is not None:
             images, targets, done = pending
-            consumer = torch.cuda.current_stream(device)
-            consumer.wait_event(done)
-            images.record_stream(consumer)    # the allocator must not reuse them while the step reads them
-            targets.record_stream(consumer)
+            adopt((images, targets), done)    # the step waits for them; their memory is kept while it reads
             yield images, targets
         if made is None:
             return
