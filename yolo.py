@@ -246,14 +246,13 @@ class YOLO:
 
     def to_original(self, dets: list[torch.Tensor], metas: np.ndarray) -> list[np.ndarray]:
         """Per image [N,6] in input pixels -> in the original image's pixels, clipped to it."""
-        # one copy to the host for the whole batch
+        # one copy to the host for the whole batch, mapped back in one pass over every box of it
         flat = torch.cat(dets).float().cpu().numpy() if dets else np.zeros((0, 6), np.float32)
-        results = []
-        for det, (rx, ry, px, py, w0, h0) in zip(np.split(flat, np.cumsum([len(d) for d in dets])[:-1]), metas):
-            det[:, [0, 2]] = ((det[:, [0, 2]] - px) / rx).clip(0, w0)
-            det[:, [1, 3]] = ((det[:, [1, 3]] - py) / ry).clip(0, h0)
-            results.append(det)
-        return results
+        sizes = [len(d) for d in dets]
+        rx, ry, px, py, w0, h0 = np.repeat(np.asarray(metas, np.float64).reshape(-1, 6), sizes, axis=0).T  # [K] each
+        flat[:, [0, 2]] = ((flat[:, [0, 2]] - px[:, None]) / rx[:, None]).clip(0, w0[:, None])
+        flat[:, [1, 3]] = ((flat[:, [1, 3]] - py[:, None]) / ry[:, None]).clip(0, h0[:, None])
+        return np.split(flat, np.cumsum(sizes)[:-1]) if dets else []
 
     def infer(self, batch: torch.Tensor, metas: np.ndarray) -> list[np.ndarray]:
         """Preprocessed batch -> detections in original pixels."""

@@ -127,10 +127,12 @@ class UniqueStems:
         self.used: set[str] = set()
 
     def __call__(self, name: str) -> str:
-        path = Path(name)
-        stem = safe_component(path.stem)
+        # pathlib's stem and suffix rule by string operations: this runs once per image on a folder's main loop
+        dot = name.rfind(".")
+        base_stem, suffix = (name[:dot], name[dot + 1:]) if 0 < dot < len(name) - 1 else (name, "")
+        stem = safe_component(base_stem)
         if stem in self.used:
-            stem = safe_component(f"{path.stem}_{path.suffix.lstrip('.')}") if path.suffix else stem
+            stem = safe_component(f"{base_stem}_{suffix}") if suffix else stem
         base, n = stem, 2
         while stem in self.used:
             stem, n = f"{base}_{n}", n + 1
@@ -165,7 +167,8 @@ def save_crops(out_dir: Path, stem: str, image: np.ndarray, detections: np.ndarr
 
 def class_counts(detections: np.ndarray, class_names: list[str]) -> Counter:
     """Objects per class name."""
-    return Counter(class_names[int(c)] for c in detections[:, 5])
+    found, counts = np.unique(detections[:, 5].astype(np.int64), return_counts=True)
+    return Counter({class_names[c]: n for c, n in zip(found.tolist(), counts.tolist())})
 
 
 def draw_fps(image: np.ndarray, fps: float, avoid: list[Rect] = ()) -> np.ndarray:

@@ -169,7 +169,13 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
         keep = matrix_nms(det[:, :k], counts, iou_thres)                                 # B,k
         return [det[image, :n][keep[image, :n]][:max_det] for image, n in enumerate(counts)]
     if resolved_nms_method(method, det.device, k) == "blocked":
-        return [det[image][kept] for image, kept in enumerate(blocked_nms(det, counts, iou_thres, max_det))]
+        kept = blocked_nms(det, counts, iou_thres, max_det)
+        sizes = [indices.shape[0] for indices in kept]
+        if not sum(sizes):
+            return [det[image, :0] for image in range(len(kept))]
+        images = torch.repeat_interleave(torch.arange(len(kept), device=det.device),
+                                         torch.tensor(sizes, device=det.device), output_size=sum(sizes))
+        return list(det[images, torch.cat(kept)].split(sizes))  # one gather for the batch, not one per image
     from torchvision.ops import batched_nms  # noqa: PLC0415 (lazy: see cxcywh_to_xyxy)
     out = []
     for image, n in enumerate(counts):
@@ -220,16 +226,17 @@ def blocked_nms(det: torch.Tensor, counts: list[int], iou_thres: float, max_det:
     block = block or NMS_BLOCK
     iou_thres = _float32_below(iou_thres)
     kept = [torch.empty(0, dtype=torch.long, device=det.device) for _ in counts]
+    taken = [0] * len(counts)                     # len(kept[image]), kept as ints: no tensor call to read it
     for start in range(0, max(counts, default=0), block):
-        active = [image for image, n in enumerate(counts) if n > start and len(kept[image]) < max_det]
+        active = [image for image, n in enumerate(counts) if n > start and taken[image] < max_det]
         sizes = [min(block, counts[image] - start) for image in active]
-        for group in _fitting_groups(sizes, [len(kept[image]) for image in active]):
+        for group in _fitting_groups(sizes, [taken[image] for image in active]):
             images, lengths = [active[j] for j in group], [sizes[j] for j in group]
             candidates = det[images, start:start + max(lengths)]                                  # G,k,6
             valid = _prefix_mask(lengths, candidates.shape[1], det.device)                        # G,k
-            if any(len(kept[image]) for image in images):
+            if any(taken[image] for image in images):
                 earlier = torch.nn.utils.rnn.pad_sequence([kept[image] for image in images], batch_first=True)
-                earlier_valid = _prefix_mask([len(kept[image]) for image in images], earlier.shape[1], det.device)
+                earlier_valid = _prefix_mask([taken[image] for image in images], earlier.shape[1], det.device)
                 earlier = det[torch.tensor(images, device=det.device)[:, None], earlier]           # G,m,6
                 hit = ((box_iou_batched(candidates[..., :4].float(), earlier[..., :4].float()) > iou_thres)
                        & (candidates[..., 5, None] == earlier[:, None, :, 5]) & earlier_valid[:, None])  # G,k,m
@@ -237,9 +244,10 @@ def blocked_nms(det: torch.Tensor, counts: list[int], iou_thres: float, max_det:
             keep = _matrix_keep(candidates, valid, iou_thres)                                     # G,k
             per_image = keep.sum(1).tolist()
             columns = keep.nonzero()[:, 1] + start              # row by row, each row's in score order
-            for image, new in zip(images, columns.split(per_image)):
-                kept[image] = torch.cat([kept[image], new])
-    return [indices[:max_det] for indices in kept]
+            for image, new, n in zip(images, columns.split(per_image), per_image):
+                kept[image] = torch.cat([kept[image], new]) if taken[image] else new
+                taken[image] += n
+    return [indices[:max_det] if n > max_det else indices for indices, n in zip(kept, taken)]
 
 
 def _float32_below(threshold: float) -> float:
