@@ -248,7 +248,7 @@ class YOLO:
         """Per image [N,6] in input pixels -> in the original image's pixels, clipped to it."""
         # one copy to the host for the whole batch, mapped back in one pass over every box of it
         flat = torch.cat(dets).float().cpu().numpy() if dets else np.zeros((0, 6), np.float32)
-        sizes = [len(d) for d in dets]
+        sizes = [d.shape[0] for d in dets]
         rx, ry, px, py, w0, h0 = np.repeat(np.asarray(metas, np.float64).reshape(-1, 6), sizes, axis=0).T  # [K] each
         flat[:, [0, 2]] = ((flat[:, [0, 2]] - px[:, None]) / rx[:, None]).clip(0, w0[:, None])
         flat[:, [1, 3]] = ((flat[:, [1, 3]] - py[:, None]) / ry[:, None]).clip(0, h0[:, None])

@@ -9,7 +9,9 @@ The reading thread's CUDA calls (nvJPEG, copies) would break a CUDA graph captur
 another thread, so it decodes inside `CaptureGuard.using()`; a caller about to capture enters
 `capturing()`, which waits for every such user and holds new ones back. On CUDA the thread decodes on
 a stream of its own (utils/ops/streams.py): a batch's `made` event says when its images are ready, and
-whoever uses them calls `adopt()` first. With `host_copies` the thread also copies each image back as
+whoever uses them calls `adopt()` first. (torchvision's decoder allocates its outputs on the caller's
+stream but writes them on a stream of its own: on a stream shared with other threads' queued kernels it
+could overwrite memory those kernels have yet to read, which once failed an index assert.) With `host_copies` the thread also copies each image back as
 a BGR array, so that writer threads never touch CUDA.
 """
 from __future__ import annotations

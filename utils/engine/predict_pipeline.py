@@ -110,7 +110,8 @@ class Outputs:
             if done is not None:
                 # torchvision encodes on a stream of its own that does not wait for the painting's
                 done.synchronize()
-            # on the legacy default stream (this thread's current one), as the encoder's copies out are
+            # on the legacy default stream (this thread's current one): torchvision copies each image's bytes out
+            # on it, so encode_jpegs' concatenation of them is ordered after those copies
             encoded = encode_jpegs(drawn)
         folder, files = inside(self.out), [(f"{stem}.jpg", data) for stem, data in zip(stems, encoded)]
         for start in range(0, len(files), FILES_A_JOB):
