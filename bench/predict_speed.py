@@ -12,6 +12,10 @@ a letterboxed batch, then that split into the model (with box decode) and NMS al
 and saving on the device path split into drawing and JPEG encoding, to say what bounds each path. With
 --stage-times, one more saving pass of the device path with each thread's stages timed (the main loop's model +
 NMS, the reader's decoding, painting's plan and paint, encoding, the writers, and every wait for a full stage).
+With --ablate R, R rounds of saving passes of the device path, each round one pass per variant: everything,
+then one stage replaced by a stand-in (no file writes; 16-byte files instead of JPEG encoding; no painting;
+no planning or painting). The variants alternate within each round, so a host that slows as it writes (as the
+lent machines do) slows them alike.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -181,6 +186,37 @@ def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> list[tuple[s
     return [(f"{thread}: {label}", seconds, calls) for (thread, label), (seconds, calls) in sorted(spent.items())]
 
 
+ABLATIONS = {    # variant -> predict_pipeline's functions replaced for its passes
+    "everything": {},
+    "no file writes": {"write_files": lambda folder, files: None},
+    "no JPEG encoding (16-byte files written)": {"encode_jpegs": lambda images: [np.zeros(16, np.uint8)
+                                                                                  for _ in images]},
+    "no painting (the plan still made)": {"paint": lambda images, plan: images},
+    "no planning, no painting": {"plan_drawing": lambda sizes, detections, class_names: None,
+                                 "paint": lambda images, plan: images},
+}
+
+
+def ablation(yolo: YOLO, folder: Path, out: Path, batch: int, rounds: int) -> dict[str, list[float]]:
+    """Images/s of each ABLATIONS variant's saving passes of the device folder loop over `folder`, the variants
+    alternating within each of `rounds` rounds."""
+    import utils.engine.predict_pipeline as pipeline  # noqa: PLC0415
+
+    files = sum(1 for _ in folder.iterdir())
+    rates: dict[str, list[float]] = {variant: [] for variant in ABLATIONS}
+    for _ in range(rounds):
+        for variant, stand_ins in ABLATIONS.items():
+            originals = {name: getattr(pipeline, name) for name in stand_ins}
+            try:
+                for name, stand_in in stand_ins.items():
+                    setattr(pipeline, name, stand_in)
+                rates[variant].append(files / folder_run(yolo, folder, out, "device", batch, True))
+            finally:
+                for name, original in originals.items():
+                    setattr(pipeline, name, original)
+    return rates
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True)
@@ -192,6 +228,8 @@ def main() -> None:
     p.add_argument("--decodes", default="opencv,device", help="the paths timed end to end, comma-separated")
     p.add_argument("--stage-times", action="store_true",
                    help="also time each thread's stages over one saving pass of the device path (what bounds it)")
+    p.add_argument("--ablate", type=int, default=0, metavar="ROUNDS",
+                   help="also ROUNDS rounds of device-path saving passes with one stage at a time replaced")
     args = p.parse_args()
     yolo = YOLO(args.weights, device=args.device)
     device = yolo.device
@@ -223,6 +261,8 @@ def main() -> None:
             start = time.perf_counter()
             stages = stage_times(yolo, folder, Path(tmp) / "out", args.batch)
             wall = time.perf_counter() - start
+        if args.ablate:
+            ablated = ablation(yolo, folder, Path(tmp) / "out", args.batch, args.ablate)
     width = max(len(r[0]) for r in rows)
     for label, rate in rows:
         print(f"{label.ljust(width)}  {rate:8,.0f} img/s")
@@ -231,6 +271,11 @@ def main() -> None:
         width = max(len(label) for label, _, _ in stages)
         for label, seconds, calls in stages:
             print(f"  {label.ljust(width)}  {seconds:6.2f} s  ({calls} calls)")
+    if args.ablate:
+        print(f"saving passes of the device path, {args.ablate} rounds, the variants alternating (img/s, in order):")
+        width = max(len(variant) for variant in ablated)
+        for variant, rates in ablated.items():
+            print(f"  {variant.ljust(width)}  {', '.join(f'{rate:,.0f}' for rate in rates)}")
 
 
 if __name__ == "__main__":
