@@ -11,8 +11,9 @@ another thread, so it decodes inside `CaptureGuard.using()`; a caller about to c
 a stream of its own (utils/ops/streams.py): a batch's `made` event says when its images are ready, and
 whoever uses them calls `adopt()` first. (torchvision's decoder allocates its outputs on the caller's
 stream but writes them on a stream of its own: on a stream shared with other threads' queued kernels it
-could overwrite memory those kernels have yet to read, which once failed an index assert.) With `host_copies` the thread also copies each image back as
-a BGR array, so that writer threads never touch CUDA.
+could overwrite memory those kernels have yet to read, which once failed an index assert.) With
+`host_copies` the thread also copies each image back as a BGR array, so that writer threads never touch
+CUDA.
 """
 from __future__ import annotations
 

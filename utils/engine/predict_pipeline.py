@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import cv2
@@ -228,13 +229,11 @@ def _device_batches(yolo: YOLO, paths: list[Path], batch: int, needs_pixels: boo
     # or encoding's work, and CUDA runs their kernels first when those wait too
     stream = side_stream(yolo.device, high_priority=True)
     for chunk in tqdm(batches, total=len(batches), desc="predict", disable=len(paths) <= batch, file=sys.stdout):
-        with on_stream(stream):
+        # no CUDA on the other threads while a graph is captured
+        capture = guard.capturing() if yolo.captures(len(chunk.images)) else nullcontext()
+        with on_stream(stream), capture:
             chunk.adopt()
-            if yolo.captures(len(chunk.images)):
-                with guard.capturing():            # no CUDA on the other threads while the graph is captured
-                    dets = yolo.predict_tensors(chunk.images)
-            else:
-                dets = yolo.predict_tensors(chunk.images)
+            dets = yolo.predict_tensors(chunk.images)
         sizes = [tuple(im.shape[1:]) for im in chunk.images]
         yield chunk, chunk.host or [None] * len(chunk.images), sizes, dets
 

@@ -17,7 +17,6 @@ and EMA state, static inputs and outputs) lives outside it.
 """
 from __future__ import annotations
 
-
 from collections.abc import Callable
 from contextlib import nullcontext
 

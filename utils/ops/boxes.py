@@ -171,8 +171,6 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres:
     if resolved_nms_method(method, det.device, k) == "blocked":
         kept = blocked_nms(det, counts, iou_thres, max_det)
         sizes = [indices.shape[0] for indices in kept]
-        if not sum(sizes):
-            return [det[image, :0] for image in range(len(kept))]
         images = torch.repeat_interleave(torch.arange(len(kept), device=det.device),
                                          torch.tensor(sizes, device=det.device), output_size=sum(sizes))
         return list(det[images, torch.cat(kept)].split(sizes))  # one gather for the batch, not one per image
