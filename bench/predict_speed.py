@@ -6,10 +6,12 @@
 
 The JPEGs are copied round-robin into a temporary folder of --count files. Each row runs predict.py's own
 folder loop (predict_images: read, decode, letterbox, model, NMS, results written by the background writer)
-on the whole folder after a warm-up pass on its first two batches (CUDA context, cuDNN, graph capture), and
-reports images/s = files / seconds. Stage rows: reading + decoding only (each path), model + NMS only on
-a letterboxed batch, then that split into the model (with box decode) and NMS alone, once per NMS method,
-and saving on the device path split into drawing and JPEG encoding, to say what bounds each path. With
+on the whole folder after a warm-up pass on its first two batches (CUDA context, cuDNN, graph capture),
+--passes times, and reports each pass's images/s = files / seconds and the CPU cores the process kept busy
+(its user and kernel CPU seconds over the pass's seconds; file writes are kernel time). Stage
+rows: reading + decoding only (each path), model + NMS only on a letterboxed batch, then that split into the
+model (with box decode) and NMS alone, once per NMS method, and saving on the device path split into drawing
+and JPEG encoding, to say what bounds each path. With
 --stage-times, one more saving pass of the device path with each thread's stages timed (the main loop's model +
 NMS, the reader's decoding, painting's plan and paint, encoding, the writers, and every wait for a full stage).
 With --ablate R, R rounds of saving passes of the device path, each round one pass per variant: everything,
@@ -20,6 +22,7 @@ lent machines do) slows them alike.
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import sys
 import tempfile
@@ -57,6 +60,12 @@ def replicate(images: Path, count: int, folder: Path) -> list[Path]:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cpu_seconds() -> np.ndarray:
+    """This process's CPU time so far, all threads: [user, kernel] seconds."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return np.array([usage.ru_utime, usage.ru_stime])
 
 
 def folder_run(yolo: YOLO, folder: Path, out: Path, decode: str, batch: int, save: bool) -> float:
@@ -226,6 +235,8 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--tmp", default=None, help="where the temporary folder goes (default the system's)")
     p.add_argument("--decodes", default="opencv,device", help="the paths timed end to end, comma-separated")
+    p.add_argument("--passes", type=int, default=1,
+                   help="timed passes of each end-to-end row (a host's rate drifts from pass to pass as it writes)")
     p.add_argument("--stage-times", action="store_true",
                    help="also time each thread's stages over one saving pass of the device path (what bounds it)")
     p.add_argument("--ablate", type=int, default=0, metavar="ROUNDS",
@@ -244,13 +255,17 @@ def main() -> None:
         paths = replicate(Path(args.images), args.count, folder)
         for path in paths[:2 * args.batch]:
             shutil.copyfile(path, warm / path.name)
-        rows = []
+        rows, passes = [], []
         for decode in args.decodes.split(","):
             for save in (False, True):
                 folder_run(yolo, warm, Path(tmp) / "out", decode, args.batch, save)          # warm-up
-                seconds = folder_run(yolo, folder, Path(tmp) / "out", decode, args.batch, save)
-                rows.append((f"predict folder, --decode {decode}, {'saving' if save else 'not saving'} images",
-                             args.count / seconds))
+                timed = []
+                for _ in range(args.passes):
+                    cpu = cpu_seconds()
+                    seconds = folder_run(yolo, folder, Path(tmp) / "out", decode, args.batch, save)
+                    timed.append((args.count / seconds, (cpu_seconds() - cpu) / seconds))
+                passes.append((f"predict folder, --decode {decode}, {'saving' if save else 'not saving'} images",
+                               timed))
         for decode in args.decodes.split(","):
             decode_only(paths[:2 * args.batch], args.batch, device, decode)
             rows.append((f"read + decode only, {decode}", args.count / decode_only(paths, args.batch, device, decode)))
@@ -263,7 +278,11 @@ def main() -> None:
             wall = time.perf_counter() - start
         if args.ablate:
             ablated = ablation(yolo, folder, Path(tmp) / "out", args.batch, args.ablate)
-    width = max(len(r[0]) for r in rows)
+    width = max(len(label) for label, _ in rows + passes)
+    print("end to end, each pass: img/s (CPU cores kept busy: user + kernel)")
+    for label, timed in passes:
+        print(f"{label.ljust(width)}  " + ", ".join(f"{rate:8,.0f} img/s ({user:.1f} + {kernel:.1f})"
+                                                  for rate, (user, kernel) in timed))
     for label, rate in rows:
         print(f"{label.ljust(width)}  {rate:8,.0f} img/s")
     if args.stage_times:
