@@ -11,9 +11,10 @@ on the whole folder after a warm-up pass on its first two batches (CUDA context,
 (its user and kernel CPU seconds over the pass's seconds; file writes are kernel time). Stage
 rows: reading + decoding only (each path), model + NMS only on a letterboxed batch, then that split into the
 model (with box decode) and NMS alone, once per NMS method, and saving on the device path split into drawing
-and JPEG encoding, to say what bounds each path. With
---stage-times, one more saving pass of the device path with each thread's stages timed (the main loop's model +
-NMS, the reader's decoding, painting's plan and paint, encoding, the writers, and every wait for a full stage).
+and JPEG encoding, to say what bounds each path. With --stage-times, one more saving pass of the device path
+with each thread's stages timed (the main loop's model + NMS, the reader's decoding, painting's plan and paint,
+encoding, the writers, and every wait for a full stage), how much of each ran beside another thread's stage,
+and for how long 0, 1, 2, ... stages ran at once: stages that take turns instead of overlapping show there.
 With --ablate R, R rounds of saving passes of the device path, each round one pass per variant: everything,
 then one stage replaced by a stand-in (no file writes; 16-byte files instead of JPEG encoding; no painting;
 no planning or painting). The variants alternate within each round, so a host that slows as it writes (as the
@@ -159,15 +160,20 @@ def device_saving_split(yolo: YOLO, paths: list[Path], batch: int, repeats: int)
                                                                                        yolo.class_names))))]
 
 
-def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> list[tuple[str, float, int]]:
-    """(thread: stage, seconds, calls) of one saving pass of predict.py's device folder loop over `folder`: how long
-    each thread spent in each stage, the stage functions wrapped with timers for the pass. A thread busy for most
-    of the pass bounds it; a submit that blocks is a stage waiting for the next one."""
+def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> tuple[list[tuple[str, float, int, float]],
+                                                                          list[float]]:
+    """One saving pass of predict.py's device folder loop over `folder`, the stage functions wrapped with timers:
+    per (thread: stage), its seconds, calls, and the seconds of them during which another thread's stage (waits
+    excluded) was running too; and the seconds of the pass during which 0, 1, 2, ... stages were running at
+    once. A thread busy for most of the pass bounds it; a submit that blocks is a stage waiting for the next one;
+    stages that mostly run alone take turns instead of overlapping."""
     import utils.data.image_batches as image_batches  # noqa: PLC0415
     import utils.engine.predict_io as predict_io  # noqa: PLC0415
     import utils.engine.predict_pipeline as pipeline  # noqa: PLC0415
 
-    spent: dict[tuple[str, str], list] = {}
+    waiting = "submit (blocked while the next stage is full)"
+    spans: list[tuple[float, float, str, str]] = []          # start, end, thread, stage
+    lock = threading.Lock()
 
     def timed(label: str, fn):
         def wrapper(*args, **kwargs):
@@ -175,9 +181,9 @@ def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> list[tuple[s
             try:
                 return fn(*args, **kwargs)
             finally:
-                entry = spent.setdefault((threading.current_thread().name.rsplit("_", 1)[0], label), [0.0, 0])
-                entry[0] += time.perf_counter() - start
-                entry[1] += 1
+                span = (start, time.perf_counter(), threading.current_thread().name.rsplit("_", 1)[0], label)
+                with lock:
+                    spans.append(span)
         return wrapper
 
     patches = [(pipeline, "plan_drawing"), (pipeline, "paint"), (pipeline, "encode_jpegs"),
@@ -186,13 +192,44 @@ def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> list[tuple[s
     originals = [(owner, name, getattr(owner, name)) for owner, name in patches + methods]
     try:
         for owner, name, fn in originals:
-            setattr(owner, name, timed("submit (blocked while the next stage is full)" if name == "submit" else name,
-                                       fn))
+            setattr(owner, name, timed(waiting if name == "submit" else name, fn))
+        first = time.perf_counter()
         folder_run(yolo, folder, out, "device", batch, True)
+        last = time.perf_counter()
     finally:
         for owner, name, fn in originals:
             setattr(owner, name, fn)
-    return [(f"{thread}: {label}", seconds, calls) for (thread, label), (seconds, calls) in sorted(spent.items())]
+    working = [span for span in spans if span[3] != waiting]
+    # sweep over the working spans' starts and ends: how many run at each moment
+    events = sorted([(start, 1) for start, _, _, _ in working] + [(end, -1) for _, end, _, _ in working])
+    at_once, running, moment = [0.0] * (len(working) + 1), 0, first
+    for when, step in events:
+        at_once[running] += when - moment
+        running, moment = running + step, when
+    at_once[0] += last - moment
+    while len(at_once) > 1 and at_once[-1] == 0:
+        at_once.pop()
+
+    def beside_others(span: tuple[float, float, str, str]) -> float:
+        """Seconds of `span` during which a working span of another thread was running too (their union)."""
+        start, end, thread, _ = span
+        pieces = sorted((max(start, s), min(end, e)) for s, e, t, _ in working if t != thread and s < end and e > start)
+        covered, reach = 0.0, start
+        for s, e in pieces:
+            if e > reach:
+                covered += e - max(s, reach)
+                reach = e
+        return covered
+
+    totals: dict[tuple[str, str], list] = {}
+    for span in spans:
+        entry = totals.setdefault((span[2], span[3]), [0.0, 0, 0.0])
+        entry[0] += span[1] - span[0]
+        entry[1] += 1
+        entry[2] += beside_others(span) if span[3] != waiting else 0.0
+    rows = [(f"{thread}: {label}", seconds, calls, overlapped)
+            for (thread, label), (seconds, calls, overlapped) in sorted(totals.items())]
+    return rows, at_once
 
 
 ABLATIONS = {    # variant -> predict_pipeline's functions replaced for its passes
@@ -274,7 +311,7 @@ def main() -> None:
         rows += device_saving_split(yolo, paths, args.batch, 20)
         if args.stage_times:
             start = time.perf_counter()
-            stages = stage_times(yolo, folder, Path(tmp) / "out", args.batch)
+            stages, at_once = stage_times(yolo, folder, Path(tmp) / "out", args.batch)
             wall = time.perf_counter() - start
         if args.ablate:
             ablated = ablation(yolo, folder, Path(tmp) / "out", args.batch, args.ablate)
@@ -286,10 +323,14 @@ def main() -> None:
     for label, rate in rows:
         print(f"{label.ljust(width)}  {rate:8,.0f} img/s")
     if args.stage_times:
-        print(f"stages of one saving pass of the device path ({args.count} files in {wall:.2f} s, timers included):")
-        width = max(len(label) for label, _, _ in stages)
-        for label, seconds, calls in stages:
-            print(f"  {label.ljust(width)}  {seconds:6.2f} s  ({calls} calls)")
+        print(f"stages of one saving pass of the device path ({args.count} files in {wall:.2f} s, timers included;"
+              " seconds, calls, seconds while another thread's stage ran too):")
+        width = max(len(label) for label, _, _, _ in stages)
+        for label, seconds, calls, overlapped in stages:
+            beside = "" if label.endswith("full)") else f", {overlapped:6.2f} s beside another"
+            print(f"  {label.ljust(width)}  {seconds:6.2f} s  ({calls} calls{beside})")
+        print("  seconds of the pass with N stages running at once (waits excluded): "
+              + ", ".join(f"{n}: {seconds:.2f}" for n, seconds in enumerate(at_once)))
     if args.ablate:
         print(f"saving passes of the device path, {args.ablate} rounds, the variants alternating (img/s, in order):")
         width = max(len(variant) for variant in ablated)
