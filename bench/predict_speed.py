@@ -13,8 +13,8 @@ rows: reading + decoding only (each path), model + NMS only on a letterboxed bat
 model (with box decode) and NMS alone, once per NMS method, and saving on the device path split into drawing
 and JPEG encoding, to say what bounds each path. With --stage-times, one more saving pass of the device path
 with each thread's stages timed (the main loop's model + NMS, the reader's decoding, painting's plan and paint,
-encoding, the writers, and every wait for a full stage), how much of each ran beside another thread's stage,
-and for how long 0, 1, 2, ... stages ran at once: stages that take turns instead of overlapping show there.
+encoding, the writers, and every wait for a full stage), how much of each ran beside a stage of another thread,
+and for how long 0, 1, 2, ... stage calls ran at once: stages that take turns instead of overlapping show there.
 With --ablate R, R rounds of saving passes of the device path, each round one pass per variant: everything,
 then one stage replaced by a stand-in (no file writes; 16-byte files instead of JPEG encoding; no painting;
 no planning or painting). The variants alternate within each round, so a host that slows as it writes (as the
@@ -163,9 +163,9 @@ def device_saving_split(yolo: YOLO, paths: list[Path], batch: int, repeats: int)
 def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> tuple[list[tuple[str, float, int, float]],
                                                                           list[float]]:
     """One saving pass of predict.py's device folder loop over `folder`, the stage functions wrapped with timers:
-    per (thread: stage), its seconds, calls, and the seconds of them during which another thread's stage (waits
-    excluded) was running too; and the seconds of the pass during which 0, 1, 2, ... stages were running at
-    once. A thread busy for most of the pass bounds it; a submit that blocks is a stage waiting for the next one;
+    per (thread: stage), its seconds, calls, and the seconds of them during which a stage of another thread
+    (waits excluded; the writer threads count as one) was running too; and the seconds of the pass during which
+    0, 1, 2, ... stage calls were running at once. A thread busy for most of the pass bounds it; a submit that blocks is a stage waiting for the next one;
     stages that mostly run alone take turns instead of overlapping."""
     import utils.data.image_batches as image_batches  # noqa: PLC0415
     import utils.engine.predict_io as predict_io  # noqa: PLC0415
@@ -211,7 +211,7 @@ def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> tuple[list[t
         at_once.pop()
 
     def beside_others(span: tuple[float, float, str, str]) -> float:
-        """Seconds of `span` during which a working span of another thread was running too (their union)."""
+        """Seconds of `span` during which a working span of another thread (group) was running too (their union)."""
         start, end, thread, _ = span
         pieces = sorted((max(start, s), min(end, e)) for s, e, t, _ in working if t != thread and s < end and e > start)
         covered, reach = 0.0, start
