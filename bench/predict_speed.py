@@ -324,12 +324,12 @@ def main() -> None:
         print(f"{label.ljust(width)}  {rate:8,.0f} img/s")
     if args.stage_times:
         print(f"stages of one saving pass of the device path ({args.count} files in {wall:.2f} s, timers included;"
-              " seconds, calls, seconds while another thread's stage ran too):")
+              " seconds, calls, seconds while a stage of another thread ran too):")
         width = max(len(label) for label, _, _, _ in stages)
         for label, seconds, calls, overlapped in stages:
             beside = "" if label.endswith("full)") else f", {overlapped:6.2f} s beside another"
             print(f"  {label.ljust(width)}  {seconds:6.2f} s  ({calls} calls{beside})")
-        print("  seconds of the pass with N stages running at once (waits excluded): "
+        print("  seconds of the pass with N stage calls running at once (waits excluded): "
               + ", ".join(f"{n}: {seconds:.2f}" for n, seconds in enumerate(at_once)))
     if args.ablate:
         print(f"saving passes of the device path, {args.ablate} rounds, the variants alternating (img/s, in order):")
