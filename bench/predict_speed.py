@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -160,13 +161,26 @@ def device_saving_split(yolo: YOLO, paths: list[Path], batch: int, repeats: int)
                                                                                        yolo.class_names))))]
 
 
+@contextmanager
+def replaced(attributes: dict[tuple[object, str], object]):
+    """Each (owner, name) attribute set to its new value for the block, the originals restored after it."""
+    originals = {key: getattr(*key) for key in attributes}
+    try:
+        for (owner, name), value in attributes.items():
+            setattr(owner, name, value)
+        yield
+    finally:
+        for (owner, name), value in originals.items():
+            setattr(owner, name, value)
+
+
 def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> tuple[list[tuple[str, float, int, float]],
                                                                           list[float]]:
     """One saving pass of predict.py's device folder loop over `folder`, the stage functions wrapped with timers:
     per (thread: stage), its seconds, calls, and the seconds of them during which a stage of another thread
     (waits excluded; the writer threads count as one) was running too; and the seconds of the pass during which
-    0, 1, 2, ... stage calls were running at once. A thread busy for most of the pass bounds it; a submit that blocks is a stage waiting for the next one;
-    stages that mostly run alone take turns instead of overlapping."""
+    0, 1, 2, ... stage calls were running at once. A thread busy for most of the pass bounds it; a submit that
+    blocks is a stage waiting for the next one; stages that mostly run alone take turns instead of overlapping."""
     import utils.data.image_batches as image_batches  # noqa: PLC0415
     import utils.engine.predict_io as predict_io  # noqa: PLC0415
     import utils.engine.predict_pipeline as pipeline  # noqa: PLC0415
@@ -186,19 +200,13 @@ def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> tuple[list[t
                     spans.append(span)
         return wrapper
 
-    patches = [(pipeline, "plan_drawing"), (pipeline, "paint"), (pipeline, "encode_jpegs"),
-               (pipeline, "write_files"), (image_batches, "decode_chunk")]
-    methods = [(YOLO, "predict_tensors"), (predict_io.BackgroundWrites, "submit")]
-    originals = [(owner, name, getattr(owner, name)) for owner, name in patches + methods]
-    try:
-        for owner, name, fn in originals:
-            setattr(owner, name, timed(waiting if name == "submit" else name, fn))
+    wrapped = [(pipeline, "plan_drawing"), (pipeline, "paint"), (pipeline, "encode_jpegs"), (pipeline, "write_files"),
+               (image_batches, "decode_chunk"), (YOLO, "predict_tensors"), (predict_io.BackgroundWrites, "submit")]
+    with replaced({(owner, name): timed(waiting if name == "submit" else name, getattr(owner, name))
+                   for owner, name in wrapped}):
         first = time.perf_counter()
         folder_run(yolo, folder, out, "device", batch, True)
         last = time.perf_counter()
-    finally:
-        for owner, name, fn in originals:
-            setattr(owner, name, fn)
     working = [span for span in spans if span[3] != waiting]
     # sweep over the working spans' starts and ends: how many run at each moment
     events = sorted([(start, 1) for start, _, _, _ in working] + [(end, -1) for _, end, _, _ in working])
@@ -252,14 +260,8 @@ def ablation(yolo: YOLO, folder: Path, out: Path, batch: int, rounds: int) -> di
     rates: dict[str, list[float]] = {variant: [] for variant in ABLATIONS}
     for _ in range(rounds):
         for variant, stand_ins in ABLATIONS.items():
-            originals = {name: getattr(pipeline, name) for name in stand_ins}
-            try:
-                for name, stand_in in stand_ins.items():
-                    setattr(pipeline, name, stand_in)
+            with replaced({(pipeline, name): stand_in for name, stand_in in stand_ins.items()}):
                 rates[variant].append(files / folder_run(yolo, folder, out, "device", batch, True))
-            finally:
-                for name, original in originals.items():
-                    setattr(pipeline, name, original)
     return rates
 
 

@@ -32,6 +32,7 @@ from utils.engine.divergence import DivergenceWatch, TrainingDiverged
 from utils.engine.loss_scale import LossScaler
 from utils.engine.train_step import TrainStep, graph_blocker
 from utils.ops.capture_guard import CaptureGuard
+from utils.ops.streams import made_event
 from yolo import YOLO
 
 log = get_logger(__name__)
@@ -330,8 +331,7 @@ class Trainer:
             self._eval_yolo = self._evaluation_yolo(self._eval_model)
         with torch.no_grad():
             torch._foreach_copy_(list(self._eval_model.state_dict().values()), list(source.state_dict().values()))
-        copied = torch.cuda.Event()
-        copied.record()
+        copied = made_event(self.device)     # the weights stay allocated: waiting for the copy is all it needs
 
         def evaluate() -> dict:
             with self._capture_guard.using(), torch.cuda.stream(self._eval_stream):
