@@ -22,7 +22,8 @@ from utils.ops.cam import eigen_cam, grad_cam, layer_cam, renormalise_in_boxes
 from utils.ops.images import map_to_image
 from utils.ops.draw_tensors import draw_on_tensors
 from utils.ops.overlay import normalise_map, tick_labels
-from utils.ops.plots import class_color, detection_rects, draw_detections, free_corner, label_origin, overlap
+from utils.ops.plots import (_label_patch, _labelled, _style, class_color, detection_rects, draw_detections, free_corner,
+                             label_origin, overlap, score_cents)
 from yolo import YOLO
 
 
@@ -243,6 +244,28 @@ def test_drawing_on_tensors_is_draw_detections_pixel_for_pixel():
     assert all(torch.equal(t, b) for t, b in zip(tensors, before))       # the inputs are left as they were
     assert draw_on_tensors([], [], names) == []
     assert torch.equal(draw_on_tensors([tensors[3]], [dets[3]], names)[0], tensors[3])    # a batch with no boxes
+
+
+def test_score_cents_round_as_python_formats_and_labels_are_made_once_per_text():
+    rng = np.random.default_rng(4)
+    scores = np.concatenate([rng.uniform(0, 1, 20_000), np.arange(201) / 200, [0.125, 0.285, 1.005, 99.995]])
+    for values in (scores, scores.astype(np.float32).astype(np.float64)):
+        cents = score_cents(values)
+        plain = cents >= 0
+        assert plain.mean() > 0.95                   # ties and near-ties take Python's formatting, the rest not
+        assert [f"{c // 100}.{c % 100:02d}" for c in cents[plain].tolist()] == [f"{v:.2f}" for v in values[plain]]
+    assert score_cents(np.array([np.nan, -0.5, np.inf, 1e12])).tolist() == [-1, -1, -1, -1]
+    # every box's label is the cached patch of its own text, ties and unknown classes included
+    names = ["RBC", "WBC"]
+    dets = np.array([[0, 0, 9, 9, s, c] for s, c in [(0.125, 0), (0.285, 1), (0.12500001, 0), (0.9, 5), (0.9, 0),
+                                                      (0.9, 0), (0.2, -1)]], np.float64)
+    found = _labelled([dets[:4], dets[4:]], names, [(100, 200), (640, 480)])
+    font = _style(np.array([100, 100, 100, 100, 640, 640, 640]), np.array([200, 200, 200, 200, 480, 480, 480]))[0]
+    for (*_, score, cls), size, patch in zip(dets.tolist(), font.tolist(), found.patch.tolist()):
+        cls = int(cls)
+        text = f"{names[cls] if 0 <= cls < 2 else cls} {score:.2f}"
+        assert found.label_patches[patch] is _label_patch(text, size, class_color(cls, 2)[::-1])
+    assert len(found.label_patches) == 6             # the two 0.9 RBC labels of the 640 px image are one
 
 
 def test_fps_text_goes_to_a_corner_free_of_boxes():

@@ -35,16 +35,14 @@ def plan_drawing(sizes: list[tuple[int, int]], detections: list[np.ndarray], cla
     areas = np.asarray([h * w for h, w in sizes], np.int64)
     pixel_start = np.concatenate([[0], np.cumsum(areas)]).astype(np.int64)
     paints = detection_paints(detections, class_names, sizes)
-    solid = np.asarray([p is None for p in paints.patches], bool).reshape(-1)
+    solid = paints.patch < 0
     labels = np.flatnonzero(~solid)
-    patches = [paints.patches[i] for i in labels.tolist()]
-    # each cached label patch packed once a batch, after the solid colours
-    _, first_of, which = np.unique(np.asarray([id(p) for p in patches], np.int64), return_index=True,
-                                     return_inverse=True)
-    unique = [patches[i] for i in first_of.tolist()]
+    # each label patch drawn packed once a batch, after the solid colours
+    drawn, which = np.unique(paints.patch[labels], return_inverse=True)
+    unique = [paints.label_patches[i] for i in drawn.tolist()]
     sizes_px = np.asarray([p.shape[0] * p.shape[1] for p in unique], np.int64)
     unique_start = int(solid.sum()) + np.concatenate([[0], np.cumsum(sizes_px)[:-1]]).astype(np.int64)
-    widths = np.asarray([p.shape[1] for p in patches], np.int64)
+    widths = np.asarray([p.shape[1] for p in unique], np.int64).reshape(-1)[which.reshape(-1)]
     src_start = np.zeros(len(solid), np.int64)
     src_row = np.zeros(len(solid), np.int64)
     src_start[solid] = np.arange(int(solid.sum()))
