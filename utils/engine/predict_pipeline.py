@@ -30,9 +30,6 @@ from yolo import YOLO
 
 log = get_logger(__name__)
 
-FILES_A_JOB = 8       # device-encoded images a writer job writes: fewer hand-offs between threads than one a job
-
-
 class Outputs:
     """Writes every product of a prediction run under one folder; images' files are made in the background.
 
@@ -114,9 +111,10 @@ class Outputs:
             # on the legacy default stream (this thread's current one): torchvision copies each image's bytes out
             # on it, so encode_jpegs' concatenation of them is ordered after those copies
             encoded = encode_jpegs(drawn)
-        folder, files = inside(self.out), [(f"{stem}.jpg", data) for stem, data in zip(stems, encoded)]
-        for start in range(0, len(files), FILES_A_JOB):
-            self.writes.submit(write_files, folder, files[start:start + FILES_A_JOB])
+        # the batch's files are one writer job: while the files go out faster than batches come, one writer thread
+        # at a time is busy, not all of them taking turns at the interpreter (which slows the main loop); when they
+        # go out slower (a disk), the next batches' jobs start on the other writer threads
+        self.writes.submit(write_files, inside(self.out), [(f"{stem}.jpg", data) for stem, data in zip(stems, encoded)])
 
     def _draw(self, stem: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
               wait_ms: int) -> None:
