@@ -20,7 +20,7 @@ from utils.cli import run_cli
 from utils.data.sample_data import make_sample_dataset
 from utils.engine.checkpoint import save_checkpoint
 from utils.engine.folders import inside, safe_component
-from utils.engine.predict_io import class_folders
+from utils.engine.predict_io import class_counts, class_folders
 from yolo import YOLO
 
 
@@ -53,6 +53,13 @@ def one_line_error(capsys, main, argv) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     return err
+
+
+def test_class_counts_name_every_class_found_and_only_those():
+    names = ["RBC", "WBC", "Platelets"]
+    dets = np.array([[0, 0, 1, 1, 0.9, c] for c in (2, 0, 2, 2)], np.float32)
+    assert class_counts(dets, names) == {"Platelets": 3, "RBC": 1}
+    assert class_counts(dets[:0], names) == {}
 
 
 def test_safe_component_and_inside(tmp_path):
