@@ -22,7 +22,7 @@ from utils.ops.cam import eigen_cam, grad_cam, layer_cam, renormalise_in_boxes
 from utils.ops.images import map_to_image
 from utils.ops.draw_tensors import draw_on_tensors
 from utils.ops.overlay import normalise_map, tick_labels
-from utils.ops.plots import (_label_patch, _labelled, _style, class_color, detection_rects, draw_detections, free_corner,
+from utils.ops.plots import (_distinct_rows, _label_patch, _labelled, _style, class_color, detection_rects, draw_detections, free_corner,
                              label_origin, overlap, score_cents)
 from yolo import YOLO
 
@@ -266,6 +266,20 @@ def test_score_cents_round_as_python_formats_and_labels_are_made_once_per_text()
         text = f"{names[cls] if 0 <= cls < 2 else cls} {score:.2f}"
         assert found.label_patches[patch] is _label_patch(text, size, class_color(cls, 2)[::-1])
     assert len(found.label_patches) == 6             # the two 0.9 RBC labels of the 640 px image are one
+
+
+def test_distinct_rows_whether_packed_or_sorted_as_rows():
+    rng = np.random.default_rng(6)
+    extreme = np.iinfo(np.int64)
+    for keys in (rng.integers(-5, 5, (500, 3)), np.array([[extreme.max, 0, 1], [extreme.min, 5, 1], [extreme.max, 0, 1]]),
+                 np.zeros((0, 3), np.int64)):
+        first, which = _distinct_rows(keys)
+        assert np.array_equal(keys[first][which], keys)
+        assert len(first) == len({tuple(row) for row in keys.tolist()})
+    # a class column of NaN or 1e30 (cast to extreme int64s) still draws
+    dets = np.array([[1, 1, 20, 20, 0.5, np.nan], [5, 5, 30, 30, 0.9, 1], [2, 2, 9, 9, 0.3, 1e30]], np.float32)
+    with np.errstate(invalid="ignore"):
+        assert (draw_detections(np.zeros((50, 60, 3), np.uint8), dets, ["a", "b"]) > 0).any()
 
 
 def test_fps_text_goes_to_a_corner_free_of_boxes():

@@ -103,8 +103,9 @@ def _distinct_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if not len(keys):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     low = keys.min(0)
-    spans = keys.max(0) - low + 1
-    if float(np.prod(spans.astype(np.float64))) < 2.0 ** 62:
+    spans = keys.max(0).astype(np.float64) - low + 1              # in floats: a span past int64 is not packed
+    if float(np.prod(spans)) < 2.0 ** 62:
+        spans = spans.astype(np.int64)
         packed = (keys - low) @ np.concatenate([np.cumprod(spans[::-1])[::-1][1:], [1]])
         _, first, which = np.unique(packed, return_index=True, return_inverse=True)
     else:
