@@ -3,7 +3,6 @@ ultralytics' val.py feeds, its geometry, and boxes mapped back to the original p
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
