@@ -6,7 +6,8 @@
 
 The JPEGs are copied round-robin into a temporary folder of --count files. Each row runs predict.py's own
 folder loop (predict_images: read, decode, letterbox, model, NMS, results written by the background writer)
-on the whole folder after a warm-up pass on its first two batches (CUDA context, cuDNN, graph capture),
+on the whole folder after a warm-up pass on a full batch and one of the folder's last batch's size (CUDA
+context, cuDNN, a graph captured for each batch size, so no timed pass captures one),
 --passes times, and reports each pass's images/s = files / seconds and the CPU cores the process kept busy
 (its user and kernel CPU seconds over the pass's seconds; file writes are kernel time). Stage
 rows: reading + decoding only (each path), model + NMS only on a letterboxed batch, then that split into the
@@ -57,6 +58,16 @@ def replicate(images: Path, count: int, folder: Path) -> list[Path]:
     for i in range(count):
         shutil.copyfile(sources[i % len(sources)], folder / f"{i:06d}_{sources[i % len(sources)].name}")
     return sorted(folder.iterdir())
+
+
+def warm_up_folder(paths: list[Path], batch: int, folder: Path) -> Path:
+    """`folder` with copies of the first files of `paths`: one full batch, then as many as the last batch of
+    `paths` has, so that a pass over it meets every batch size a pass over `paths` does (each size's CUDA graph
+    is captured there, not in a timed pass)."""
+    folder.mkdir()
+    for path in paths[:batch + (len(paths) % batch or batch)]:
+        shutil.copyfile(path, folder / path.name)
+    return folder
 
 
 def sync(device: torch.device) -> None:
@@ -288,12 +299,10 @@ def main() -> None:
     print(f"device {name}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"batch {args.batch}, {args.count} files")
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        folder, warm = Path(tmp) / "images", Path(tmp) / "warm"
+        folder = Path(tmp) / "images"
         folder.mkdir()
-        warm.mkdir()
         paths = replicate(Path(args.images), args.count, folder)
-        for path in paths[:2 * args.batch]:
-            shutil.copyfile(path, warm / path.name)
+        warm = warm_up_folder(paths, args.batch, Path(tmp) / "warm")
         rows, passes = [], []
         for decode in args.decodes.split(","):
             for save in (False, True):

@@ -17,7 +17,6 @@ the Python control, a stage's relative rate says how much it is slowed by a thre
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import threading
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from predict_speed import folder_run, replicate  # noqa: E402
+from predict_speed import folder_run, replicate, warm_up_folder  # noqa: E402
 from utils.data.image_batches import decode_chunk  # noqa: E402
 from utils.engine.predict_io import encode_jpegs, write_files  # noqa: E402
 from utils.ops.draw_tensors import paint, plan_drawing  # noqa: E402
@@ -77,7 +76,11 @@ def rates(chosen: dict[str, tuple], seconds: float, device: torch.device) -> dic
 
     def loop(name: str, work, own_stream: bool) -> None:
         with on_stream(side_stream(device) if own_stream else None):
-            work()                                   # its stream's first use, untimed
+            try:
+                work()                               # its stream's first use, untimed
+            except BaseException:
+                start.abort()                        # the others and the caller stop waiting (BrokenBarrierError)
+                raise
             start.wait()
             calls, began = 0, time.perf_counter()
             while not stop.is_set():
@@ -163,11 +166,9 @@ def main() -> None:
         print(f"  slowest at once: {slowest}, {every[slowest] * args.batch:,.0f} img/s; the stages one after "
               f"another at their rates alone: {args.batch / sum(1 / alone[s] for s in pipeline):,.0f} img/s")
 
-        folder, warm = Path(out) / "folder", Path(out) / "warm"
+        folder = Path(out) / "folder"
         folder.mkdir()
-        warm.mkdir()
-        for path in replicate(Path(args.images), args.count, folder)[:2 * args.batch]:
-            shutil.copyfile(path, warm / path.name)
+        warm = warm_up_folder(replicate(Path(args.images), args.count, folder), args.batch, Path(out) / "warm")
         loop_out = Path(out) / "predicted"
         for save in (False, True):
             folder_run(yolo, warm, loop_out, "device", args.batch, save)                       # warm-up
@@ -185,7 +186,8 @@ def main() -> None:
                 loop_rates[variant].append(folder_rate_beside(yolo, folder, loop_out, args.batch, beside))
             loop_rates["saving images (reference)"].append(
                 folder_rate_beside(yolo, folder, loop_out, args.batch, [], save=True))
-        print(f"predict.py's folder loop, --decode device, not saving, {args.count} files (img/s, in round order):")
+        print(f"predict.py's folder loop, --decode device, {args.count} files, not saving but for the last row "
+              "(img/s, in round order):")
         width = max(len(variant) for variant in loop_rates)
         for variant, rates_of in loop_rates.items():
             print(f"  {variant.ljust(width)}  {', '.join(f'{rate:,.0f}' for rate in rates_of)}")

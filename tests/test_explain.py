@@ -254,7 +254,7 @@ def test_score_cents_round_as_python_formats_and_labels_are_made_once_per_text()
         plain = cents >= 0
         assert plain.mean() > 0.95                   # ties and near-ties take Python's formatting, the rest not
         assert [f"{c // 100}.{c % 100:02d}" for c in cents[plain].tolist()] == [f"{v:.2f}" for v in values[plain]]
-    assert score_cents(np.array([np.nan, -0.5, np.inf, 1e12])).tolist() == [-1, -1, -1, -1]
+    assert score_cents(np.array([np.nan, -0.5, np.inf, 1e12, -0.0, 1e308])).tolist() == [-1] * 6   # -0.0: "-0.00"
     # every box's label is the cached patch of its own text, ties and unknown classes included
     names = ["RBC", "WBC"]
     dets = np.array([[0, 0, 9, 9, s, c] for s, c in [(0.125, 0), (0.285, 1), (0.12500001, 0), (0.9, 5), (0.9, 0),
@@ -272,7 +272,7 @@ def test_distinct_rows_whether_packed_or_sorted_as_rows():
     rng = np.random.default_rng(6)
     extreme = np.iinfo(np.int64)
     for keys in (rng.integers(-5, 5, (500, 3)), np.array([[extreme.max, 0, 1], [extreme.min, 5, 1], [extreme.max, 0, 1]]),
-                 np.zeros((0, 3), np.int64)):
+                 np.array([[0, 0], [1, 0], [0, 2 ** 53]]), np.zeros((0, 3), np.int64)):   # a span float64 rounds
         first, which = _distinct_rows(keys)
         assert np.array_equal(keys[first][which], keys)
         assert len(first) == len({tuple(row) for row in keys.tolist()})

@@ -60,6 +60,8 @@ def test_class_counts_name_every_class_found_and_only_those():
     dets = np.array([[0, 0, 1, 1, 0.9, c] for c in (2, 0, 2, 2)], np.float32)
     assert class_counts(dets, names) == {"Platelets": 3, "RBC": 1}
     assert class_counts(dets[:0], names) == {}
+    dets[1, 5], dets[2, 5] = -1, 7          # ids the names do not cover (malformed detections): under their number
+    assert class_counts(dets, names) == {"Platelets": 2, "-1": 1, "7": 1}
 
 
 def test_safe_component_and_inside(tmp_path):

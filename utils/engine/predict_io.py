@@ -166,9 +166,15 @@ def save_crops(out_dir: Path, stem: str, image: np.ndarray, detections: np.ndarr
 
 
 def class_counts(detections: np.ndarray, class_names: list[str]) -> Counter:
-    """Objects per class name."""
-    counts = np.bincount(detections[:, 5].astype(np.int64), minlength=len(class_names))   # 4x np.unique's speed
-    return Counter({class_names[c]: n for c, n in enumerate(counts.tolist()) if n})
+    """Objects per class name; a class id the names do not cover (a malformed detection) under its number."""
+    with np.errstate(invalid="ignore"):
+        ids = detections[:, 5].astype(np.int64)
+    known = (ids >= 0) & (ids < len(class_names))
+    counts = np.bincount(ids[known], minlength=len(class_names))          # 4x np.unique's speed
+    found = Counter({class_names[c]: n for c, n in enumerate(counts.tolist()) if n})
+    if not known.all():
+        found.update(str(c) for c in ids[~known].tolist())
+    return found
 
 
 def draw_fps(image: np.ndarray, fps: float, avoid: list[Rect] = ()) -> np.ndarray:

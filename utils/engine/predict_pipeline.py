@@ -30,6 +30,8 @@ from yolo import YOLO
 
 log = get_logger(__name__)
 
+BATCHES_PENDING = 8    # device-encoded batches whose JPEG bytes may wait for the writers (memory stays bounded)
+
 class Outputs:
     """Writes every product of a prediction run under one folder; images' files are made in the background.
 
@@ -41,7 +43,7 @@ class Outputs:
     JPEG-encoded there (`drawn_on_device`), a batch at a time, by two more stages of one thread each, so that
     the main loop goes on with the next batch meanwhile: painting (the drawing planned on the host, painted on
     the device) and encoding (torchvision's nvJPEG encoder, which waits for each image on the calling thread;
-    the bytes copied back and handed to the writers). Both use CUDA inside `cuda_guard.using()`; a caller about
+    the bytes copied back and handed to a pool of batch writers, a batch's files a job). Both use CUDA inside `cuda_guard.using()`; a caller about
     to capture a CUDA graph enters `cuda_guard.capturing()`. Painting has a CUDA stream of its own; encoding
     stays on the legacy default stream, where torchvision's encoder copies each image's bytes out, so that the
     copy back is ordered after those copies (the model runs on a stream of its own, `_device_batches`). Pixels
@@ -67,6 +69,11 @@ class Outputs:
         self.paint_stream = side_stream(yolo.device) if self.draws_on_device else None
         self.cuda_guard = CaptureGuard()
         self.writes = BackgroundWrites(threads=0 if self.show else None)   # fed by the stages above
+        # a device-encoded batch's files are one job: while files go out faster than batches come, one writer
+        # thread at a time is busy, not all of them taking turns at the interpreter (which slows the main loop);
+        # when they go out slower (a disk), the next batches' jobs start on the other threads
+        self.batch_writes = BackgroundWrites(threads=None if self.draws_on_device else 0, window=BATCHES_PENDING,
+                                             name="batch-writer")
 
     def image(self, name: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
               wait_ms: int = 1) -> tuple[str, np.ndarray]:
@@ -111,10 +118,8 @@ class Outputs:
             # on the legacy default stream (this thread's current one): torchvision copies each image's bytes out
             # on it, so encode_jpegs' concatenation of them is ordered after those copies
             encoded = encode_jpegs(drawn)
-        # the batch's files are one writer job: while the files go out faster than batches come, one writer thread
-        # at a time is busy, not all of them taking turns at the interpreter (which slows the main loop); when they
-        # go out slower (a disk), the next batches' jobs start on the other writer threads
-        self.writes.submit(write_files, inside(self.out), [(f"{stem}.jpg", data) for stem, data in zip(stems, encoded)])
+        self.batch_writes.submit(write_files, inside(self.out),
+                                 [(f"{stem}.jpg", data) for stem, data in zip(stems, encoded)])
 
     def _draw(self, stem: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
               wait_ms: int) -> None:
@@ -144,6 +149,7 @@ class Outputs:
             self.drawing.finish()
             self.painting.finish()
             self.encoding.finish()
+            self.batch_writes.finish()
             self.writes.finish()
         finally:
             self.close()
@@ -155,6 +161,7 @@ class Outputs:
         self.drawing.close()
         self.painting.close()
         self.encoding.close()
+        self.batch_writes.close()
         self.writes.close()
 
 

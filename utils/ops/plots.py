@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -89,10 +90,10 @@ class Labelled:
 
 def score_cents(scores: np.ndarray) -> np.ndarray:
     """Each score rounded to hundredths as f"{score:.2f}" rounds it, in hundredths (int64); -1 where that takes
-    Python's formatting (a score a hair from a rounding tie, negative, huge or not finite)."""
-    hundredths = np.asarray(scores, np.float64) * 100
-    with np.errstate(invalid="ignore"):
-        plain = (np.isfinite(hundredths) & (hundredths >= 0) & (hundredths < 1e9)
+    Python's formatting (a score a hair from a rounding tie, negative or -0.0, huge or not finite)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        hundredths = np.asarray(scores, np.float64) * 100
+        plain = (np.isfinite(hundredths) & (hundredths >= 0) & ~np.signbit(hundredths) & (hundredths < 1e9)   # -0.0: "-0.00"
                  & (np.abs(hundredths - np.floor(hundredths) - 0.5) > 1e-6))
     return np.where(plain, np.floor(np.where(plain, hundredths, 0) + 0.5), -1).astype(np.int64)
 
@@ -103,9 +104,9 @@ def _distinct_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if not len(keys):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     low = keys.min(0)
-    spans = keys.max(0).astype(np.float64) - low + 1              # in floats: a span past int64 is not packed
-    if float(np.prod(spans)) < 2.0 ** 62:
-        spans = spans.astype(np.int64)
+    spans = [int(high) - int(lowest) + 1 for high, lowest in zip(keys.max(0).tolist(), low.tolist())]   # exact
+    if math.prod(spans) < 2 ** 62:
+        spans = np.asarray(spans, np.int64)
         packed = (keys - low) @ np.concatenate([np.cumprod(spans[::-1])[::-1][1:], [1]])
         _, first, which = np.unique(packed, return_index=True, return_inverse=True)
     else:
