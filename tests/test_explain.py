@@ -22,8 +22,8 @@ from utils.ops.cam import eigen_cam, grad_cam, layer_cam, renormalise_in_boxes
 from utils.ops.images import map_to_image
 from utils.ops.draw_tensors import draw_on_tensors
 from utils.ops.overlay import normalise_map, tick_labels
-from utils.ops.plots import (_distinct_rows, _label_patch, _labelled, _style, class_color, detection_rects, draw_detections, free_corner,
-                             label_origin, overlap, score_cents)
+from utils.ops.plots import (_distinct_rows, _label_patch, _labelled, _style, class_color, detection_rects,
+                             draw_detections, free_corner, label_origin, overlap, score_cents)
 from yolo import YOLO
 
 
@@ -271,8 +271,9 @@ def test_score_cents_round_as_python_formats_and_labels_are_made_once_per_text()
 def test_distinct_rows_whether_packed_or_sorted_as_rows():
     rng = np.random.default_rng(6)
     extreme = np.iinfo(np.int64)
-    for keys in (rng.integers(-5, 5, (500, 3)), np.array([[extreme.max, 0, 1], [extreme.min, 5, 1], [extreme.max, 0, 1]]),
-                 np.array([[0, 0], [1, 0], [0, 2 ** 53]]), np.zeros((0, 3), np.int64)):   # a span float64 rounds
+    extremes = np.array([[extreme.max, 0, 1], [extreme.min, 5, 1], [extreme.max, 0, 1]])
+    float_rounded = np.array([[0, 0], [1, 0], [0, 2 ** 53]])        # a span float64 would round
+    for keys in (rng.integers(-5, 5, (500, 3)), extremes, float_rounded, np.zeros((0, 3), np.int64)):
         first, which = _distinct_rows(keys)
         assert np.array_equal(keys[first][which], keys)
         assert len(first) == len({tuple(row) for row in keys.tolist()})

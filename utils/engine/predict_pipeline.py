@@ -43,11 +43,11 @@ class Outputs:
     JPEG-encoded there (`drawn_on_device`), a batch at a time, by two more stages of one thread each, so that
     the main loop goes on with the next batch meanwhile: painting (the drawing planned on the host, painted on
     the device) and encoding (torchvision's nvJPEG encoder, which waits for each image on the calling thread;
-    the bytes copied back and handed to a pool of batch writers, a batch's files a job). Both use CUDA inside `cuda_guard.using()`; a caller about
-    to capture a CUDA graph enters `cuda_guard.capturing()`. Painting has a CUDA stream of its own; encoding
-    stays on the legacy default stream, where torchvision's encoder copies each image's bytes out, so that the
-    copy back is ordered after those copies (the model runs on a stream of its own, `_device_batches`). Pixels
-    are copied back to the host only for --crop and --show.
+    the bytes copied back and handed to a pool of batch writers, a batch's files a job). Both use CUDA inside
+    `cuda_guard.using()`; a caller about to capture a CUDA graph enters `cuda_guard.capturing()`. Painting has a
+    CUDA stream of its own; encoding stays on the legacy default stream, where torchvision's encoder copies each
+    image's bytes out, so that the copy back is ordered after those copies (the model runs on a stream of its own,
+    `_device_batches`). Pixels are copied back to the host only for --crop and --show.
     """
 
     def __init__(self, args: argparse.Namespace, yolo: YOLO, out: Path, wanted: set[int] | None,

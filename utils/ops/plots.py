@@ -93,7 +93,8 @@ def score_cents(scores: np.ndarray) -> np.ndarray:
     Python's formatting (a score a hair from a rounding tie, negative or -0.0, huge or not finite)."""
     with np.errstate(over="ignore", invalid="ignore"):
         hundredths = np.asarray(scores, np.float64) * 100
-        plain = (np.isfinite(hundredths) & (hundredths >= 0) & ~np.signbit(hundredths) & (hundredths < 1e9)   # -0.0: "-0.00"
+        # -0.0 passes ">= 0" but formats as "-0.00": the sign bit decides
+        plain = (np.isfinite(hundredths) & ~np.signbit(hundredths) & (hundredths < 1e9)
                  & (np.abs(hundredths - np.floor(hundredths) - 0.5) > 1e-6))
     return np.where(plain, np.floor(np.where(plain, hundredths, 0) + 0.5), -1).astype(np.int64)
 
