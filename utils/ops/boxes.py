@@ -223,7 +223,8 @@ def blocked_nms(det: torch.Tensor, counts: list[int], iou_thres: float, max_det:
     """
     block = block or NMS_BLOCK
     iou_thres = _float32_below(iou_thres)
-    kept = [torch.empty(0, dtype=torch.long, device=det.device) for _ in counts]
+    nothing = torch.empty(0, dtype=torch.long, device=det.device)   # one shared empty: not a tensor call per image
+    kept = [nothing] * len(counts)
     taken = [0] * len(counts)                     # len(kept[image]), kept as ints: no tensor call to read it
     for start in range(0, max(counts, default=0), block):
         active = [image for image, n in enumerate(counts) if n > start and taken[image] < max_det]
