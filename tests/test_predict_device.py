@@ -15,7 +15,7 @@ import torch
 
 import predict
 import train
-from utils.data.image_batches import ImageBatches, decode_chunk
+from utils.data.image_batches import ImageBatches, decode_chunk, file_bytes
 from utils.data.sample_data import make_sample_dataset
 from utils.ops.capture_guard import CaptureGuard
 from utils.ops.images import letterbox
@@ -71,6 +71,17 @@ def folder(tmp_path_factory) -> Path:
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
     (root / "notes.jpg").write_text("not an image")
     return root
+
+
+def test_file_bytes_reads_every_byte_into_a_shareable_buffer(folder, tmp_path):
+    for path in sorted(folder.iterdir()):
+        data = file_bytes(path)
+        assert isinstance(data, bytearray) and data == path.read_bytes()
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert file_bytes(tmp_path / "empty.jpg") == bytearray()
+    for unreadable in (tmp_path / "missing.jpg", tmp_path):
+        with pytest.raises(OSError):
+            file_bytes(unreadable)
 
 
 def test_decode_chunk_falls_back_to_opencv_and_counts(folder):
