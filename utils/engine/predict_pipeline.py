@@ -32,6 +32,7 @@ log = get_logger(__name__)
 
 BATCHES_PENDING = 8    # device-encoded batches whose JPEG bytes may wait for the writers (memory stays bounded)
 
+
 class Outputs:
     """Writes every product of a prediction run under one folder; images' files are made in the background.
 

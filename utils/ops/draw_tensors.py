@@ -39,14 +39,15 @@ def plan_drawing(sizes: list[tuple[int, int]], detections: list[np.ndarray], cla
     labels = np.flatnonzero(~solid)
     # each label patch drawn packed once a batch, after the solid colours
     drawn, which = np.unique(paints.patch[labels], return_inverse=True)
+    which = which.reshape(-1)                                  # each label paint's place among the drawn patches
     unique = [paints.label_patches[i] for i in drawn.tolist()]
-    sizes_px = np.asarray([p.shape[0] * p.shape[1] for p in unique], np.int64)
-    unique_start = int(solid.sum()) + np.concatenate([[0], np.cumsum(sizes_px)[:-1]]).astype(np.int64)
-    widths = np.asarray([p.shape[1] for p in unique], np.int64).reshape(-1)[which.reshape(-1)]
+    hw = np.asarray([p.shape[:2] for p in unique], np.int64).reshape(-1, 2)
+    unique_start = int(solid.sum()) + np.concatenate([[0], np.cumsum(hw[:, 0] * hw[:, 1])[:-1]]).astype(np.int64)
+    widths = hw[which, 1]
     src_start = np.zeros(len(solid), np.int64)
     src_row = np.zeros(len(solid), np.int64)
     src_start[solid] = np.arange(int(solid.sum()))
-    src_start[labels] = unique_start[which.reshape(-1)] + paints.offsets[labels, 1] * widths + paints.offsets[labels, 0]
+    src_start[labels] = unique_start[which] + paints.offsets[labels, 1] * widths + paints.offsets[labels, 0]
     src_row[labels] = widths
     sources = [paints.colors[solid]] + [p.reshape(-1, 3) for p in unique]
     x0, y0, x1, y1 = paints.rects.T
