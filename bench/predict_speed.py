@@ -6,19 +6,21 @@
 
 The JPEGs are copied round-robin into a temporary folder of --count files. Each row runs predict.py's own
 folder loop (predict_images: read, decode, letterbox, model, NMS, results written by the background writer)
-on the whole folder after a warm-up pass on a full batch and one of the folder's last batch's size (CUDA
-context, cuDNN, a graph captured for each batch size, so no timed pass captures one),
---passes times, and reports each pass's images/s = files / seconds and the CPU cores the process kept busy
+not saving, saving the drawn images, or saving labels and JSON only (--save-txt --save-json), on the whole
+folder after a warm-up pass on a full batch and one of the folder's last batch's size (CUDA context, cuDNN, a
+graph captured for each batch size, so no timed pass captures one), --passes times, and reports each pass's
+images/s = files / seconds and the CPU cores the process kept busy
 (its user and kernel CPU seconds over the pass's seconds; file writes are kernel time). Stage
 rows: reading + decoding only (each path), model + NMS only on a letterboxed batch, then that split into the
 model (with box decode) and NMS alone, once per NMS method, and saving on the device path split into drawing
 and JPEG encoding, to say what bounds each path. With --stage-times, one more saving pass of the device path
-with each thread's stages timed (the main loop's model + NMS, the reader's decoding, painting's plan and paint,
-encoding, the writers, and every wait for a full stage), how much of each ran beside a stage of another thread,
-and for how long 0, 1, 2, ... stage calls ran at once: stages that take turns instead of overlapping show there.
-With --ablate R, R rounds of saving passes of the device path, each round one pass per variant: everything,
-then one stage replaced by a stand-in (no file writes; 16-byte files instead of JPEG encoding; no painting;
-no planning or painting). The variants alternate within each round, so a host that slows as it writes (as the
+with each thread's stages timed in wall and CPU seconds (the main loop's model + NMS and whole loop, the reader's
+decoding, painting's plan and paint, encoding, the writers, and every wait for a full stage), how much of each
+ran beside a stage of another thread, and for how long 0, 1, 2, ... stage calls ran at once: stages that take
+turns instead of overlapping show there. With --ablate R, R rounds of saving passes of the device path, each
+round one pass per variant: everything, then one stage replaced by a stand-in (no file writes; 16-byte files
+instead of JPEG encoding; no painting; the first plan of each batch size painted again instead of planning; no
+planning or painting). The variants alternate within each round, so a host that slows as it writes (as the
 lent machines do) slows them alike.
 """
 from __future__ import annotations
@@ -81,10 +83,14 @@ def cpu_seconds() -> np.ndarray:
     return np.array([usage.ru_utime, usage.ru_stime])
 
 
-def folder_run(yolo: YOLO, folder: Path, out: Path, decode: str, batch: int, save: bool) -> float:
-    """Seconds for predict.py's folder loop over `folder` (its results under `out`)."""
+SAVING_LABELS = ["--no-save-images", "--save-txt", "--save-json"]      # what folder_run's save="labels" passes
+
+
+def folder_run(yolo: YOLO, folder: Path, out: Path, decode: str, batch: int, save: bool | str) -> float:
+    """Seconds for predict.py's folder loop over `folder` (its results under `out`): saving the drawn images
+    (True), nothing (False) or "labels" (each image's YOLO labels and predictions.json, no images)."""
     argv = ["--weights", yolo.weights, "--source", str(folder), "--decode", decode, "--batch", str(batch)]
-    args = predict.parse_args(argv + ([] if save else ["--no-save-images"]))
+    args = predict.parse_args(argv + (SAVING_LABELS if save == "labels" else [] if save else ["--no-save-images"]))
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -185,28 +191,32 @@ def replaced(attributes: dict[tuple[object, str], object]):
             setattr(owner, name, value)
 
 
-def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> tuple[list[tuple[str, float, int, float]],
+def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> tuple[list[tuple[str, float, float, int, float]],
                                                                           list[float]]:
     """One saving pass of predict.py's device folder loop over `folder`, the stage functions wrapped with timers:
-    per (thread: stage), its seconds, calls, and the seconds of them during which a stage of another thread
-    (waits excluded; the writer threads count as one) was running too; and the seconds of the pass during which
-    0, 1, 2, ... stage calls were running at once. A thread busy for most of the pass bounds it; a submit that
-    blocks is a stage waiting for the next one; stages that mostly run alone take turns instead of overlapping."""
+    per (thread: stage), its seconds, its thread's CPU seconds, calls, and the seconds of them during which a stage
+    of another thread (waits excluded; the writer threads count as one) was running too; and the seconds of the
+    pass during which 0, 1, 2, ... stage calls were running at once. The main thread's whole loop is one more row.
+    A thread busy for most of the pass bounds it; a submit that blocks is a stage waiting for the next one;
+    stages that mostly run alone take turns instead of overlapping. CPU seconds are the time a thread ran, not
+    waited: for Python stages, about the time it held the interpreter lock, which all the threads share (their
+    CPU seconds summing to near the pass's seconds say that lock bounds it)."""
     import utils.data.image_batches as image_batches  # noqa: PLC0415
     import utils.engine.predict_io as predict_io  # noqa: PLC0415
     import utils.engine.predict_pipeline as pipeline  # noqa: PLC0415
 
     waiting = "submit (blocked while the next stage is full)"
-    spans: list[tuple[float, float, str, str]] = []          # start, end, thread, stage
+    spans: list[tuple[float, float, str, str, float]] = []          # start, end, thread, stage, CPU seconds
     lock = threading.Lock()
 
     def timed(label: str, fn):
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                span = (start, time.perf_counter(), threading.current_thread().name.rsplit("_", 1)[0], label)
+                span = (start, time.perf_counter(), threading.current_thread().name.rsplit("_", 1)[0], label,
+                        time.thread_time() - cpu)
                 with lock:
                     spans.append(span)
         return wrapper
@@ -215,12 +225,12 @@ def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> tuple[list[t
                (image_batches, "decode_chunk"), (YOLO, "predict_tensors"), (predict_io.BackgroundWrites, "submit")]
     with replaced({(owner, name): timed(waiting if name == "submit" else name, getattr(owner, name))
                    for owner, name in wrapped}):
-        first = time.perf_counter()
+        first, cpu = time.perf_counter(), time.thread_time()
         folder_run(yolo, folder, out, "device", batch, True)
-        last = time.perf_counter()
+        last, cpu = time.perf_counter(), time.thread_time() - cpu
     working = [span for span in spans if span[3] != waiting]
     # sweep over the working spans' starts and ends: how many run at each moment
-    events = sorted([(start, 1) for start, _, _, _ in working] + [(end, -1) for _, end, _, _ in working])
+    events = sorted([(span[0], 1) for span in working] + [(span[1], -1) for span in working])
     at_once, running, moment = [0.0] * (len(working) + 1), 0, first
     for when, step in events:
         at_once[running] += when - moment
@@ -229,10 +239,10 @@ def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> tuple[list[t
     while len(at_once) > 1 and at_once[-1] == 0:
         at_once.pop()
 
-    def beside_others(span: tuple[float, float, str, str]) -> float:
+    def beside_others(span: tuple[float, float, str, str, float]) -> float:
         """Seconds of `span` during which a working span of another thread (group) was running too (their union)."""
-        start, end, thread, _ = span
-        pieces = sorted((max(start, s), min(end, e)) for s, e, t, _ in working if t != thread and s < end and e > start)
+        start, end, thread = span[:3]
+        pieces = sorted((max(start, s), min(end, e)) for s, e, t, *_ in working if t != thread and s < end and e > start)
         covered, reach = 0.0, start
         for s, e in pieces:
             if e > reach:
@@ -242,21 +252,24 @@ def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> tuple[list[t
 
     totals: dict[tuple[str, str], list] = {}
     for span in spans:
-        entry = totals.setdefault((span[2], span[3]), [0.0, 0, 0.0])
+        entry = totals.setdefault((span[2], span[3]), [0.0, 0.0, 0, 0.0])
         entry[0] += span[1] - span[0]
-        entry[1] += 1
-        entry[2] += beside_others(span) if span[3] != waiting else 0.0
-    rows = [(f"{thread}: {label}", seconds, calls, overlapped)
-            for (thread, label), (seconds, calls, overlapped) in sorted(totals.items())]
+        entry[1] += span[4]
+        entry[2] += 1
+        entry[3] += beside_others(span) if span[3] != waiting else 0.0
+    rows = [(f"{thread}: {label}", seconds, cpu_time, calls, overlapped)
+            for (thread, label), (seconds, cpu_time, calls, overlapped) in sorted(totals.items())]
+    rows.append((f"{threading.current_thread().name}: the whole loop", last - first, cpu, 1, 0.0))
     return rows, at_once
 
 
 ABLATIONS = {    # variant -> predict_pipeline's functions replaced for its passes
     "everything": {},
     "no file writes": {"write_files": lambda folder, files: None},
-    "no JPEG encoding (16-byte files written)": {"encode_jpegs": lambda images: [np.zeros(16, np.uint8)
-                                                                                  for _ in images]},
+    "no JPEG encoding (16-byte files written)": {"encode_jpegs": lambda images, encoder=None: [np.zeros(16, np.uint8)
+                                                                                                for _ in images]},
     "no painting (the plan still made)": {"paint": lambda images, plan: images},
+    "no planning (each batch size's first plan painted again)": {"plan_drawing": "first plan of the batch's sizes"},
     "no planning, no painting": {"plan_drawing": lambda sizes, detections, class_names: None,
                                  "paint": lambda images, plan: images},
 }
@@ -268,9 +281,20 @@ def ablation(yolo: YOLO, folder: Path, out: Path, batch: int, rounds: int) -> di
     import utils.engine.predict_pipeline as pipeline  # noqa: PLC0415
 
     files = sum(1 for _ in folder.iterdir())
+    plans, plan_drawing = {}, pipeline.plan_drawing
+
+    def first_plan(sizes, detections, class_names):
+        """The plan made for the first batch of these sizes, painted again: painting's work without planning's."""
+        key = tuple(sizes)
+        if key not in plans:
+            plans[key] = plan_drawing(sizes, detections, class_names)
+        return plans[key]
+
     rates: dict[str, list[float]] = {variant: [] for variant in ABLATIONS}
     for _ in range(rounds):
         for variant, stand_ins in ABLATIONS.items():
+            stand_ins = {name: first_plan if isinstance(stand_in, str) else stand_in
+                         for name, stand_in in stand_ins.items()}
             with replaced({(pipeline, name): stand_in for name, stand_in in stand_ins.items()}):
                 rates[variant].append(files / folder_run(yolo, folder, out, "device", batch, True))
     return rates
@@ -305,15 +329,15 @@ def main() -> None:
         warm = warm_up_folder(paths, args.batch, Path(tmp) / "warm")
         rows, passes = [], []
         for decode in args.decodes.split(","):
-            for save in (False, True):
+            for save in (False, True, "labels"):
                 folder_run(yolo, warm, Path(tmp) / "out", decode, args.batch, save)          # warm-up
                 timed = []
                 for _ in range(args.passes):
                     cpu = cpu_seconds()
                     seconds = folder_run(yolo, folder, Path(tmp) / "out", decode, args.batch, save)
                     timed.append((args.count / seconds, (cpu_seconds() - cpu) / seconds))
-                passes.append((f"predict folder, --decode {decode}, {'saving' if save else 'not saving'} images",
-                               timed))
+                what = {False: "not saving", True: "saving images", "labels": "labels + JSON"}[save]
+                passes.append((f"predict folder, --decode {decode}, {what}", timed))
         for decode in args.decodes.split(","):
             decode_only(paths[:2 * args.batch], args.batch, device, decode)
             rows.append((f"read + decode only, {decode}", args.count / decode_only(paths, args.batch, device, decode)))
@@ -335,11 +359,11 @@ def main() -> None:
         print(f"{label.ljust(width)}  {rate:8,.0f} img/s")
     if args.stage_times:
         print(f"stages of one saving pass of the device path ({args.count} files in {wall:.2f} s, timers included;"
-              " seconds, calls, seconds while a stage of another thread ran too):")
-        width = max(len(label) for label, _, _, _ in stages)
-        for label, seconds, calls, overlapped in stages:
-            beside = "" if label.endswith("full)") else f", {overlapped:6.2f} s beside another"
-            print(f"  {label.ljust(width)}  {seconds:6.2f} s  ({calls} calls{beside})")
+              " seconds, CPU seconds of the thread, calls, seconds while a stage of another thread ran too):")
+        width = max(len(row[0]) for row in stages)
+        for label, seconds, cpu_time, calls, overlapped in stages:
+            beside = "" if label.endswith(("full)", "loop")) else f", {overlapped:6.2f} s beside another"
+            print(f"  {label.ljust(width)}  {seconds:6.2f} s  CPU {cpu_time:6.2f} s  ({calls} calls{beside})")
         print("  seconds of the pass with N stage calls running at once (waits excluded): "
               + ", ".join(f"{n}: {seconds:.2f}" for n, seconds in enumerate(at_once)))
     if args.ablate:
