@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from utils.engine.folders import OutputError, inside, make_dir, safe_component
-from utils.ops import jpeg
 from utils.ops.plots import Rect, free_corner
 
 
@@ -65,23 +64,16 @@ def json_entries(name: str, detections: np.ndarray, class_names: list[str]) -> l
 JPEG_QUALITY = 95                         # OpenCV's default, so both ways of saving give files alike
 
 
-def encode_jpegs(images: list[torch.Tensor], encoder: jpeg.JpegEncoder | None = None) -> list[np.ndarray]:
-    """RGB uint8 [3,H,W] tensors (all on one device) -> each one's JPEG file bytes. On CUDA all at once by the
-    batched encoder of utils/ops/jpeg.py, through `encoder` (its CUDA graphs) when given (torchvision's nvJPEG
-    encoder waits for the GPU twice an image, one image at a time: bench/RESULTS.md, twelfth session); elsewhere
-    by OpenCV, as write_images encodes."""
+def encode_jpegs(images: list[torch.Tensor]) -> list[np.ndarray]:
+    """RGB uint8 [3,H,W] tensors -> each one's JPEG file bytes, encoded where the images are (nvJPEG on CUDA,
+    in one batched call) and copied back to the host in one transfer."""
+    from torchvision.io import encode_jpeg  # noqa: PLC0415 (torchvision loads only where images are encoded with it)
+
     if not images:
         return []
-    if images[0].device.type == "cuda":
-        return encoder(images) if encoder is not None else jpeg.encode_jpegs(images, JPEG_QUALITY)
-    files = []
-    for im in images:
-        ok, data = cv2.imencode(".jpg", np.ascontiguousarray(im.permute(1, 2, 0).numpy()[:, :, ::-1]),
-                                [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        if not ok:
-            raise ValueError(f"OpenCV could not encode an image of shape {tuple(im.shape)}")
-        files.append(data)
-    return files
+    encoded = encode_jpeg(images, quality=JPEG_QUALITY)
+    data = torch.cat(encoded).cpu().numpy()
+    return np.split(data, np.cumsum([len(e) for e in encoded[:-1]], dtype=np.int64))
 
 
 def write_files(folder: Path, files: list[tuple[str, np.ndarray]]) -> None:

@@ -19,12 +19,11 @@ from utils.data.dataset import ImageReadError, load_image
 from utils.data.image_batches import DecodedBatch, ImageBatches, device_decode_available
 from utils.data.sources import Source, display_available
 from utils.engine.folders import OutputError, inside, make_dir, safe_component, write_text
-from utils.engine.predict_io import (JPEG_QUALITY, BackgroundWrites, UniqueStems, class_counts, draw_fps, encode_jpegs,
-                                     json_entries, keep_classes, save_crops, write_files, write_image, yolo_label_lines)
+from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, encode_jpegs, json_entries,
+                                     keep_classes, save_crops, write_files, write_image, yolo_label_lines)
 from utils.log import get_logger
 from utils.ops.capture_guard import CaptureGuard
 from utils.ops.draw_tensors import paint, plan_drawing
-from utils.ops.jpeg import JpegEncoder
 from utils.ops.plots import detection_rects
 from utils.ops.streams import adopt, made_event, on_stream, side_stream
 from yolo import YOLO
@@ -44,11 +43,12 @@ class Outputs:
     device_images: the images come as tensors on the model's device (--decode device). They are then drawn and
     JPEG-encoded there (`drawn_on_device`), a batch at a time, by two more stages of one thread each, so that
     the main loop goes on with the next batch meanwhile: painting (the drawing planned on the host, painted on
-    the device) and encoding (a batch's JPEG files made on the device at once, utils/ops/jpeg.py, the bytes
-    copied back and handed to a pool of batch writers, a batch's files a job). Both use CUDA inside
-    `cuda_guard.using()`; a caller about to capture a CUDA graph enters `cuda_guard.capturing()`. Each has a CUDA
-    stream of its own, as the model has (`_device_batches`). Pixels are copied back to the host only for --crop
-    and --show.
+    the device) and encoding (torchvision's nvJPEG encoder, which waits for each image on the calling thread;
+    the bytes copied back and handed to a pool of batch writers, a batch's files a job). Both use CUDA inside
+    `cuda_guard.using()`; a caller about to capture a CUDA graph enters `cuda_guard.capturing()`. Painting has a
+    CUDA stream of its own; encoding stays on the legacy default stream, where torchvision's encoder copies each
+    image's bytes out, so that the copy back is ordered after those copies (the model runs on a stream of its own,
+    `_device_batches`). Pixels are copied back to the host only for --crop and --show.
     """
 
     def __init__(self, args: argparse.Namespace, yolo: YOLO, out: Path, wanted: set[int] | None,
@@ -68,8 +68,6 @@ class Outputs:
         self.painting = BackgroundWrites(threads=on_device, window=2, name="painting")
         self.encoding = BackgroundWrites(threads=on_device, window=2, name="encoding")
         self.paint_stream = side_stream(yolo.device) if self.draws_on_device else None
-        self.encode_stream = side_stream(yolo.device) if self.draws_on_device else None
-        self.jpeg = JpegEncoder(JPEG_QUALITY) if self.draws_on_device else None
         self.cuda_guard = CaptureGuard()
         self.writes = BackgroundWrites(threads=0 if self.show else None)   # fed by the stages above
         # a device-encoded batch's files are one job: while files go out faster than batches come, one writer
@@ -97,11 +95,7 @@ class Outputs:
     def drawn_on_device(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray],
                         made: torch.cuda.Event | None = None) -> None:
         """A batch's images (RGB [3,H,W] tensors on the device, ready once `made` has happened) drawn and
-        JPEG-encoded there, their bytes written, all in the background. A new batch shape's encoding is first
-        captured as a CUDA graph, here on the caller's thread, with the other threads' CUDA work held back."""
-        if self.jpeg.wants_capture(images):
-            with self.cuda_guard.capturing():
-                self.jpeg.capture(images)
+        JPEG-encoded there, their bytes written, all in the background."""
         self.painting.submit(self._paint, stems, images, detections, made)
 
     def _paint(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray],
@@ -118,9 +112,13 @@ class Outputs:
     def _encode(self, stems: list[str], drawn: list[torch.Tensor], done: torch.cuda.Event | None) -> None:
         """Encoding stage: the painted images JPEG-encoded on the device, the bytes copied back and handed to the
         writers."""
-        with self.cuda_guard.using(), on_stream(self.encode_stream):
-            adopt(drawn, done)
-            encoded = encode_jpegs(drawn, self.jpeg)
+        with self.cuda_guard.using():
+            if done is not None:
+                # torchvision encodes on a stream of its own that does not wait for the painting's
+                done.synchronize()
+            # on the legacy default stream (this thread's current one): torchvision copies each image's bytes out
+            # on it, so encode_jpegs' concatenation of them is ordered after those copies
+            encoded = encode_jpegs(drawn)
         self.batch_writes.submit(write_files, inside(self.out),
                                  [(f"{stem}.jpg", data) for stem, data in zip(stems, encoded)])
 
