@@ -163,6 +163,12 @@ def test_failed_writes_are_one_line_errors(weights, data, images, tmp_path, caps
             raise OSError(28, "No space left on device")
         return real_write_text(self, *a, **k)
     monkeypatch.setattr(Path, "write_text", full_disk)
+
+    def no_space_for_labels(path, flags, *a, **k):          # labels are written a batch at a time by write_files
+        if str(path).endswith(".txt"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, flags, *a, **k)
+    monkeypatch.setattr(os, "open", no_space_for_labels)
     for flag, name in (("--save-json", "predictions.json"), ("--save-txt", ".txt")):
         err = one_line_error(capsys, predict.main, [*base, "--source", str(images), flag, "--out", str(tmp_path / "p")])
         assert err.startswith("error: cannot write ") and name in err and err.endswith("No space left on device")

@@ -6,6 +6,8 @@ path through `inside`, so a hostile class name or file name cannot write outside
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import threading
 from collections import Counter, deque
@@ -44,21 +46,33 @@ def keep_classes(detections: np.ndarray, wanted: set[int] | None) -> np.ndarray:
     return detections[np.isin(detections[:, 5].astype(int), list(wanted))]
 
 
-def yolo_label_lines(detections: np.ndarray, width: int, height: int, score: bool = False) -> list[str]:
-    """One YOLO label line per box: class cx cy w h normalised to the image, then the score when `score`."""
-    lines = []
-    for x1, y1, x2, y2, conf, cls in detections:
-        line = (f"{int(cls)} {(x1 + x2) / 2 / width:.6f} {(y1 + y2) / 2 / height:.6f} "
-                f"{(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}")
-        lines.append(f"{line} {conf:.5f}" if score else line)
-    return lines
+def yolo_label_text(detections: np.ndarray, width: int, height: int, score: bool = False) -> str:
+    """A YOLO label file's text: a line per box, class cx cy w h normalised to the image, then the score when
+    `score`. The arithmetic is in the detections' own dtype, as box by box."""
+    d = np.asarray(detections)
+    if not len(d):
+        return ""
+    columns = [d[:, 5].astype(np.int64), (d[:, 0] + d[:, 2]) / 2 / width, (d[:, 1] + d[:, 3]) / 2 / height,
+               (d[:, 2] - d[:, 0]) / width, (d[:, 3] - d[:, 1]) / height] + ([d[:, 4]] if score else [])
+    line = "{} {:.6f} {:.6f} {:.6f} {:.6f}" + (" {:.5f}" if score else "") + "\n"
+    return "".join(line.format(*row) for row in zip(*(c.tolist() for c in columns)))
 
 
-def json_entries(name: str, detections: np.ndarray, class_names: list[str]) -> list[dict]:
-    """Detections as dicts: image, class, class_name, score, box [x1, y1, x2, y2]."""
-    return [{"image": name, "class": int(c), "class_name": class_names[int(c)], "score": round(float(s), 5),
-             "box": [round(float(v), 2) for v in (x1, y1, x2, y2)]}
-            for x1, y1, x2, y2, s, c in detections]
+def json_objects(name: str, detections: np.ndarray, class_names: list[str]) -> list[str]:
+    """Each detection as the text of a JSON object: image, class, class_name, score (5 decimals), box [x1, y1,
+    x2, y2] (2 decimals). Formatted directly: json.dumps an object costs several times more, and predict.py makes
+    one per detection. A detection with a number that is not finite goes through json.dumps (NaN, Infinity)."""
+    image, names = json.dumps(name), [json.dumps(n) for n in class_names]
+    objects = []
+    for x1, y1, x2, y2, score, c in np.asarray(detections, np.float64).reshape(-1, 6).tolist():
+        c = int(c)
+        if math.isfinite(x1 + y1 + x2 + y2 + score):
+            objects.append(f'{{"image": {image}, "class": {c}, "class_name": {names[c]}, "score": {score:.5f}, '
+                           f'"box": [{x1:.2f}, {y1:.2f}, {x2:.2f}, {y2:.2f}]}}')
+        else:
+            objects.append(json.dumps({"image": name, "class": c, "class_name": class_names[c], "score": score,
+                                       "box": [x1, y1, x2, y2]}))
+    return objects
 
 
 JPEG_QUALITY = 95                         # OpenCV's default, so both ways of saving give files alike
@@ -76,7 +90,7 @@ def encode_jpegs(images: list[torch.Tensor]) -> list[np.ndarray]:
     return np.split(data, np.cumsum([len(e) for e in encoded[:-1]], dtype=np.int64))
 
 
-def write_files(folder: Path, files: list[tuple[str, np.ndarray]]) -> None:
+def write_files(folder: Path, files: list[tuple[str, bytes | np.ndarray]]) -> None:
     """Files' bytes written into `folder` (resolved), each name a single safe component. A symlink in a file's
     place is refused, not followed (O_NOFOLLOW), so nothing lands outside the folder; a failure (full disk,
     unwritable folder) becomes an OutputError naming the file. Plain os calls: one open, write and close a file

@@ -3,7 +3,6 @@ image's files written by background threads (Outputs), annotated videos; predict
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter
@@ -19,8 +18,8 @@ from utils.data.dataset import ImageReadError, load_image
 from utils.data.image_batches import DecodedBatch, ImageBatches, device_decode_available
 from utils.data.sources import Source, display_available
 from utils.engine.folders import OutputError, inside, make_dir, safe_component, write_text
-from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, encode_jpegs, json_entries,
-                                     keep_classes, save_crops, write_files, write_image, yolo_label_lines)
+from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, encode_jpegs, json_objects,
+                                     keep_classes, save_crops, write_files, write_image, yolo_label_text)
 from utils.log import get_logger
 from utils.ops.capture_guard import CaptureGuard
 from utils.ops.draw_tensors import paint, plan_drawing
@@ -55,8 +54,12 @@ class Outputs:
                  device_images: bool = False):
         self.args, self.yolo, self.out, self.wanted = args, yolo, out, wanted
         self.stems = UniqueStems()
-        self.records: list[dict] = []
         self.totals: Counter = Counter()
+        # this batch's labels (stem, size, detections) and JSON entries (name, detections), written a batch a job
+        self.batch_labels: list[tuple[str, tuple[int, int], np.ndarray]] = []
+        self.batch_records: list[tuple[str, np.ndarray]] = []
+        self.json_parts: dict[int, str] = {}           # each batch's piece of predictions.json, by batch number
+        self.labels_folder: Path | None = None
         self.show = args.show and display_available()
         if args.show and not self.show:
             log.warning("--show: no display here; results are only saved")
@@ -83,14 +86,28 @@ class Outputs:
         detections = keep_classes(detections, self.wanted)
         stem = self.stems(name)           # safe and distinct: a.jpg and a.png do not overwrite each other
         if self.args.save_json:
-            self.records += json_entries(name, detections, self.yolo.class_names)
+            self.batch_records.append((name, detections))
+        if self.args.save_txt:
+            self.batch_labels.append((stem, size, detections))
         counts = class_counts(detections, self.yolo.class_names)
         self.totals.update(counts)
         if self.args.count:
             log.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing")
-        if self.args.save_txt or (self.needs_pixels and image is not None):   # else nothing to hand over
-            self.drawing.submit(self._draw, stem, image if self.needs_pixels else None, size, detections, wait_ms)
+        if self.needs_pixels and image is not None:
+            self.drawing.submit(self._draw, stem, image, size, detections, wait_ms)
         return stem, detections
+
+    def end_batch(self) -> None:
+        """The labels and JSON entries of the images recorded since the last call, made and written by the
+        writers, one job each (a job an image, with its turns at the interpreter, slowed the main loop to
+        ~700 img/s: bench/RESULTS.md, twelfth session)."""
+        if self.batch_labels:
+            self.writes.submit(self._write_labels, self.batch_labels)
+            self.batch_labels = []
+        if self.batch_records:
+            self.writes.submit(self._json_part, len(self.json_parts), self.batch_records)
+            self.json_parts[len(self.json_parts)] = ""          # its place, in batch order
+            self.batch_records = []
 
     def drawn_on_device(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray],
                         made: torch.cuda.Event | None = None) -> None:
@@ -122,15 +139,10 @@ class Outputs:
         self.batch_writes.submit(write_files, inside(self.out),
                                  [(f"{stem}.jpg", data) for stem, data in zip(stems, encoded)])
 
-    def _draw(self, stem: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
+    def _draw(self, stem: str, image: np.ndarray, size: tuple[int, int], detections: np.ndarray,
               wait_ms: int) -> None:
-        """One image's files, on the drawing thread: the drawing made here, labels and crops handed to the writers;
+        """One image's files, on the drawing thread: the drawing made here, it and the crops handed to the writers;
         with --show, the window too (main thread)."""
-        if self.args.save_txt:
-            lines = yolo_label_lines(detections, size[1], size[0], score=self.args.save_conf)
-            self.writes.submit(self._write_labels, stem, "".join(f"{line}\n" for line in lines))
-        if image is None:
-            return
         if (self.args.save_images and not self.draws_on_device) or self.show:
             drawn = self.yolo.detect_image(image, detections)
             if self.args.save_images:
@@ -141,12 +153,22 @@ class Outputs:
         if self.args.crop:
             self.writes.submit(save_crops, inside(self.out, "crops"), stem, image, detections, self.yolo.class_names)
 
-    def _write_labels(self, stem: str, text: str) -> None:
-        write_text(inside(make_dir(inside(self.out, "labels")), f"{stem}.txt"), text)
+    def _write_labels(self, labels: list[tuple[str, tuple[int, int], np.ndarray]]) -> None:
+        """A batch's label files (a writer job), in labels/ (made by the first job)."""
+        if self.labels_folder is None:
+            self.labels_folder = make_dir(inside(self.out, "labels"))
+        write_files(self.labels_folder, [(f"{stem}.txt", yolo_label_text(det, w, h, self.args.save_conf).encode())
+                                         for stem, (h, w), det in labels])
+
+    def _json_part(self, number: int, records: list[tuple[str, np.ndarray]]) -> None:
+        """A batch's piece of predictions.json (a writer job)."""
+        self.json_parts[number] = ",\n".join(text for name, det in records
+                                             for text in json_objects(name, det, self.yolo.class_names))
 
     def finish(self) -> None:
         """Wait for the drawing, then the writes (raising the first failure), then write predictions.json."""
         try:
+            self.end_batch()
             self.drawing.finish()
             self.painting.finish()
             self.encoding.finish()
@@ -154,8 +176,9 @@ class Outputs:
             self.writes.finish()
         finally:
             self.close()
-        if self.args.save_json:
-            write_text(inside(self.out, "predictions.json"), json.dumps(self.records, indent=1))
+        if self.args.save_json:        # a list of the detections' objects, one a line
+            parts = [part for _, part in sorted(self.json_parts.items()) if part]
+            write_text(inside(self.out, "predictions.json"), "[\n" + ",\n".join(parts) + "\n]\n" if parts else "[]\n")
 
     def close(self) -> None:
         """Stop every stage (jobs not started are dropped): after a failure elsewhere."""
@@ -197,6 +220,7 @@ def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int, dec
                 stems.append(stem)
                 kept.append(det)
                 found += len(det)
+            outputs.end_batch()
             if outputs.draws_on_device and stems:
                 outputs.drawn_on_device(stems, chunk.images, kept, chunk.made)
         outputs.finish()

@@ -1,0 +1,72 @@
+"""predict.py's label files and predictions.json: their text, and Outputs writing them a batch at a time."""
+import json
+
+import numpy as np
+import pytest
+
+import predict
+from utils.engine.predict_io import json_objects, yolo_label_text
+from utils.engine.predict_pipeline import Outputs
+
+CLASSES = ["RBC", 'say "hi"\\', "Platelets"]
+
+
+def detections(n: int, seed: int, dtype=np.float32) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    boxes = np.sort(rng.uniform(-5, 700, (n, 2, 2)), axis=1).reshape(n, 4)[:, [0, 2, 1, 3]]
+    return np.concatenate([boxes, rng.uniform(0, 1, (n, 1)), rng.integers(0, 3, (n, 1))], 1).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_label_text_is_box_by_box_formatting(dtype):
+    d = detections(30, 0, dtype)
+    for score in (False, True):
+        expected = ""
+        for x1, y1, x2, y2, conf, cls in d:           # the box-by-box rule, in the array's dtype
+            line = (f"{int(cls)} {(x1 + x2) / 2 / 640:.6f} {(y1 + y2) / 2 / 480:.6f} "
+                    f"{(x2 - x1) / 640:.6f} {(y2 - y1) / 480:.6f}")
+            expected += (f"{line} {conf:.5f}" if score else line) + "\n"
+        assert yolo_label_text(d, 640, 480, score) == expected
+    assert yolo_label_text(np.zeros((0, 6), dtype), 640, 480) == ""
+
+
+def test_json_objects_parse_to_the_rounded_detections():
+    d = detections(40, 1, np.float32)
+    parsed = [json.loads(text) for text in json_objects('a "b".jpg', d, CLASSES)]
+    for entry, (x1, y1, x2, y2, score, cls) in zip(parsed, d.astype(np.float64).tolist()):
+        assert entry == {"image": 'a "b".jpg', "class": int(cls), "class_name": CLASSES[int(cls)],
+                         "score": round(score, 5), "box": [round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)]}
+    odd = np.array([[np.nan, 0, 1, 1, 0.5, 0], [0, 0, 1, 1, np.inf, 2]])
+    assert [json.loads(text)["class_name"] for text in json_objects("x", odd, CLASSES)] == ["RBC", "Platelets"]
+    assert json_objects("x", np.zeros((0, 6)), CLASSES) == []
+
+
+class FakeYolo:
+    class_names = CLASSES
+
+
+def test_outputs_write_labels_and_json_a_batch_at_a_time(tmp_path):
+    args = predict.parse_args(["--weights", "w.pt", "--source", str(tmp_path), "--no-save-images", "--save-txt",
+                               "--save-conf", "--save-json"])
+    outputs = Outputs(args, FakeYolo(), tmp_path, None)
+    found = {}
+    for batch in range(3):
+        for i in range(4):
+            name, det = f"{batch}_{i}.jpg", detections(i, 10 * batch + i)     # image 0 of each batch: nothing
+            found[name] = det
+            outputs.image(name, None, (480, 640), det)
+        if batch < 2:
+            outputs.end_batch()                   # the last batch is flushed by finish
+    outputs.finish()
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == sorted(f"{n[:-4]}.txt" for n in found)
+    for name, det in found.items():
+        assert (tmp_path / "labels" / f"{name[:-4]}.txt").read_text() == yolo_label_text(det, 640, 480, True)
+    entries = json.loads((tmp_path / "predictions.json").read_text())
+    assert [e["image"] for e in entries] == [n for n, det in found.items() for _ in range(len(det))]   # in order
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    outputs = Outputs(args, FakeYolo(), empty, None)
+    outputs.image("none.jpg", None, (480, 640), np.zeros((0, 6), np.float32))
+    outputs.finish()
+    assert json.loads((empty / "predictions.json").read_text()) == []
+    assert (empty / "labels" / "none.txt").read_text() == ""
