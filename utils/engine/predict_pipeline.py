@@ -37,7 +37,8 @@ class Outputs:
 
     Two stages: one thread draws (drawing is Python holding the GIL, box by box: with several threads they
     only queue for it, and measured slower than one), a pool of threads encodes and writes (OpenCV's encoder
-    releases the GIL). With --show everything runs on the main thread, which owns the window.
+    releases the GIL). Labels and predictions.json's objects are made and written by that pool a batch a job
+    (`end_batch`). With --show everything runs on the main thread, which owns the window.
 
     device_images: the images come as tensors on the model's device (--decode device). They are then drawn and
     JPEG-encoded there (`drawn_on_device`), a batch at a time, by two more stages of one thread each, so that
@@ -105,8 +106,9 @@ class Outputs:
             self.writes.submit(self._write_labels, self.batch_labels)
             self.batch_labels = []
         if self.batch_records:
-            self.writes.submit(self._json_part, len(self.json_parts), self.batch_records)
-            self.json_parts[len(self.json_parts)] = ""          # its place, in batch order
+            number = len(self.json_parts)
+            self.json_parts[number] = ""                     # its place, in batch order, before the job fills it
+            self.writes.submit(self._json_part, number, self.batch_records)
             self.batch_records = []
 
     def drawn_on_device(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray],
