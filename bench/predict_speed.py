@@ -266,8 +266,8 @@ def stage_times(yolo: YOLO, folder: Path, out: Path, batch: int) -> tuple[list[t
 ABLATIONS = {    # variant -> predict_pipeline's functions replaced for its passes
     "everything": {},
     "no file writes": {"write_files": lambda folder, files: None},
-    "no JPEG encoding (16-byte files written)": {"encode_jpegs": lambda images, encoder=None: [np.zeros(16, np.uint8)
-                                                                                                for _ in images]},
+    "no JPEG encoding (16-byte files written)": {"encode_jpegs": lambda images: [np.zeros(16, np.uint8)
+                                                                                  for _ in images]},
     "no painting (the plan still made)": {"paint": lambda images, plan: images},
     "no planning (each batch size's first plan painted again)": {"plan_drawing": "first plan of the batch's sizes"},
     "no planning, no painting": {"plan_drawing": lambda sizes, detections, class_names: None,
