@@ -18,8 +18,6 @@ CUDA.
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +26,12 @@ import numpy as np
 import torch
 
 from utils.data.dataset import ImageReadError, load_image
+from utils.data.prefetch import prefetched
 from utils.ops.capture_guard import CaptureGuard
 from utils.ops.streams import adopt, made_event, on_stream, side_stream
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 QUEUE_DEPTH = 3            # batches decoded ahead of the consumer
-_DONE = object()
 
 
 def device_decode_available() -> bool:
@@ -148,43 +146,13 @@ class ImageBatches:
         return -(-len(self.paths) // self.batch)
 
     def __iter__(self) -> Iterator[DecodedBatch]:
-        ready: queue.Queue = queue.Queue(QUEUE_DEPTH)
-        stop = threading.Event()
+        return prefetched(self._decoded(), QUEUE_DEPTH, name="image-batches")
 
-        def put(item) -> bool:
-            """Queue an item unless the consumer has stopped; False when it has."""
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
+    def _decoded(self) -> Iterator[DecodedBatch]:
+        """The batches, decoded one after another (on prefetched's thread)."""
         stream = side_stream(self.device)   # off the legacy default stream: the model does not queue behind it
-
-        def produce() -> None:
-            try:
-                for start in range(0, len(self.paths), self.batch):
-                    with self.guard.using(), on_stream(stream):
-                        item = decode_chunk(self.paths[start:start + self.batch], self.device, self.host_copies)
-                        item.made = made_event(self.device)
-                    if not put(item):
-                        return
-                put(_DONE)
-            except BaseException as exc:        # handed to the consumer, raised there
-                put(exc)
-
-        worker = threading.Thread(target=produce, name="image-batches", daemon=True)
-        worker.start()
-        try:
-            while True:
-                item = ready.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            worker.join()
+        for start in range(0, len(self.paths), self.batch):
+            with self.guard.using(), on_stream(stream):
+                item = decode_chunk(self.paths[start:start + self.batch], self.device, self.host_copies)
+                item.made = made_event(self.device)
+            yield item
