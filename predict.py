@@ -47,7 +47,7 @@ class PredictSettings:
 
     img: int | None = setting(None, "input size, a multiple of 32", type=int, low=32, high=MAX_INPUT_SIZE, multiple=32,
                               shown="the checkpoint's", metavar="SIZE")
-    batch: int = setting(16, "images per forward pass for folders", low=1)
+    batch: int = setting(16, "images (or video frames) per forward pass for folders and video files", low=1)
     fps_iters: int = setting(100, "timed iterations in fps mode", low=1)
     cam: str | None = setting(None, "heatmap mode: a class-activation map instead of objectness: eigen (EigenCAM), "
                                     "grad (Grad-CAM) or layer (LayerCAM)", type=str, choices=CAM_METHODS,
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     if source.kind == "images":
         predict_images(yolo, source, outputs, args.batch, decode)
     else:
-        predict_video(yolo, source, cap, outputs)
+        predict_video(yolo, source, cap, outputs, args.batch)
         outputs.finish()
     return out
 

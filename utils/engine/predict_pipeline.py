@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,6 +18,7 @@ from tqdm import tqdm
 
 from utils.data.dataset import ImageReadError, load_image
 from utils.data.image_batches import DecodedBatch, ImageBatches, device_decode_available
+from utils.data.prefetch import prefetched
 from utils.data.sources import Source, display_available
 from utils.engine.folders import OutputError, inside, make_dir, safe_component, write_text
 from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, encode_jpegs, json_objects,
@@ -278,45 +281,84 @@ def open_writer(path: Path, fps: float, size: tuple[int, int]) -> cv2.VideoWrite
     return writer
 
 
-def predict_video(yolo: YOLO, source: Source, cap: cv2.VideoCapture, outputs: Outputs) -> None:
-    """Annotated copy of a video or webcam stream: same size and frame rate, every frame, measured FPS drawn."""
+VIDEO_BATCHES_AHEAD = 2        # batches of frames read ahead of the model
+
+
+def frame_batches(cap: cv2.VideoCapture, batch: int) -> Iterator[list[np.ndarray]]:
+    """Lists of up to `batch` frames (BGR arrays) until the stream ends or a frame cannot be decoded."""
+    while True:
+        frames = []
+        while len(frames) < batch:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            frames.append(frame)
+        if frames:
+            yield frames
+        if len(frames) < batch:
+            return
+
+
+def predict_video(yolo: YOLO, source: Source, cap: cv2.VideoCapture, outputs: Outputs, batch: int = 1) -> None:
+    """Annotated copy of a video or webcam stream: same size and frame rate, every frame, the measured rate drawn
+    (frames a second through the whole loop, smoothed).
+
+    A video file goes through in batches of `batch` frames: a thread reads (OpenCV decodes without the interpreter
+    lock) the next batches while the model runs on this one, and another draws and writes the frames in order.
+    A webcam, and any stream with --show, goes frame by frame on this thread, which owns the window: live, without
+    waiting for a batch to fill."""
     fps_in = cap.get(cv2.CAP_PROP_FPS) or 30.0
     size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
     name = f"webcam{source.webcam}" if source.kind == "webcam" else safe_component(source.paths[0].stem)
     path = inside(outputs.out, f"{name}.mp4")
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if source.kind == "video" else None
-    frames, fps, quit_early = 0, 0.0, False
+    live = source.kind == "webcam" or outputs.show
+    batch = 1 if live else max(1, batch)
+    frames, fps = 0, 0.0
+    quit_early = threading.Event()
     try:
         writer = open_writer(path, fps_in, size)
     except OutputError:
         cap.release()
         raise
-    bar = tqdm(total=total, desc=name, file=sys.stdout)
-    try:
-        while True:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            start = time.perf_counter()
-            dets = keep_classes(yolo.predict(frame)[0], outputs.wanted)
+
+    def draw(batch_frames: list[np.ndarray], detections: list[np.ndarray], rate: float) -> None:
+        """A batch's frames drawn and written, in order (on the drawing thread, or this one when live)."""
+        for frame, dets in zip(batch_frames, detections):
             drawn = yolo.detect_image(frame, dets)
-            elapsed = time.perf_counter() - start
-            fps = 1 / elapsed if not fps else 0.9 * fps + 0.1 / elapsed   # smoothed
-            writer.write(draw_fps(drawn, fps, avoid=detection_rects(dets, yolo.class_names, frame.shape)))
-            frames += 1
-            bar.update()
+            writer.write(draw_fps(drawn, rate, avoid=detection_rects(dets, yolo.class_names, frame.shape)))
             if outputs.show:
                 cv2.imshow("predict", drawn)
                 if cv2.waitKey(1) & 0xFF == ord("q"):
-                    quit_early = True
-                    break
+                    quit_early.set()
+                    return
+
+    drawing = BackgroundWrites(threads=0 if live else 1, window=VIDEO_BATCHES_AHEAD, name="video-drawing")
+    batches = frame_batches(cap, batch) if live else prefetched(frame_batches(cap, batch), VIDEO_BATCHES_AHEAD,
+                                                                name="video-reading")
+    bar = tqdm(total=total, desc=name, file=sys.stdout)
+    try:
+        last = time.perf_counter()
+        for batch_frames in batches:
+            detections = [keep_classes(d, outputs.wanted) for d in yolo.predict(batch_frames, batch_size=batch)]
+            now = time.perf_counter()
+            rate = len(batch_frames) / max(now - last, 1e-9)
+            fps, last = (rate if not fps else 0.9 * fps + 0.1 * rate), now             # smoothed
+            drawing.submit(draw, batch_frames, detections, fps)
+            frames += len(batch_frames)
+            bar.update(len(batch_frames))
+            if quit_early.is_set():
+                break
+        drawing.finish()
     finally:
+        drawing.close()
         bar.close()
+        batches.close()                # the reading thread stops before the capture goes
         cap.release()
         writer.release()
     if frames and (not path.is_file() or path.stat().st_size == 0):     # VideoWriter.write never reports a failure
         raise OutputError(path, f"the video writer wrote nothing for {frames} frames (full disk?)")
-    if total and total > 0 and frames < total and not quit_early:
+    if total and total > 0 and frames < total and not quit_early.is_set():
         log.warning("%s: read %d of %d frames; the rest could not be decoded (a truncated or damaged video)",
                     source.paths[0], frames, total)
     log.info("%d frames at %.1f FPS -> %s", frames, fps, path)
