@@ -150,7 +150,9 @@ class ImageBatches:
 
     def _decoded(self) -> Iterator[DecodedBatch]:
         """The batches, decoded one after another (on prefetched's thread)."""
-        stream = side_stream(self.device)   # off the legacy default stream: the model does not queue behind it
+        # off the legacy default stream: the model does not queue behind it. Made before the first batch, while
+        # the caller waits for that batch (so it is not capturing a CUDA graph)
+        stream = side_stream(self.device)
         for start in range(0, len(self.paths), self.batch):
             with self.guard.using(), on_stream(stream):
                 item = decode_chunk(self.paths[start:start + self.batch], self.device, self.host_copies)
