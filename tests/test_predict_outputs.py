@@ -36,8 +36,10 @@ def test_json_objects_parse_to_the_rounded_detections():
     for entry, (x1, y1, x2, y2, score, cls) in zip(parsed, d.astype(np.float64).tolist()):
         assert entry == {"image": 'a "b".jpg', "class": int(cls), "class_name": CLASSES[int(cls)],
                          "score": round(score, 5), "box": [round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)]}
-    odd = np.array([[np.nan, 0, 1, 1, 0.5, 0], [0, 0, 1, 1, np.inf, 2]])
-    assert [json.loads(text)["class_name"] for text in json_objects("x", odd, CLASSES)] == ["RBC", "Platelets"]
+    odd = np.array([[np.nan, 0.123456, 1, 1, 0.1234567, 0], [0, 0, 1, 1, np.inf, 2]])
+    parsed = [json.loads(text) for text in json_objects("x", odd, CLASSES)]
+    assert [e["class_name"] for e in parsed] == ["RBC", "Platelets"]
+    assert parsed[0]["score"] == 0.12346 and parsed[0]["box"][1] == 0.12 and parsed[1]["score"] == float("inf")
     assert json_objects("x", np.zeros((0, 6)), CLASSES) == []
 
 

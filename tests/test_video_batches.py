@@ -43,12 +43,16 @@ def test_prefetched_keeps_order_raises_where_it_failed_and_stops_when_closed():
 
 
 class FrameYolo:
-    """A stand-in model: one box per frame, placed by the frame's brightness; records the batch sizes asked."""
+    """A stand-in model: one box per frame, placed by the frame's brightness; records the batch sizes asked.
+    With `graphs`, each new batch size would capture a CUDA graph (as YOLO.captures says on CUDA)."""
 
     class_names = ["thing"]
 
-    def __init__(self):
-        self.batches = []
+    def __init__(self, graphs: bool = False):
+        self.batches, self.graphs = [], graphs
+
+    def captures(self, batch_size):
+        return self.graphs and batch_size not in self.batches
 
     def predict(self, frames, batch_size=32):
         self.batches.append(len(frames))
@@ -78,19 +82,28 @@ def test_a_video_in_batches_is_the_frame_by_frame_video(tmp_path, monkeypatch):
     writer.release()
     monkeypatch.setattr(pipeline, "draw_fps", lambda image, fps, avoid=(): image)     # the rate drawn varies
     made = {}
-    for batch in (1, 4):
-        out = tmp_path / f"batch{batch}"
+    for run, batch, graphs in (("one", 1, False), ("four", 4, False), ("graphs", 4, True)):
+        out = tmp_path / run
         out.mkdir()
         args = predict.parse_args(["--weights", "w.pt", "--source", str(video)])
-        yolo = FrameYolo()
+        yolo = FrameYolo(graphs)
         outputs = pipeline.Outputs(args, yolo, out, None)
         source = resolve_source(str(video))
         pipeline.predict_video(yolo, source, open_video(source), outputs, batch)
         outputs.finish()
-        made[batch] = (yolo.batches, frames_of(out / "clip.mp4"))
-    assert made[1][0] == [1] * 11 and made[4][0] == [4, 4, 3]
-    assert len(made[1][1]) == len(made[4][1]) == 11
-    for one, four in zip(made[1][1], made[4][1]):
+        made[run] = (yolo.batches, frames_of(out / "clip.mp4"))
+    # the last 3 frames padded to a batch of 4 where a batch of 3 would capture a graph of its own
+    assert made["one"][0] == [1] * 11 and made["four"][0] == [4, 4, 3] and made["graphs"][0] == [4, 4, 4]
+    assert len(made["one"][1]) == len(made["four"][1]) == len(made["graphs"][1]) == 11
+    for one, four, padded in zip(made["one"][1], made["four"][1], made["graphs"][1]):
         np.testing.assert_array_equal(one, four)
+        np.testing.assert_array_equal(one, padded)
     # the boxes moved with the frames' brightness: the frames are distinct, so equal lists mean the same order
-    assert len({frame.tobytes() for frame in made[4][1]}) == 11
+    assert len({frame.tobytes() for frame in made["four"][1]}) == 11
+
+
+def test_large_frames_come_in_smaller_batches():
+    assert pipeline.video_batch(16, (640, 480)) == 16
+    assert pipeline.video_batch(64, (1920, 1080)) == pipeline.VIDEO_BATCH_BYTES // (3 * 1920 * 1080) == 21
+    assert pipeline.video_batch(16, (3840, 2160)) == 5
+    assert pipeline.video_batch(16, (100_000, 100_000)) == 1

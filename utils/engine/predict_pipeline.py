@@ -281,7 +281,14 @@ def open_writer(path: Path, fps: float, size: tuple[int, int]) -> cv2.VideoWrite
     return writer
 
 
-VIDEO_BATCHES_AHEAD = 2        # batches of frames read ahead of the model
+VIDEO_BATCHES_AHEAD = 1        # batches of frames read ahead of the model, and waiting to be drawn
+VIDEO_BATCH_BYTES = 128 * 2 ** 20   # a batch of frames holds at most this much (4K frames: 5 a batch)
+
+
+def video_batch(batch: int, size: tuple[int, int]) -> int:
+    """--batch for frames of size (w, h), made smaller where a batch of them would pass VIDEO_BATCH_BYTES: about
+    five batches are held at once (read ahead, being read, in the model, being drawn, waiting to be drawn)."""
+    return max(1, min(batch, VIDEO_BATCH_BYTES // max(1, 3 * size[0] * size[1])))
 
 
 def frame_batches(cap: cv2.VideoCapture, batch: int) -> Iterator[list[np.ndarray]]:
@@ -301,19 +308,20 @@ def frame_batches(cap: cv2.VideoCapture, batch: int) -> Iterator[list[np.ndarray
 
 def predict_video(yolo: YOLO, source: Source, cap: cv2.VideoCapture, outputs: Outputs, batch: int = 1) -> None:
     """Annotated copy of a video or webcam stream: same size and frame rate, every frame, the measured rate drawn
-    (frames a second through the whole loop, smoothed).
+    (frames a second through the whole loop, smoothed over about ten frames).
 
-    A video file goes through in batches of `batch` frames: a thread reads (OpenCV decodes without the interpreter
-    lock) the next batches while the model runs on this one, and another draws and writes the frames in order.
-    A webcam, and any stream with --show, goes frame by frame on this thread, which owns the window: live, without
-    waiting for a batch to fill."""
+    A video file goes through in batches of `batch` frames (fewer for large frames, `video_batch`): a thread
+    reads (OpenCV decodes without the interpreter lock) the next batch while the model runs on this one, and
+    another draws and writes the frames in order. A last, shorter batch is padded with its last frame when its
+    size would capture a CUDA graph of its own. A webcam, and any stream with --show, goes frame by frame on this
+    thread, which owns the window: live, without waiting for a batch to fill."""
     fps_in = cap.get(cv2.CAP_PROP_FPS) or 30.0
     size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
     name = f"webcam{source.webcam}" if source.kind == "webcam" else safe_component(source.paths[0].stem)
     path = inside(outputs.out, f"{name}.mp4")
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if source.kind == "video" else None
     live = source.kind == "webcam" or outputs.show
-    batch = 1 if live else max(1, batch)
+    batch = 1 if live else video_batch(batch, size)
     frames, fps = 0, 0.0
     quit_early = threading.Event()
     try:
@@ -337,13 +345,18 @@ def predict_video(yolo: YOLO, source: Source, cap: cv2.VideoCapture, outputs: Ou
     batches = frame_batches(cap, batch) if live else prefetched(frame_batches(cap, batch), VIDEO_BATCHES_AHEAD,
                                                                 name="video-reading")
     bar = tqdm(total=total, desc=name, file=sys.stdout)
+    start = last = time.perf_counter()
     try:
-        last = time.perf_counter()
         for batch_frames in batches:
-            detections = [keep_classes(d, outputs.wanted) for d in yolo.predict(batch_frames, batch_size=batch)]
+            short = batch - len(batch_frames)
+            padded = batch_frames + batch_frames[-1:] * short if short and not yolo.captures(batch) \
+                and yolo.captures(len(batch_frames)) else batch_frames
+            detections = [keep_classes(d, outputs.wanted)
+                          for d in yolo.predict(padded, batch_size=len(padded))[:len(batch_frames)]]
             now = time.perf_counter()
             rate = len(batch_frames) / max(now - last, 1e-9)
-            fps, last = (rate if not fps else 0.9 * fps + 0.1 * rate), now             # smoothed
+            keep = 0.9 ** len(batch_frames) if fps else 0.0          # smoothed as frame by frame at 0.9
+            fps, last = keep * fps + (1 - keep) * rate, now
             drawing.submit(draw, batch_frames, detections, fps)
             frames += len(batch_frames)
             bar.update(len(batch_frames))
@@ -351,14 +364,19 @@ def predict_video(yolo: YOLO, source: Source, cap: cv2.VideoCapture, outputs: Ou
                 break
         drawing.finish()
     finally:
-        drawing.close()
-        bar.close()
-        batches.close()                # the reading thread stops before the capture goes
-        cap.release()
-        writer.release()
+        try:
+            drawing.close()
+            bar.close()
+        finally:
+            try:
+                batches.close()        # the reading thread stops before the capture goes
+            finally:
+                cap.release()
+                writer.release()
+    seconds = time.perf_counter() - start
     if frames and (not path.is_file() or path.stat().st_size == 0):     # VideoWriter.write never reports a failure
         raise OutputError(path, f"the video writer wrote nothing for {frames} frames (full disk?)")
     if total and total > 0 and frames < total and not quit_early.is_set():
         log.warning("%s: read %d of %d frames; the rest could not be decoded (a truncated or damaged video)",
                     source.paths[0], frames, total)
-    log.info("%d frames at %.1f FPS -> %s", frames, fps, path)
+    log.info("%d frames in %.1f s (%.1f frames/s) -> %s", frames, seconds, frames / max(seconds, 1e-9), path)
