@@ -114,9 +114,10 @@ def pipeline_rate(images: list[np.ndarray], dets: list[np.ndarray], count: int, 
         for first in range(0, count, batch):
             for _ in range(ops):
                 x.mul(2).sum()
-            for i in range(first, min(first + batch, count)):
-                image = images[i % len(images)]
-                outputs.image(f"{i:06d}.jpg", image.copy(), image.shape[:2], dets[i % len(dets)])
+            chunk = range(first, min(first + batch, count))
+            pictures = [images[i % len(images)].copy() for i in chunk]
+            outputs.images([f"{i:06d}.jpg" for i in chunk], pictures, [im.shape[:2] for im in pictures],
+                           [dets[i % len(dets)] for i in chunk])
         outputs.finish()
         return count / (time.perf_counter() - start)
     finally:

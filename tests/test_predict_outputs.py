@@ -47,19 +47,20 @@ class FakeYolo:
     class_names = CLASSES
 
 
-def test_outputs_write_labels_and_json_a_batch_at_a_time(tmp_path):
+def test_outputs_write_labels_and_json_a_batch_at_a_time_and_count_every_class(tmp_path):
     args = predict.parse_args(["--weights", "w.pt", "--source", str(tmp_path), "--no-save-images", "--save-txt",
                                "--save-conf", "--save-json"])
     outputs = Outputs(args, FakeYolo(), tmp_path, None)
     found = {}
     for batch in range(3):
-        for i in range(4):
-            name, det = f"{batch}_{i}.jpg", detections(i, 10 * batch + i)     # image 0 of each batch: nothing
-            found[name] = det
-            outputs.image(name, None, (480, 640), det)
-        if batch < 2:
-            outputs.end_batch()                   # the last batch is flushed by finish
+        names = [f"{batch}_{i}.jpg" for i in range(4)]
+        dets = [detections(i, 10 * batch + i) for i in range(4)]              # image 0 of each batch: nothing
+        found.update(zip(names, dets))
+        stems, kept = outputs.images(names, [None] * 4, [(480, 640)] * 4, dets)
+        assert stems == [n[:-4] for n in names] and all(k is d for k, d in zip(kept, dets))
     outputs.finish()
+    assert outputs.totals == {name: sum(int((d[:, 5] == c).sum()) for d in found.values())
+                              for c, name in enumerate(CLASSES) if any((d[:, 5] == c).any() for d in found.values())}
     assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == sorted(f"{n[:-4]}.txt" for n in found)
     for name, det in found.items():
         assert (tmp_path / "labels" / f"{name[:-4]}.txt").read_text() == yolo_label_text(det, 640, 480, True)
@@ -68,7 +69,7 @@ def test_outputs_write_labels_and_json_a_batch_at_a_time(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     outputs = Outputs(args, FakeYolo(), empty, None)
-    outputs.image("none.jpg", None, (480, 640), np.zeros((0, 6), np.float32))
+    outputs.images(["none.jpg"], [None], [(480, 640)], [np.zeros((0, 6), np.float32)])
     outputs.finish()
     assert json.loads((empty / "predictions.json").read_text()) == []
     assert (empty / "labels" / "none.txt").read_text() == ""

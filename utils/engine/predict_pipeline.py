@@ -41,7 +41,7 @@ class Outputs:
     Two stages: one thread draws (drawing is Python holding the GIL, box by box: with several threads they
     only queue for it, and measured slower than one), a pool of threads encodes and writes (OpenCV's encoder
     releases the GIL). Labels and predictions.json's objects are made and written by that pool a batch a job
-    (`end_batch`). With --show everything runs on the main thread, which owns the window.
+    (`images`). With --show everything runs on the main thread, which owns the window.
 
     device_images: the images come as tensors on the model's device (--decode device). They are then drawn and
     JPEG-encoded there (`drawn_on_device`), a batch at a time, by two more stages of one thread each, so that
@@ -59,9 +59,6 @@ class Outputs:
         self.args, self.yolo, self.out, self.wanted = args, yolo, out, wanted
         self.stems = UniqueStems()
         self.totals: Counter = Counter()
-        # this batch's labels (stem, size, detections) and JSON entries (name, detections), written a batch a job
-        self.batch_labels: list[tuple[str, tuple[int, int], np.ndarray]] = []
-        self.batch_records: list[tuple[str, np.ndarray]] = []
         self.json_parts: dict[int, str] = {}           # each batch's piece of predictions.json, by batch number
         self.labels_folder: Path | None = None
         self.show = args.show and display_available()
@@ -83,36 +80,32 @@ class Outputs:
         self.batch_writes = BackgroundWrites(threads=None if self.draws_on_device else 0, window=BATCHES_PENDING,
                                              name="batch-writer")
 
-    def image(self, name: str, image: np.ndarray | None, size: tuple[int, int], detections: np.ndarray,
-              wait_ms: int = 1) -> tuple[str, np.ndarray]:
-        """Record one image's results (its BGR pixels needed only when `needs_pixels`; size = (h, w)); its files
-        are made in the background. Returns the stem its files are named by and the detections kept."""
-        detections = keep_classes(detections, self.wanted)
-        stem = self.stems(name)           # safe and distinct: a.jpg and a.png do not overwrite each other
-        if self.args.save_json:
-            self.batch_records.append((name, detections))
-        if self.args.save_txt:
-            self.batch_labels.append((stem, size, detections))
-        counts = class_counts(detections, self.yolo.class_names)
-        self.totals.update(counts)
+    def images(self, names: list[str], pictures: list[np.ndarray | None], sizes: list[tuple[int, int]],
+               detections: list[np.ndarray], wait_ms: int = 1) -> tuple[list[str], list[np.ndarray]]:
+        """Record a batch of images' results (their BGR pixels needed only when `needs_pixels`; sizes (h, w)).
+        Their files are made in the background: drawings an image a job, labels and JSON objects a batch a job (a
+        job an image, with its turns at the interpreter, slowed the main loop to ~700 img/s: bench/RESULTS.md,
+        twelfth session). The totals are counted once a batch. Returns the stems their files are named by (safe
+        and distinct: a.jpg and a.png do not overwrite each other) and the detections kept."""
+        kept = [keep_classes(d, self.wanted) for d in detections]
+        stems = [self.stems(name) for name in names]
+        if kept:
+            self.totals.update(class_counts(np.concatenate(kept), self.yolo.class_names))
         if self.args.count:
-            log.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing")
-        if self.needs_pixels and image is not None:
-            self.drawing.submit(self._draw, stem, image, size, detections, wait_ms)
-        return stem, detections
-
-    def end_batch(self) -> None:
-        """The labels and JSON entries of the images recorded since the last call, made and written by the
-        writers, one job each (a job an image, with its turns at the interpreter, slowed the main loop to
-        ~700 img/s: bench/RESULTS.md, twelfth session)."""
-        if self.batch_labels:
-            self.writes.submit(self._write_labels, self.batch_labels)
-            self.batch_labels = []
-        if self.batch_records:
+            for name, det in zip(names, kept):
+                counts = class_counts(det, self.yolo.class_names)
+                log.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing")
+        if self.args.save_txt and kept:
+            self.writes.submit(self._write_labels, list(zip(stems, sizes, kept)))
+        if self.args.save_json and kept:
             number = len(self.json_parts)
             self.json_parts[number] = ""                     # its place, in batch order, before the job fills it
-            self.writes.submit(self._json_part, number, self.batch_records)
-            self.batch_records = []
+            self.writes.submit(self._json_part, number, list(zip(names, kept)))
+        if self.needs_pixels:
+            for stem, picture, size, det in zip(stems, pictures, sizes, kept):
+                if picture is not None:
+                    self.drawing.submit(self._draw, stem, picture, size, det, wait_ms)
+        return stems, kept
 
     def drawn_on_device(self, stems: list[str], images: list[torch.Tensor], detections: list[np.ndarray],
                         made: torch.cuda.Event | None = None) -> None:
@@ -173,7 +166,6 @@ class Outputs:
     def finish(self) -> None:
         """Wait for the drawing, then the writes (raising the first failure), then write predictions.json."""
         try:
-            self.end_batch()
             self.drawing.finish()
             self.painting.finish()
             self.encoding.finish()
@@ -219,13 +211,9 @@ def predict_images(yolo: YOLO, source: Source, outputs: Outputs, batch: int, dec
         for chunk, images, sizes, dets in made:
             skipped += chunk.skipped
             on_host += chunk.on_host
-            stems, kept = [], []
-            for path, image, size, det in zip(chunk.paths, images, sizes, dets):
-                stem, det = outputs.image(path.name, image, size, det, wait_ms=0 if single else 1)
-                stems.append(stem)
-                kept.append(det)
-                found += len(det)
-            outputs.end_batch()
+            stems, kept = outputs.images([path.name for path in chunk.paths], images, sizes, dets,
+                                         wait_ms=0 if single else 1)
+            found += sum(len(det) for det in kept)
             if outputs.draws_on_device and stems:
                 outputs.drawn_on_device(stems, chunk.images, kept, chunk.made)
         outputs.finish()
