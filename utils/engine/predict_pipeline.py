@@ -73,7 +73,7 @@ class Outputs:
         self.encoding = BackgroundWrites(threads=on_device, window=2, name="encoding")
         self.paint_stream = side_stream(yolo.device) if self.draws_on_device else None
         self.cuda_guard = CaptureGuard()
-        self.writes = BackgroundWrites(threads=0 if self.show else None)   # fed by the stages above
+        self.writes = BackgroundWrites(threads=0 if self.show else None)   # fed by the stages above and `images`
         # a device-encoded batch's files are one job: while files go out faster than batches come, one writer
         # thread at a time is busy, not all of them taking turns at the interpreter (which slows the main loop);
         # when they go out slower (a disk), the next batches' jobs start on the other threads
