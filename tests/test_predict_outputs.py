@@ -41,6 +41,8 @@ def test_json_objects_parse_to_the_rounded_detections():
     assert [e["class_name"] for e in parsed] == ["RBC", "Platelets"]
     assert parsed[0]["score"] == 0.12346 and parsed[0]["box"][1] == 0.12 and parsed[1]["score"] == float("inf")
     assert json_objects("x", np.zeros((0, 6)), CLASSES) == []
+    unknown = np.array([[0, 0, 1, 1, 0.5, 7], [0, 0, 1, 1, np.nan, -1]])              # malformed detections
+    assert [json.loads(text)["class_name"] for text in json_objects("x", unknown, CLASSES)] == ["7", "-1"]
 
 
 class FakeYolo:

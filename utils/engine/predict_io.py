@@ -62,16 +62,19 @@ def json_objects(name: str, detections: np.ndarray, class_names: list[str]) -> l
     """Each detection as the text of a JSON object: image, class, class_name, score (5 decimals), box [x1, y1,
     x2, y2] (2 decimals). Formatted directly: json.dumps an object costs several times more, and predict.py makes
     one per detection. A detection with a number that is not finite goes through json.dumps (NaN, Infinity),
-    its finite numbers rounded alike."""
+    its finite numbers rounded alike. A class id the names do not cover is named by its number (as class_counts
+    counts it)."""
     image, names = json.dumps(name), [json.dumps(n) for n in class_names]
     objects = []
     for x1, y1, x2, y2, score, c in np.asarray(detections, np.float64).tolist():
         c = int(c)
+        known = 0 <= c < len(class_names)
         if math.isfinite(x1 + y1 + x2 + y2 + score):
-            objects.append(f'{{"image": {image}, "class": {c}, "class_name": {names[c]}, "score": {score:.5f}, '
+            class_name = names[c] if known else json.dumps(str(c))
+            objects.append(f'{{"image": {image}, "class": {c}, "class_name": {class_name}, "score": {score:.5f}, '
                            f'"box": [{x1:.2f}, {y1:.2f}, {x2:.2f}, {y2:.2f}]}}')
         else:
-            objects.append(json.dumps({"image": name, "class": c, "class_name": class_names[c],
+            objects.append(json.dumps({"image": name, "class": c, "class_name": class_names[c] if known else str(c),
                                        "score": round(score, 5), "box": [round(v, 2) for v in (x1, y1, x2, y2)]}))
     return objects
 
