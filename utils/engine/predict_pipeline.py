@@ -6,8 +6,8 @@ import argparse
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -59,7 +59,7 @@ class Outputs:
         self.args, self.yolo, self.out, self.wanted = args, yolo, out, wanted
         self.stems = UniqueStems()
         self.totals: Counter = Counter()
-        self.json_parts: dict[int, str] = {}           # each batch's piece of predictions.json, by batch number
+        self.json_parts: list[str] = []                # each batch's piece of predictions.json, in batch order
         self.labels_folder: Path | None = None
         self.show = args.show and display_available()
         if args.show and not self.show:
@@ -98,9 +98,8 @@ class Outputs:
         if self.args.save_txt and kept:
             self.writes.submit(self._write_labels, list(zip(stems, sizes, kept)))
         if self.args.save_json and kept:
-            number = len(self.json_parts)
-            self.json_parts[number] = ""                     # its place, in batch order, before the job fills it
-            self.writes.submit(self._json_part, number, list(zip(names, kept)))
+            self.json_parts.append("")                      # its place, taken before the job fills it
+            self.writes.submit(self._json_part, len(self.json_parts) - 1, list(zip(names, kept)))
         if self.needs_pixels:
             for stem, picture, size, det in zip(stems, pictures, sizes, kept):
                 if picture is not None:
@@ -174,7 +173,7 @@ class Outputs:
         finally:
             self.close()
         if self.args.save_json:        # a list of the detections' objects, one a line
-            parts = [part for _, part in sorted(self.json_parts.items()) if part]
+            parts = [part for part in self.json_parts if part]
             write_text(inside(self.out, "predictions.json"), "[\n" + ",\n".join(parts) + "\n]\n" if parts else "[]\n")
 
     def close(self) -> None:
