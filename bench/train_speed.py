@@ -12,6 +12,7 @@ bench/RESULTS.md).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import statistics
 import sys
@@ -22,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from utils.engine import train_step  # noqa: E402
 from utils.engine.train_data import TrainData  # noqa: E402
 from utils.config import parse_train_flags, train_parser  # noqa: E402
 from utils.engine.run import prepare_run, resolve_run  # noqa: E402
@@ -61,7 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
     own.add_argument("--profile", action="store_true", help="also print where a few steps spend CPU and GPU time")
     own.add_argument("--cudnn-benchmark", action="store_true",
                      help="autotune cuDNN's kernels (cudnn.benchmark) instead of the trainer's heuristics")
+    own.add_argument("--ddp-bucket-mb", type=float, default=None,
+                     help="under torchrun: DistributedDataParallel's gradient bucket size (default 25 MB), with "
+                          "gradients as bucket views (an A/B of DDP's settings, not a train.py flag)")
     bench_args, argv = own.parse_known_args(argv)
+    if bench_args.ddp_bucket_mb is not None:
+        train_step.DistributedDataParallel = functools.partial(
+            train_step.DistributedDataParallel, bucket_cap_mb=bench_args.ddp_bucket_mb, gradient_as_bucket_view=True)
     steps, warmup = bench_args.steps, bench_args.warmup
     resolved = resolve_run(parse_train_flags(argv + ["--eval-period", "1000"], train_parser()))
     run = prepare_run(resolved, folder=Path("/tmp/train_speed"), progress=False)
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
               "attention": config.model.uniform_attention() or "mixed",
               "img": config.model.input_shape[0], "batch": config.train.batch, "gpus": world,
               "cudnn_benchmark": torch.backends.cudnn.benchmark, "cuda_graphs": step.captured,
-              "compile": config.train.compile,
+              "compile": config.train.compile, "ddp_bucket_mb": bench_args.ddp_bucket_mb,
               "augment": "gpu" if data.on_gpu else f"cpu x{config.data.workers}", "amp": str(trainer.amp),
               "warmup_s": warmup_s, "augment_ms": augment_ms,
               "img_per_s": seen * world / elapsed, "ms_per_step": elapsed / steps * 1000,

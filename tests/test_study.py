@@ -14,6 +14,7 @@ import study
 from utils.cli import run_cli
 from utils.data.sample_data import make_sample_dataset
 from utils.study.plan import PLAN_FILE, build_variants, check_plan, parse_seeds, plan_dict
+from utils.study import runner
 from utils.study.runs import error_line
 from utils.study.scheduler import Job, auto_jobs, run_jobs
 
@@ -56,7 +57,7 @@ def study_args(data, plugin, logs):
             "--plugin", str(plugin), *TRAIN]
 
 
-def test_study_tables_resume_and_failure(data, plugin, tmp_path, capsys):
+def test_study_tables_resume_and_failure(data, plugin, tmp_path, capsys, caplog, monkeypatch):
     folder = study.main(study_args(data, plugin, tmp_path))
     for name in ("study.md", "study.csv", "study.json", "study.png", "plan.json"):
         assert (folder / name).stat().st_size > 0
@@ -75,19 +76,30 @@ def test_study_tables_resume_and_failure(data, plugin, tmp_path, capsys):
     assert rows["none"]["latency_ms"] > 0 and rows["none"]["gflops"] >= rows["none"]["gflops_matmul"] > 0
     with open(folder / "study.csv", newline="") as f:
         assert [r["variant"] for r in csv.DictReader(f)] == ["none", "flaky"]
+    # each trained run was evaluated on test by its own follow-up process, whose results the table shows
+    for key in ("none_s0", "none_s1", "flaky_s0"):
+        saved = json.loads((folder / key / "test_eval.json").read_text())
+        assert saved["map50_95"] == runs[key]["map50_95"] and len(saved["resampled"]) == 50
+    assert not (folder / "flaky_s1" / "test_eval.json").exists()
 
     # interrupted in its first epoch: a last.pt at epoch 0 and no recorded outcome -> resumed, the rest untouched
     run = folder / "none_s1"
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     ckpt["epoch"] = 0
     torch.save(ckpt, run / "last.pt")
-    for name in ("study_run.json", "test_detections.npz"):
+    for name in ("study_run.json", "test_detections.npz", "test_eval.json"):
         (run / name).unlink()
     untouched = (folder / "none_s0" / "stdout.log").stat().st_mtime_ns
+    # and its test evaluation process fails: the study evaluates the run itself, with a warning
+    failing = [sys.executable, "-c", "import sys; sys.exit('error: evaluation broke')"]
+    monkeypatch.setattr(runner, "evaluation_command", lambda *args: failing)
     capsys.readouterr()
     study.main(study_args(data, plugin, tmp_path))
     out = capsys.readouterr().out
-    assert "resume none_s1" in out and "start" not in out.split("# Study")[0]
+    assert "resume none_s1" in out and "start none" not in out.split("# Study")[0]
+    assert "none_s1 test: evaluation broke; the study evaluates it itself" in caplog.text
+    assert json.loads((run / "test_eval.json").read_text())["map50_95"] == \
+        {r["run"]: r for r in json.loads((folder / "study.json").read_text())["runs"]}["none_s1"]["map50_95"]
     state = json.loads((run / "study_run.json").read_text())
     assert state["status"] == "done"
     with open(run / "results.csv", newline="") as f:
@@ -167,6 +179,18 @@ def test_scheduler_spreads_over_fake_devices_within_the_limit(tmp_path):
     for device, intervals in spans.items():
         for start, _ in intervals:
             assert sum(s <= start < e for s, e in intervals) <= 2
+
+
+def test_a_follow_up_job_runs_only_after_its_job_succeeds(tmp_path):
+    def job(key, code, then=None):
+        return Job(key, [sys.executable, "-c", code], tmp_path / f"{key}.out", tmp_path / f"{key}.err", then=then)
+
+    jobs = [job("ok", "pass", then=job("ok then", "print('followed')")),
+            job("bad", "raise SystemExit(3)", then=job("bad then", "pass"))]
+    order = []
+    run_jobs(jobs, [None], 1, lambda j, o: order.append((j.key, o.returncode)), poll_s=0.02)
+    assert order == [("ok", 0), ("ok then", 0), ("bad", 3)]      # a follow-up goes before the queued jobs
+    assert (tmp_path / "ok then.out").read_text() == "followed\n"
 
 
 def test_a_failing_job_does_not_stop_the_others(tmp_path):

@@ -1,26 +1,41 @@
-"""What the study measures of each finished run: test-split detections through yolo.YOLO, cost and latency.
+"""What the study measures of each finished run: test-split detections through yolo.YOLO, their mAP and its
+bootstrap resamples, cost and latency.
 
-Detections are kept beside the run (`test_detections.npz`, tied to best.pt's size and time) so a re-run of the
-study only recomputes the statistics.
+A run's test evaluation runs in a process of its own, right after its training and on the same kind of device
+(`python -m utils.study.measure`, queued by the study as the training job's follow-up), so it overlaps the runs
+still training and spreads over the GPUs. Its results are kept beside the run, tied to best.pt's size and time:
+the detections (`test_detections.npz`), and the mAP with its resamples and the model's cost (`test_eval.json`);
+the study reads them, and computes in its own process whatever is missing. Latency is measured by the study
+once training is over, so it is timed on an idle GPU.
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nets.attention import load_plugin
 from nets.yolo import as_model_config, build_model
+from utils.cli import run_cli
 from utils.config import EVAL_DETECTION
 from utils.data.dataset import Record, load_image
+from utils.data.formats import open_data
 from utils.engine.checkpoint import load_checkpoint
 from utils.engine.evaluate import Evaluator, ground_truth
-from utils.ops.coco_map import CocoMatches, coco_matches
+from utils.engine.folders import write_text
+from utils.ops.coco_map import CocoMatches, coco_matches, mean_ap, precision_from_matches, resampled_maps
 from utils.ops.cost import model_cost
+from utils.study.stats import resample_weights
 from yolo import YOLO
 
 DETECTIONS_FILE = "test_detections.npz"
+EVALUATION_FILE = "test_eval.json"
 
 
 def _stamp(path: Path) -> np.ndarray:
@@ -54,20 +69,84 @@ def run_matches(best: Path, records: list[Record], class_names: list[str], devic
     return coco_matches(detections, [ground_truth(r) for r in records], len(class_names))
 
 
+@dataclass
+class RunEvaluation:
+    """A run's test mAP, the same mAP on each bootstrap resample of the test images, and its model's cost."""
+
+    map50: float
+    map50_95: float
+    resampled: np.ndarray      # [R, 2] (map50, map50_95) per resample (resample_weights(N, R), seed 0)
+    cost: dict                 # what cost() below returns
+
+
+def _images_digest(records: list[Record]) -> str:
+    return hashlib.sha1("\n".join(str(r.image_id) for r in records).encode()).hexdigest()
+
+
+def evaluate_run(best: Path, records: list[Record], class_names: list[str], device: str | None,
+                 resamples: int) -> RunEvaluation:
+    """best.pt's test mAP, its resamples and cost: from the run's test_eval.json when it is of this best.pt, these
+    images and this many resamples, else computed (detections from their own cache) and saved."""
+    key = {"best": _stamp(best).tolist(), "images": _images_digest(records), "resamples": resamples}
+    cache = best.parent / EVALUATION_FILE
+    try:
+        saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, ValueError):
+        saved = {}
+    if saved.get("key") == key:
+        return RunEvaluation(saved["map50"], saved["map50_95"], np.array(saved["resampled"], np.float64).reshape(-1, 2),
+                             saved["cost"])
+    matches = run_matches(best, records, class_names, device)
+    map50, map50_95 = mean_ap(precision_from_matches(matches))
+    resampled = resampled_maps(matches, resample_weights(len(records), resamples)) if records else np.zeros((0, 2))
+    evaluation = RunEvaluation(map50, map50_95, resampled, cost(best))
+    write_text(cache, json.dumps({"key": key, "map50": map50, "map50_95": map50_95, "resampled": resampled.tolist(),
+                                  "cost": evaluation.cost}))
+    return evaluation
+
+
+def evaluation_command(python: str, best: Path, data: str, split: str, device: str, resamples: int,
+                       plugins: list[str]) -> list[str]:
+    """This module as a process that evaluates one run (what main below parses)."""
+    return [python, "-m", "utils.study.measure", "--best", str(best), "--data", data, "--split", split,
+            "--device", device, "--resamples", str(resamples), *[a for p in plugins for a in ("--plugin", str(p))]]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One run's test evaluation, written beside its best.pt (the study's follow-up job of each training job)."""
+    parser = argparse.ArgumentParser(description="A study run's test evaluation (started by study.py).")
+    parser.add_argument("--best", type=Path, required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", required=True)
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--resamples", type=int, required=True)
+    parser.add_argument("--plugin", action="append", default=[])
+    args = parser.parse_args(argv)
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    class_names = torch.load(args.best, map_location="cpu", weights_only=True)["config"]["class_names"]
+    records, _ = open_data(args.data).load(args.split, class_names)
+    evaluate_run(args.best, records, class_names, args.device, args.resamples)
+
+
 def cost(best: Path) -> dict:
     """Parameters and GFLOPs (every op; matmul/conv only; the attention blocks') of the checkpoint's model."""
     config = as_model_config(load_checkpoint(best)["config"])
     return model_cost(build_model(config), config.input_shape[0])
 
 
-def latency(best: Path, image_path: str, device: str | None, repeats: int = 5) -> dict:
+def latency(best: Path, image_path: str, device: str | None, repeats: int = 3) -> dict:
     """Batch-1 milliseconds through YOLO (fp16 on GPU, fp32 on CPU): model alone and end to end, median of repeats."""
     yolo = YOLO(best, device=device)
     image = load_image(image_path)
     on_gpu = yolo.device.type == "cuda"
-    samples = [yolo.measure_fps(image, iterations=100 if on_gpu else 10, warmup=10 if on_gpu else 2)
+    samples = [yolo.measure_fps(image, iterations=60 if on_gpu else 10, warmup=10 if on_gpu else 2)
                for _ in range(repeats)]
     result = {key: statistics.median(s[key] for s in samples) for key in ("model_ms", "e2e_ms")}
     result["precision"] = "fp16" if yolo.half else "fp32"
     result["device"] = torch.cuda.get_device_name(yolo.device) if on_gpu else "cpu"
     return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nets.attention import load_plugin
@@ -23,17 +24,16 @@ from utils.settings import add_flags
 from utils.data.dataset import default_fallback
 from utils.data.formats import DataSource, open_data
 from utils.engine.folders import prepare_out, write_text
-from utils.ops.coco_map import mean_ap, precision_from_matches
 from utils.engine.run import resolve_run
 from utils.log import get_logger
-from utils.study.measure import cost, latency, run_matches
+from utils.study.measure import evaluate_run, evaluation_command, latency
 from utils.study.mps import MPS, check_mode
 from utils.study.plan import (PLAN_FILE, RunSpec, Variant, build_variants, check_plan, check_train_flags,
                               parse_seeds, plan_dict, runs_of)
 from utils.study.report import VariantResult, plot, row, write_tables
 from utils.study.runs import RunState, error_line, last_epoch, read_state, record, train_command
 from utils.study.scheduler import Job, Outcome, auto_jobs, run_jobs
-from utils.study.stats import paired_deltas, resample_weights
+from utils.study.stats import RunMaps, deltas_of_maps
 
 log = get_logger(__name__)
 LEVEL = 0.95
@@ -149,8 +149,12 @@ def _plan_dict(plan: Plan) -> dict:
 
 
 def _jobs(plan: Plan, train_script: Path) -> tuple[list[Job], dict[str, RunSpec]]:
-    """Jobs for the runs still to do: fresh or resumed; finished ones (also those whose outcome was lost) skipped."""
+    """Jobs for the runs still to do: fresh or resumed, each followed by its test evaluation; finished ones (also
+    those whose outcome was lost) skipped."""
     jobs, by_key = [], {}
+    # the evaluation is `python -m utils.study.measure`: found from the repository root, wherever the study started
+    root = str(train_script.resolve().parent)
+    evaluation_env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     for run in plan.runs:
         state = read_state(run.folder)
         if state.status == "interrupted" and (run.folder / "best.pt").is_file() \
@@ -161,7 +165,11 @@ def _jobs(plan: Plan, train_script: Path) -> tuple[list[Job], dict[str, RunSpec]
             continue
         argv = train_command(run, sys.executable, train_script, plan.train_flags, plan.device_flag,
                              resume=state.status == "interrupted", epochs=plan.epochs)
-        jobs.append(Job(run.key, argv, run.folder / "stdout.log", run.folder / "stderr.log"))
+        evaluation = Job(f"{run.key} test", evaluation_command(
+            sys.executable, run.folder / "best.pt", str(plan.source.path), plan.settings.test_split,
+            plan.device_flag, plan.settings.bootstrap, plan.plugins), run.folder / "test_stdout.log",
+            run.folder / "test_stderr.log", evaluation_env)
+        jobs.append(Job(run.key, argv, run.folder / "stdout.log", run.folder / "stderr.log", then=evaluation))
         by_key[run.key] = run
     return jobs, by_key
 
@@ -177,10 +185,15 @@ def train_all(plan: Plan, train_script: Path, jobs_per_device: int | None = None
     done = [0]
 
     def on_start(job: Job, device: str | None) -> None:
-        how = "resume" if "--resume" in job.argv else "start"
+        how = "evaluate" if job.key not in by_key else "resume" if "--resume" in job.argv else "start"
         log.info("%s %s on %s", how, job.key, f"GPU {device}" if device is not None else "cpu")
 
     def on_done(job: Job, outcome: Outcome) -> None:
+        if job.key not in by_key:       # a test evaluation: what failed here, the study computes in its own process
+            if outcome.returncode != 0:
+                stderr = job.stderr.read_text(errors="replace") if job.stderr.is_file() else ""
+                log.warning("%s: %s; the study evaluates it itself", job.key, error_line(stderr, outcome.returncode))
+            return
         run = by_key[job.key]
         before = read_state(run.folder)
         seconds, attempts = before.seconds + outcome.seconds, before.attempts + 1
@@ -204,11 +217,13 @@ def train_all(plan: Plan, train_script: Path, jobs_per_device: int | None = None
 
 
 def analyse(plan: Plan) -> tuple[list[VariantResult], dict]:
-    """Test-split evaluation of every finished run, cost and latency per variant, paired deltas."""
+    """Test-split mAP of every finished run (as its evaluation process left it, else computed here), cost and
+    latency per variant, paired deltas."""
     results = {v.name: VariantResult(v) for v in plan.variants}
-    matches: dict[str, dict[int, object]] = {v.name: {} for v in plan.variants}
+    maps: dict[str, dict[int, RunMaps]] = {v.name: {} for v in plan.variants}
     records, class_names = None, None
     device = "cuda" if plan.device_flag == "cuda" else "cpu"
+    seconds = {"test_evaluation": 0.0, "latency": 0.0}
     for run in plan.runs:
         state = read_state(run.folder)
         result = results[run.variant.name]
@@ -225,26 +240,30 @@ def analyse(plan: Plan) -> tuple[list[VariantResult], dict]:
         elif names != class_names:
             raise ValueError(f"{best}: classes {names} differ from the study's {class_names}; every run must train "
                              "on the same data")
-        m = run_matches(best, records, class_names, device)
-        matches[run.variant.name][run.seed] = m
-        map50, map50_95 = mean_ap(precision_from_matches(m))
-        result.per_seed[run.seed] = {"map50": map50, "map50_95": map50_95, "seconds": state.seconds}
+        start = time.perf_counter()
+        evaluation = evaluate_run(best, records, class_names, device, plan.settings.bootstrap)
+        seconds["test_evaluation"] += time.perf_counter() - start
+        maps[run.variant.name][run.seed] = (np.array([evaluation.map50, evaluation.map50_95]), evaluation.resampled)
+        result.per_seed[run.seed] = {"map50": evaluation.map50, "map50_95": evaluation.map50_95,
+                                     "seconds": state.seconds}
         if result.cost is None:
-            result.cost = cost(best)
+            result.cost = evaluation.cost
+            start = time.perf_counter()
             result.latency = latency(best, records[0].image_path, device)
+            seconds["latency"] += time.perf_counter() - start
+    log.info("analysis: test evaluation %.1f s (what the runs' own processes left undone), latency %.1f s",
+             *seconds.values())
     baseline = plan.settings.baseline or plan.variants[0].name
+    for name, result in results.items():
+        if name != baseline:
+            result.delta = deltas_of_maps(maps[baseline], maps[name], LEVEL)
     n_images = len(records or [])
-    if n_images:
-        weights = resample_weights(n_images, plan.settings.bootstrap)
-        shared: dict = {}
-        for name, result in results.items():
-            if name != baseline:
-                result.delta = paired_deltas(matches[baseline], matches[name], weights, LEVEL, shared)
     lat = next((r.latency for r in results.values() if r.latency), {}) or {}
     header = {"study": plan.settings.name, "test_split": plan.settings.test_split, "test_images": n_images,
               "validation": plan.validation, "seeds": plan.seeds, "train_flags": plan.train_flags,
               "resamples": plan.settings.bootstrap, "level": LEVEL, "latency_device": lat.get("device", "-"),
-              "latency_precision": lat.get("precision", "-")}
+              "latency_precision": lat.get("precision", "-"),
+              "analysis_seconds": {k: round(v, 1) for k, v in seconds.items()}}
     return list(results.values()), header
 
 

@@ -1,7 +1,9 @@
 """Packs subprocess jobs onto devices: N at once per device, each pinned by CUDA_VISIBLE_DEVICES, one scheduler.
 
-A job that fails is just an outcome; the others go on. Ctrl-C (or SIGTERM) reaches the children, which keep
-their last checkpointed epoch, and the scheduler waits for them before it re-raises.
+A job that fails is just an outcome; the others go on. A job that succeeds can hand on a follow-up job (a
+study run's test evaluation after its training), which goes first to the next free slot. Ctrl-C (or SIGTERM)
+reaches the children, which keep their last checkpointed epoch, and the scheduler waits for them before it
+re-raises.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class Job:
     stdout: Path
     stderr: Path
     env: dict[str, str] = field(default_factory=dict)
+    then: Job | None = None        # queued first when this job exits with status 0
 
 
 @dataclass
@@ -85,8 +88,8 @@ def thread_share(cpus: int | None, concurrent: int) -> str:
 def run_jobs(jobs: list[Job], devices: list[str | None], per_device: int, on_done: Callable[[Job, Outcome], None],
              env: dict[str, str] | None = None, poll_s: float = 0.2,
              on_start: Callable[[Job, str | None], None] | None = None) -> list[Outcome]:
-    """Run every job, at most `per_device` at once on each device (None: no CUDA_VISIBLE_DEVICES); a new job goes to
-    the least busy device. on_done is called as each finishes."""
+    """Run every job and the follow-ups of those that succeed, at most `per_device` at once on each device (None: no
+    CUDA_VISIBLE_DEVICES); a new job goes to the least busy device. on_done is called as each finishes."""
     queue, running, outcomes = deque(jobs), {}, []
     load = {i: 0 for i in range(len(devices))}
     base = {**os.environ, **(env or {})}
@@ -111,6 +114,8 @@ def run_jobs(jobs: list[Job], devices: list[str | None], per_device: int, on_don
                 load[slot] -= 1
                 outcome = Outcome(job.key, process.returncode, time.perf_counter() - start, devices[slot])
                 outcomes.append(outcome)
+                if process.returncode == 0 and job.then is not None:
+                    queue.appendleft(job.then)
                 on_done(job, outcome)
             time.sleep(poll_s)
     except BaseException:

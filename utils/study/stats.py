@@ -16,6 +16,7 @@ import numpy as np
 from utils.ops.coco_map import CocoMatches, mean_ap, precision_from_matches, resampled_maps
 
 METRICS = ("map50", "map50_95")
+RunMaps = tuple[np.ndarray, np.ndarray]     # a run's (map50, map50_95) [2] and the same on each resample [R, 2]
 
 
 @dataclass
@@ -48,23 +49,22 @@ def resample_weights(num_images: int, resamples: int, seed: int = 0) -> np.ndarr
 
 
 def paired_deltas(baseline: dict[int, CocoMatches], variant: dict[int, CocoMatches], weights: np.ndarray,
-                  level: float = 0.95, cache: dict | None = None) -> dict[str, Delta] | None:
-    """Deltas (variant - baseline) of map50 and map50_95 over the seeds both have; None without a common seed.
+                  level: float = 0.95) -> dict[str, Delta] | None:
+    """Deltas (variant - baseline) of map50 and map50_95 over the seeds both have; None without a common seed."""
+    def maps(m: CocoMatches) -> RunMaps:
+        return np.array(mean_ap(precision_from_matches(m))), resampled_maps(m, weights)
 
-    cache: id(matches) -> resampled maps, so the baseline is resampled once for all variants.
-    """
+    return deltas_of_maps({s: maps(m) for s, m in baseline.items()}, {s: maps(m) for s, m in variant.items()}, level)
+
+
+def deltas_of_maps(baseline: dict[int, RunMaps], variant: dict[int, RunMaps],
+                   level: float = 0.95) -> dict[str, Delta] | None:
+    """paired_deltas from each seed's maps and resampled maps, the resamples the same for every run."""
     seeds = sorted(set(baseline) & set(variant))
     if not seeds:
         return None
-    cache = {} if cache is None else cache
-
-    def maps(m: CocoMatches) -> np.ndarray:
-        if id(m) not in cache:
-            cache[id(m)] = (np.array(mean_ap(precision_from_matches(m))), resampled_maps(m, weights))
-        return cache[id(m)]
-
-    full = np.mean([maps(variant[s])[0] - maps(baseline[s])[0] for s in seeds], axis=0)          # [2]
-    boot = np.mean([maps(variant[s])[1] - maps(baseline[s])[1] for s in seeds], axis=0)          # [R, 2]
+    full = np.mean([variant[s][0] - baseline[s][0] for s in seeds], axis=0)          # [2]
+    boot = np.mean([variant[s][1] - baseline[s][1] for s in seeds], axis=0)          # [R, 2]
     tail = (1 - level) / 2 * 100
     out = {}
     for k, metric in enumerate(METRICS):
