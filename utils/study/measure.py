@@ -2,7 +2,7 @@
 bootstrap resamples, cost and latency.
 
 A run's test evaluation runs in a process of its own, right after its training and on the same kind of device
-(`python -m utils.study.measure`, queued by the study as the training job's follow-up), so it overlaps the runs
+(`python -m utils.tools.study_eval`, queued by the study as the training job's follow-up), so it overlaps the runs
 still training and spreads over the GPUs. Its results are kept beside the run, tied to best.pt's size and time:
 the detections (`test_detections.npz`), and the mAP with its resamples and the model's cost (`test_eval.json`);
 the study reads them, and computes in its own process whatever is missing. Latency is measured by the study
@@ -10,7 +10,6 @@ once training is over, so it is timed on an idle GPU.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import statistics
@@ -20,12 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nets.attention import load_plugin
 from nets.yolo import as_model_config, build_model
-from utils.cli import run_cli
 from utils.config import EVAL_DETECTION
 from utils.data.dataset import Record, load_image
-from utils.data.formats import open_data
 from utils.engine.checkpoint import load_checkpoint
 from utils.engine.evaluate import Evaluator, ground_truth
 from utils.engine.folders import write_text
@@ -105,30 +101,6 @@ def evaluate_run(best: Path, records: list[Record], class_names: list[str], devi
     return evaluation
 
 
-def evaluation_command(python: str, best: Path, data: str, split: str, device: str, resamples: int,
-                       plugins: list[str]) -> list[str]:
-    """This module as a process that evaluates one run (what main below parses)."""
-    return [python, "-m", "utils.study.measure", "--best", str(best), "--data", data, "--split", split,
-            "--device", device, "--resamples", str(resamples), *[a for p in plugins for a in ("--plugin", str(p))]]
-
-
-def main(argv: list[str] | None = None) -> None:
-    """One run's test evaluation, written beside its best.pt (the study's follow-up job of each training job)."""
-    parser = argparse.ArgumentParser(description="A study run's test evaluation (started by study.py).")
-    parser.add_argument("--best", type=Path, required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", required=True)
-    parser.add_argument("--device", required=True)
-    parser.add_argument("--resamples", type=int, required=True)
-    parser.add_argument("--plugin", action="append", default=[])
-    args = parser.parse_args(argv)
-    for plugin in args.plugin:
-        load_plugin(plugin)
-    class_names = torch.load(args.best, map_location="cpu", weights_only=True)["config"]["class_names"]
-    records, _ = open_data(args.data).load(args.split, class_names)
-    evaluate_run(args.best, records, class_names, args.device, args.resamples)
-
-
 def cost(best: Path) -> dict:
     """Parameters and GFLOPs (every op; matmul/conv only; the attention blocks') of the checkpoint's model."""
     config = as_model_config(load_checkpoint(best)["config"])
@@ -146,7 +118,3 @@ def latency(best: Path, image_path: str, device: str | None, repeats: int = 3) -
     result["precision"] = "fp16" if yolo.half else "fp32"
     result["device"] = torch.cuda.get_device_name(yolo.device) if on_gpu else "cpu"
     return result
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -26,12 +26,13 @@ from utils.data.formats import DataSource, open_data
 from utils.engine.folders import prepare_out, write_text
 from utils.engine.run import resolve_run
 from utils.log import get_logger
-from utils.study.measure import evaluate_run, evaluation_command, latency
+from utils.study.measure import evaluate_run, latency
 from utils.study.mps import MPS, check_mode
 from utils.study.plan import (PLAN_FILE, RunSpec, Variant, build_variants, check_plan, check_train_flags,
                               parse_seeds, plan_dict, runs_of)
 from utils.study.report import VariantResult, plot, row, write_tables
-from utils.study.runs import RunState, error_line, last_epoch, read_state, record, train_command
+from utils.study.runs import (RunState, error_line, evaluation_command, last_epoch, read_state, record,
+                              train_command)
 from utils.study.scheduler import Job, Outcome, auto_jobs, run_jobs
 from utils.study.stats import RunMaps, deltas_of_maps
 
@@ -152,7 +153,7 @@ def _jobs(plan: Plan, train_script: Path) -> tuple[list[Job], dict[str, RunSpec]
     """Jobs for the runs still to do: fresh or resumed, each followed by its test evaluation; finished ones (also
     those whose outcome was lost) skipped."""
     jobs, by_key = [], {}
-    # the evaluation is `python -m utils.study.measure`: found from the repository root, wherever the study started
+    # the evaluation is `python -m utils.tools.study_eval`: found from the repository root, wherever the study started
     root = str(train_script.resolve().parent)
     evaluation_env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     for run in plan.runs:

@@ -66,6 +66,13 @@ def train_command(run: RunSpec, python: str, train_script: Path, shared_flags: l
             "--save-dir", str(run.folder.parent), "--name", run.folder.name, "--exist-ok", "--device", device_flag]
 
 
+def evaluation_command(python: str, best: Path, data: str, split: str, device_flag: str, resamples: int,
+                       plugins: list[str]) -> list[str]:
+    """utils.tools.study_eval for one run: its test evaluation, run after its training."""
+    return [python, "-m", "utils.tools.study_eval", "--best", str(best), "--data", data, "--split", split,
+            "--device", device_flag, "--resamples", str(resamples), *[a for p in plugins for a in ("--plugin", str(p))]]
+
+
 def error_line(stderr: str, returncode: int) -> str:
     """The run's one-line error: its last `error: ...` line, else the last line of a traceback, else the exit."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
