@@ -5,6 +5,7 @@
 #                                   torchrun, end to end, checked (epochs in results.csv, best.pt, get_map)
 #   bash bench/multi_gpu.sh buckets one GPU at batch 64 and 32, and DDP at batch 64 with DDP's gradient buckets of
 #                                   25 (default), 4 and 1 MB (bench/train_speed.py --ddp-bucket-mb)
+#   bash bench/multi_gpu.sh compiled  with --compile: one GPU at batch 64 and 32, two GPUs at 64
 #   bash bench/multi_gpu.sh study   the BCCD attention study (phi 0-4 x 3 seeds) on one GPU (--devices 0), then
 #                                   spread over both (the default): wall times and their ratio, study.md of each
 # data ${DATA:-VOCdevkit/BCCD}; outputs in ${OUT:-/tmp/multi_gpu}; logs in ${LOGS:-/tmp/multi_gpu_logs}.
@@ -77,6 +78,17 @@ buckets() {   # where DDP's step time goes at 32 images per GPU: one GPU at batc
             >> "$out/buckets.txt"
         stamp "train_speed 2 GPUs batch 64 bucket $mb rc=${PIPESTATUS[0]}"
     done
+}
+
+compiled() {   # the same at --compile (inductor): one GPU at batch 64 and 32, two GPUs at 64
+    speed=(bench/train_speed.py "${bccd[@]}" --cache gpu --steps 40 --warmup 15 --repeats 3 --compile)
+    for batch in 64 32; do
+        CUDA_VISIBLE_DEVICES=0 timeout 200 python3 "${speed[@]}" --batch $batch 2>&1 | grep "^train_speed\|Error" \
+            >> "$out/compiled.txt"
+        stamp "train_speed --compile 1 GPU batch $batch rc=${PIPESTATUS[0]}"
+    done
+    timeout 240 "${torchrun[@]}" "${speed[@]}" --batch 64 2>&1 | grep "^train_speed\|Error" >> "$out/compiled.txt"
+    stamp "train_speed --compile 2 GPUs batch 64 rc=${PIPESTATUS[0]}"
 }
 
 study() {
