@@ -164,6 +164,8 @@ def test_graph_blocker_names_the_reason():
     assert graph_blocker(gpu, True, 4, False) is None                 # accumulation is captured too
     assert "--nbs" in graph_blocker(gpu, True, 4, False, world=2)
     assert "--sync-bn" in graph_blocker(gpu, True, 1, True)
+    assert graph_blocker(gpu, True, 1, False, compiled=True) is None       # one process: compiled and captured
+    assert "--compile across 2 processes" in graph_blocker(gpu, True, 1, False, world=2, compiled=True)
 
 
 def detector_setup(device, optimizer="sgd"):

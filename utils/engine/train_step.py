@@ -40,7 +40,7 @@ Capture = Callable[[Callable[[], None], object], Callable[[], None]]
 
 
 def graph_blocker(device: torch.device, gpu_batches: bool, accumulate: int, sync_bn: bool,
-                  world: int = 1) -> str | None:
+                  world: int = 1, compiled: bool = False) -> str | None:
     """Why the step cannot be captured as a CUDA graph here, or None when it can."""
     if device.type != "cuda":
         return "not on CUDA"
@@ -50,6 +50,8 @@ def graph_blocker(device: torch.device, gpu_batches: bool, accumulate: int, sync
         return f"gradients accumulate over {accumulate} batches (--batch below --nbs) across {world} processes"
     if sync_bn:
         return "--sync-bn"
+    if compiled and world > 1:           # torch 2.11: the compiled DDP step's capture fails (H200 x2, 2026-12-04)
+        return f"--compile across {world} processes (its compiled DDP step cannot be captured)"
     return None
 
 

@@ -182,7 +182,7 @@ class Trainer:
         images_per_step = phase.batch * self.world * phase.accumulate
         self.optimizer.param_groups[DECAY_GROUP]["weight_decay"] = self.hyp["weight_decay"] * images_per_step / self.args.nbs
         blocker = graph_blocker(self.device, self.data.on_gpu, phase.accumulate, self.args.sync_bn and self.world > 1,
-                                self.world)
+                                self.world, self.args.compile)
         graphs = self.args.cuda_graph and blocker is None
         if self.main:
             if self.args.freeze_epochs:
