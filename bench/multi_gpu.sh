@@ -99,7 +99,7 @@ study() {
         start=$EPOCHREALTIME
         timeout 280 python3 study.py "${common[@]}" --name "study_$how" "${devices[@]}" > "$out/study_$how.txt" 2>&1
         stamp "study on $how GPU(s) rc=$? wall $(python3 -c "print(f'{$EPOCHREALTIME - $start:.1f}')") s"
-        python3 -c "import json; s = json.load(open('$logs/study_$how/study.json')); print('$how', s['concurrency'], 'train_wall_seconds', s['train_wall_seconds'], 'analysis', s.get('analysis_seconds'))" \
+        python3 -c "import json; s = json.load(open('$logs/study_$how/study.json')); print('$how', s['concurrency'], 'runs_wall_seconds (training and test evaluations)', s['runs_wall_seconds'], 'analysis', s.get('analysis_seconds'))" \
             >> "$out/study_summary.txt" 2>&1
     done
 }

@@ -49,9 +49,9 @@ grep -E "runs to train|CUDA MPS|failed" "$logs/study.log" || true
 import json, sys
 study, start, end, serial = json.load(open(sys.argv[1])), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 total = end - start
-print(f"packed study ({study['concurrency']}): training {study['train_wall_seconds']:.1f} s, total {total:.1f} s "
+print(f"packed study ({study['concurrency']}): training and test evaluations {study['runs_wall_seconds']:.1f} s, total {total:.1f} s "
       "(with test evaluation, latency and bootstrap)")
-print(f"ratio to serial: training {study['train_wall_seconds'] / serial:.3f}x, total {total / serial:.3f}x "
+print(f"ratio to serial: training and evaluations {study['runs_wall_seconds'] / serial:.3f}x, total {total / serial:.3f}x "
       f"(target <= 0.25x)")
 PY
 names=(none se cbam eca ca)

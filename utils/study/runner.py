@@ -278,11 +278,11 @@ def run_study(plan: Plan, train_script: Path) -> tuple[str, Path]:
     write_text(plan.folder / PLAN_FILE, json.dumps(merged, indent=1))
     start = time.perf_counter()
     packing = train_all(plan, train_script)
-    train_seconds = time.perf_counter() - start
+    runs_seconds = time.perf_counter() - start      # training and each run's test evaluation
     results, header = analyse(plan)
     packing_text = f"{packing['jobs_per_device']} at once per device on {', '.join(packing['devices'])}" + \
                    (", CUDA MPS" if packing["mps"] else "")
-    header.update(concurrency=packing_text, packing=packing, train_wall_seconds=round(train_seconds, 1))
+    header.update(concurrency=packing_text, packing=packing, runs_wall_seconds=round(runs_seconds, 1))
     baseline = plan.settings.baseline or plan.variants[0].name
     rows = [row(r) for r in results]
     failures = [(f"{r.variant.name}_s{s}", e) for r in results for s, e in sorted(r.failed.items())]
