@@ -14,7 +14,9 @@ import study
 from utils.cli import run_cli
 from utils.data.sample_data import make_sample_dataset
 from utils.study.plan import PLAN_FILE, build_variants, check_plan, parse_seeds, plan_dict
+from utils.data.formats import open_data
 from utils.study import runner
+from utils.study.measure import _test_set_digest
 from utils.study.runs import error_line
 from utils.study.scheduler import Job, auto_jobs, run_jobs
 
@@ -150,6 +152,16 @@ def test_a_study_folder_resumes_only_the_same_study(tmp_path):
         check_plan(tmp_path, plan_dict(variants, [0, 1], ["--epochs", "4"], {"epochs": 4, "input_shape": [64, 64]}))
     with pytest.raises(ValueError, match="variant ca was"):
         check_plan(tmp_path, plan_dict(build_variants(named=["ca=--phi 4 --lr 0.1"]), [0], [], plan["train_settings"]))
+
+
+def test_a_cached_test_evaluation_is_tied_to_the_test_labels(data):
+    # test_eval.json's key: a label fixed in the test split (or an image added) makes the study evaluate again
+    records, _ = open_data(str(data)).load("test")
+    before = _test_set_digest(records)
+    assert _test_set_digest(open_data(str(data)).load("test")[0]) == before
+    records[0].boxes = records[0].boxes + 1
+    assert _test_set_digest(records) != before
+    assert _test_set_digest(records[1:]) not in (before, _test_set_digest(records))
 
 
 def test_error_line_takes_the_last_error_or_the_traceback_end():

@@ -75,15 +75,21 @@ class RunEvaluation:
     cost: dict                 # what cost() below returns
 
 
-def _images_digest(records: list[Record]) -> str:
-    return hashlib.sha1("\n".join(str(r.image_id) for r in records).encode()).hexdigest()
+def _test_set_digest(records: list[Record]) -> str:
+    """What the mAP depends on besides best.pt: each image's id, size and objects (a label fixed changes it)."""
+    digest = hashlib.sha1()
+    for r in records:
+        digest.update(f"{r.image_id}\0{r.height}\0{r.width}\0".encode())
+        for array, dtype in ((r.boxes, np.float64), (r.labels, np.int64), (r.difficult, np.bool_)):
+            digest.update(np.ascontiguousarray(array, dtype).tobytes())
+    return digest.hexdigest()
 
 
 def evaluate_run(best: Path, records: list[Record], class_names: list[str], device: str | None,
                  resamples: int) -> RunEvaluation:
     """best.pt's test mAP, its resamples and cost: from the run's test_eval.json when it is of this best.pt, these
-    images and this many resamples, else computed (detections from their own cache) and saved."""
-    key = {"best": _stamp(best).tolist(), "images": _images_digest(records), "resamples": resamples}
+    images and labels and this many resamples, else computed (detections from their own cache) and saved."""
+    key = {"best": _stamp(best).tolist(), "test_set": _test_set_digest(records), "resamples": resamples}
     cache = best.parent / EVALUATION_FILE
     try:
         saved = json.loads(cache.read_text()) if cache.is_file() else {}
