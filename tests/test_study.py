@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +15,11 @@ import torch
 import study
 from utils.cli import run_cli
 from utils.data.sample_data import make_sample_dataset
-from utils.study.plan import PLAN_FILE, build_variants, check_plan, parse_seeds, plan_dict
+from utils.study.plan import PLAN_FILE, RunSpec, build_variants, check_plan, parse_seeds, plan_dict
 from utils.data.formats import open_data
 from utils.study import runner
 from utils.study.measure import _test_set_digest
-from utils.study.runs import error_line
+from utils.study.runs import error_line, evaluation_command, train_command
 from utils.study.scheduler import Job, auto_jobs, run_jobs
 
 # A block that trains normally except in the run seeded 1, where its training forward raises: an injected
@@ -98,7 +100,8 @@ def test_study_tables_resume_and_failure(data, plugin, tmp_path, capsys, caplog,
     capsys.readouterr()
     study.main(study_args(data, plugin, tmp_path))
     out = capsys.readouterr().out
-    assert "resume none_s1" in out and "start none" not in out.split("# Study")[0]
+    assert "resume none_s1" in out
+    assert not [line for line in out.split("# Study")[0].splitlines() if line.startswith("start ")]
     assert "none_s1 test: evaluation broke; the study evaluates it itself" in caplog.text
     assert json.loads((run / "test_eval.json").read_text())["map50_95"] == \
         {r["run"]: r for r in json.loads((folder / "study.json").read_text())["runs"]}["none_s1"]["map50_95"]
@@ -162,6 +165,18 @@ def test_a_cached_test_evaluation_is_tied_to_the_test_labels(data):
     records[0].boxes = records[0].boxes + 1
     assert _test_set_digest(records) != before
     assert _test_set_digest(records[1:]) not in (before, _test_set_digest(records))
+
+
+def test_run_commands_carry_the_runs_plugins_and_find_this_repository(tmp_path):
+    run = RunSpec(build_variants(phi="0")[0], 0, tmp_path / "none_s0")
+    resume = train_command(run, sys.executable, Path("train.py"), [], "cpu", True, 3, ["my_blocks.py"])
+    assert resume[-2:] == ["--plugin", "my_blocks.py"]        # a resume must be given its plugins again
+    # started where a folder named utils shadows the project's package, the evaluation still finds its tool
+    (tmp_path / "utils").mkdir()
+    (tmp_path / "utils" / "__init__.py").write_text("")
+    argv = evaluation_command(sys.executable, tmp_path / "best.pt", "data", "test", "cpu", 10, ["p.py"])
+    done = subprocess.run([*argv, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "study run's test evaluation" in done.stdout, done.stderr
 
 
 def test_error_line_takes_the_last_error_or_the_traceback_end():

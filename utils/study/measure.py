@@ -4,15 +4,20 @@ bootstrap resamples, cost and latency.
 A run's test evaluation runs in a process of its own, right after its training and on the same kind of device
 (`python -m utils.tools.study_eval`, queued by the study as the training job's follow-up), so it overlaps the runs
 still training and spreads over the GPUs. Its results are kept beside the run, tied to best.pt's size and time:
-the detections (`test_detections.npz`), and the mAP with its resamples and the model's cost (`test_eval.json`);
+the detections (`test_detections.npz`, also to the test images), and the mAP with its resamples and the model's
+cost (`test_eval.json`, also to the test images' labels and the number of resamples), each written whole;
 the study reads them, and computes in its own process whatever is missing. Latency is measured by the study
 once training is over, so it is timed on an idle GPU.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
+import os
 import statistics
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +29,7 @@ from utils.config import EVAL_DETECTION
 from utils.data.dataset import Record, load_image
 from utils.engine.checkpoint import load_checkpoint
 from utils.engine.evaluate import Evaluator, ground_truth
-from utils.engine.folders import write_text
+from utils.engine.folders import OutputError
 from utils.ops.coco_map import CocoMatches, coco_matches, mean_ap, precision_from_matches, resampled_maps
 from utils.ops.cost import model_cost
 from utils.study.stats import resample_weights
@@ -32,6 +37,17 @@ from yolo import YOLO
 
 DETECTIONS_FILE = "test_detections.npz"
 EVALUATION_FILE = "test_eval.json"
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """A cache file written whole or not at all (a process stopped mid-write leaves the old one or none)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise OutputError(path, exc.strerror or str(exc), exc.errno or errno.EIO) from exc
 
 
 def _stamp(path: Path) -> np.ndarray:
@@ -43,11 +59,13 @@ def test_detections(best: Path, records: list[Record], class_names: list[str], d
     """Per test record [N,6] detections of best.pt at the evaluation thresholds (cached beside the run)."""
     cache = best.parent / DETECTIONS_FILE
     ids = np.array([r.image_id for r in records])
-    if cache.is_file():
+    try:
         with np.load(cache, allow_pickle=False) as saved:
             if np.array_equal(saved["stamp"], _stamp(best)) and np.array_equal(saved["ids"], ids):
                 counts = saved["counts"]
                 return np.split(saved["rows"], np.cumsum(counts)[:-1]) if len(counts) else []
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        pass                               # none yet, or torn by a stopped process: detect again
     yolo = YOLO(best, device=device, conf=EVAL_DETECTION.conf, nms_iou=EVAL_DETECTION.nms_iou,
                 multi_label=EVAL_DETECTION.multi_label)
     detections, used = Evaluator(records, class_names).detect(yolo)
@@ -55,7 +73,9 @@ def test_detections(best: Path, records: list[Record], class_names: list[str], d
         raise ValueError(f"{len(records) - len(used)} test images cannot be read; fix or remove them so every "
                          "variant is compared on the same images")
     rows = np.concatenate(detections) if detections else np.zeros((0, 6), np.float32)
-    np.savez(cache, rows=rows, counts=np.array([len(d) for d in detections], np.int64), ids=ids, stamp=_stamp(best))
+    buffer = io.BytesIO()
+    np.savez(buffer, rows=rows, counts=np.array([len(d) for d in detections], np.int64), ids=ids, stamp=_stamp(best))
+    _replace(cache, buffer.getvalue())
     return detections
 
 
@@ -102,8 +122,8 @@ def evaluate_run(best: Path, records: list[Record], class_names: list[str], devi
     map50, map50_95 = mean_ap(precision_from_matches(matches))
     resampled = resampled_maps(matches, resample_weights(len(records), resamples)) if records else np.zeros((0, 2))
     evaluation = RunEvaluation(map50, map50_95, resampled, cost(best))
-    write_text(cache, json.dumps({"key": key, "map50": map50, "map50_95": map50_95, "resampled": resampled.tolist(),
-                                  "cost": evaluation.cost}))
+    _replace(cache, json.dumps({"key": key, "map50": map50, "map50_95": map50_95, "resampled": resampled.tolist(),
+                                "cost": evaluation.cost}).encode())
     return evaluation
 
 

@@ -64,7 +64,7 @@ class Plan:
     train_settings: dict
     source: DataSource
     validation: str
-    plugins: list[str]
+    plugins: dict[str, list[str]]     # variant name -> its --plugin files (shared and its own)
 
 
 def _split_images(source: DataSource, split: str) -> set[str]:
@@ -128,11 +128,12 @@ def plan_study(settings: StudyConfig, train_args: list[str]) -> Plan:
                          f"{', '.join(v.name for v in variants)}")
     for plugin in given.get("plugin", []):
         load_plugin(plugin)
-    epochs = TrainConfig().epochs
+    epochs, plugins = TrainConfig().epochs, {}
     for v in variants:
         flags = parse_train_flags([*train_args, *v.flags], parser)
         config = resolve_run(flags).config      # ranges, block names, options: as train.py checks them
         epochs = config.train.epochs
+        plugins[v.name] = list(flags.get("plugin", []))
     check_mode(settings.mps, torch.cuda.is_available() and settings.devices != "cpu")
     data = DataConfig(**{k: v for k, v in given.items() if k in DataConfig.__dataclass_fields__})
     source = open_data(data.data)
@@ -140,7 +141,7 @@ def plan_study(settings: StudyConfig, train_args: list[str]) -> Plan:
     devices, device_flag = _devices(settings)
     folder = Path(settings.save_dir) / settings.name
     plan = Plan(settings, folder, variants, seeds, list(train_args), runs_of(variants, seeds, folder), devices,
-                device_flag, epochs, given, source, validation, list(given.get("plugin", [])))
+                device_flag, epochs, given, source, validation, plugins)
     check_plan(folder, _plan_dict(plan))
     return plan
 
@@ -153,9 +154,6 @@ def _jobs(plan: Plan, train_script: Path) -> tuple[list[Job], dict[str, RunSpec]
     """Jobs for the runs still to do: fresh or resumed, each followed by its test evaluation; finished ones (also
     those whose outcome was lost) skipped."""
     jobs, by_key = [], {}
-    # the evaluation is `python -m utils.tools.study_eval`: found from the repository root, wherever the study started
-    root = str(train_script.resolve().parent)
-    evaluation_env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     for run in plan.runs:
         state = read_state(run.folder)
         if state.status == "interrupted" and (run.folder / "best.pt").is_file() \
@@ -164,12 +162,13 @@ def _jobs(plan: Plan, train_script: Path) -> tuple[list[Job], dict[str, RunSpec]
             continue
         if state.status == "done" or (state.status == "failed" and not plan.settings.retry_failed):
             continue
+        plugins = plan.plugins[run.variant.name]
         argv = train_command(run, sys.executable, train_script, plan.train_flags, plan.device_flag,
-                             resume=state.status == "interrupted", epochs=plan.epochs)
+                             resume=state.status == "interrupted", epochs=plan.epochs, plugins=plugins)
         evaluation = Job(f"{run.key} test", evaluation_command(
             sys.executable, run.folder / "best.pt", str(plan.source.path), plan.settings.test_split,
-            plan.device_flag, plan.settings.bootstrap, plan.plugins), run.folder / "test_stdout.log",
-            run.folder / "test_stderr.log", evaluation_env)
+            plan.device_flag, plan.settings.bootstrap, plugins), run.folder / "test_stdout.log",
+            run.folder / "test_stderr.log")
         jobs.append(Job(run.key, argv, run.folder / "stdout.log", run.folder / "stderr.log", then=evaluation))
         by_key[run.key] = run
     return jobs, by_key
@@ -193,7 +192,8 @@ def train_all(plan: Plan, train_script: Path, jobs_per_device: int | None = None
         if job.key not in by_key:       # a test evaluation: what failed here, the study computes in its own process
             if outcome.returncode != 0:
                 stderr = job.stderr.read_text(errors="replace") if job.stderr.is_file() else ""
-                log.warning("%s: %s; the study evaluates it itself", job.key, error_line(stderr, outcome.returncode))
+                log.warning("%s: %s; the study evaluates it itself", job.key,
+                            error_line(stderr, outcome.returncode, "the evaluation"))
             return
         run = by_key[job.key]
         before = read_state(run.folder)

@@ -26,7 +26,7 @@ STOP_WAIT_S = 60.0        # how long interrupted children get to write their las
 
 @dataclass
 class Job:
-    """A command with its log files and extra environment."""
+    """A command with its log files, extra environment and the job to queue when it succeeds."""
 
     key: str
     argv: list[str]
