@@ -86,6 +86,24 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
         raise error from None
 
 
+def write_bytes_atomic(data: bytes, path: str | Path) -> None:
+    """Write `data` to a temp file beside `path`, then rename (as save_checkpoint): a stopped process leaves the
+    previous file or none, never half a file. A refused write raises OutputWriteError naming `path`."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise write_error(exc, path) from exc
+
+
 def remove_stale_temps(folder: str | Path) -> list[Path]:
     """Delete the temp files of checkpoint writes a killed process left in `folder`; returns them."""
     folder, removed = Path(folder), []

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from torch import nn
 from nets.common import fuse_conv_bn
 from nets.yolo import as_model_config, build_model
 from utils.config import ModelConfig
-from utils.engine.checkpoint import load_checkpoint, write_error
+from utils.engine.checkpoint import load_checkpoint, write_bytes_atomic
 from utils.engine.onnx_graph import DETECTION_COLUMNS, DetectionGraph
 from utils.engine.onnx_runtime import FORMAT_VERSION, is_onnx
 from utils.log import get_logger
@@ -157,21 +156,6 @@ def check_runs(data: bytes, args: tuple) -> None:
                           f"layer or attention point") from None
 
 
-def _save(proto_bytes: bytes, out: Path) -> None:
-    """Atomic write: a temp file beside `out`, then rename; a failure is OutputWriteError naming `out`."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(proto_bytes)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise write_error(exc, out) from exc
-
-
 def default_output(weights: str | Path) -> Path:
     """best.pt -> best.onnx beside it."""
     return Path(weights).with_suffix(".onnx")
@@ -240,6 +224,6 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, *, img: int 
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
     check_runs(data, args)
-    _save(data, out)
+    write_bytes_atomic(data, out)
     log.debug("exported %s -> %s", weights, out)
     return out

@@ -11,11 +11,9 @@ once training is over, so it is timed on an idle GPU.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
-import os
 import statistics
 import zipfile
 from dataclasses import dataclass
@@ -27,27 +25,15 @@ import torch
 from nets.yolo import as_model_config, build_model
 from utils.config import EVAL_DETECTION
 from utils.data.dataset import Record, load_image
-from utils.engine.checkpoint import load_checkpoint
+from utils.engine.checkpoint import load_checkpoint, write_bytes_atomic
 from utils.engine.evaluate import Evaluator, ground_truth
-from utils.engine.folders import OutputError
-from utils.ops.coco_map import CocoMatches, coco_matches, mean_ap, precision_from_matches, resampled_maps
+from utils.ops.coco_map import CocoMatches, coco_matches
 from utils.ops.cost import model_cost
-from utils.study.stats import resample_weights
+from utils.study.stats import resample_weights, run_maps
 from yolo import YOLO
 
 DETECTIONS_FILE = "test_detections.npz"
 EVALUATION_FILE = "test_eval.json"
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """A cache file written whole or not at all (a process stopped mid-write leaves the old one or none)."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise OutputError(path, exc.strerror or str(exc), exc.errno or errno.EIO) from exc
 
 
 def _stamp(path: Path) -> np.ndarray:
@@ -75,7 +61,7 @@ def test_detections(best: Path, records: list[Record], class_names: list[str], d
     rows = np.concatenate(detections) if detections else np.zeros((0, 6), np.float32)
     buffer = io.BytesIO()
     np.savez(buffer, rows=rows, counts=np.array([len(d) for d in detections], np.int64), ids=ids, stamp=_stamp(best))
-    _replace(cache, buffer.getvalue())
+    write_bytes_atomic(buffer.getvalue(), cache)
     return detections
 
 
@@ -119,11 +105,10 @@ def evaluate_run(best: Path, records: list[Record], class_names: list[str], devi
         return RunEvaluation(saved["map50"], saved["map50_95"], np.array(saved["resampled"], np.float64).reshape(-1, 2),
                              saved["cost"])
     matches = run_matches(best, records, class_names, device)
-    map50, map50_95 = mean_ap(precision_from_matches(matches))
-    resampled = resampled_maps(matches, resample_weights(len(records), resamples)) if records else np.zeros((0, 2))
-    evaluation = RunEvaluation(map50, map50_95, resampled, cost(best))
-    _replace(cache, json.dumps({"key": key, "map50": map50, "map50_95": map50_95, "resampled": resampled.tolist(),
-                                "cost": evaluation.cost}).encode())
+    maps, resampled = run_maps(matches, resample_weights(len(records), resamples))
+    evaluation = RunEvaluation(float(maps[0]), float(maps[1]), resampled, cost(best))
+    write_bytes_atomic(json.dumps({"key": key, "map50": evaluation.map50, "map50_95": evaluation.map50_95,
+                                   "resampled": resampled.tolist(), "cost": evaluation.cost}).encode(), cache)
     return evaluation
 
 

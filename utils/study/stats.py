@@ -48,13 +48,16 @@ def resample_weights(num_images: int, resamples: int, seed: int = 0) -> np.ndarr
     return rng.multinomial(num_images, np.full(num_images, 1.0 / num_images), size=resamples).astype(float)
 
 
+def run_maps(matches: CocoMatches, weights: np.ndarray) -> RunMaps:
+    """A run's (map50, map50_95) and the same on each resample (weights [R, N], from resample_weights)."""
+    return np.array(mean_ap(precision_from_matches(matches))), resampled_maps(matches, weights)
+
+
 def paired_deltas(baseline: dict[int, CocoMatches], variant: dict[int, CocoMatches], weights: np.ndarray,
                   level: float = 0.95) -> dict[str, Delta] | None:
     """Deltas (variant - baseline) of map50 and map50_95 over the seeds both have; None without a common seed."""
-    def maps(m: CocoMatches) -> RunMaps:
-        return np.array(mean_ap(precision_from_matches(m))), resampled_maps(m, weights)
-
-    return deltas_of_maps({s: maps(m) for s, m in baseline.items()}, {s: maps(m) for s, m in variant.items()}, level)
+    return deltas_of_maps({s: run_maps(m, weights) for s, m in baseline.items()},
+                          {s: run_maps(m, weights) for s, m in variant.items()}, level)
 
 
 def deltas_of_maps(baseline: dict[int, RunMaps], variant: dict[int, RunMaps],
