@@ -21,9 +21,7 @@ turns instead of overlapping show there. With --ablate R, R rounds of saving pas
 round one pass per variant: everything, then one stage replaced by a stand-in (no file writes; 16-byte files
 instead of JPEG encoding; no painting; the first plan of each batch size painted again instead of planning; no
 planning or painting). The variants alternate within each round, so a host that slows as it writes (as the
-lent machines do) slows them alike; nvJPEG does all the encoding in them (no OpenCV threads beside it). With
---host-encoders N,M,..., saving passes of the device path with N, M, ... OpenCV encoding threads beside nvJPEG
-(predict_pipeline.HOST_ENCODERS), alternating within each of --passes rounds.
+lent machines do) slows them alike.
 """
 from __future__ import annotations
 
@@ -48,7 +46,7 @@ from utils.data.dataset import load_image  # noqa: E402
 from utils.data.image_batches import ImageBatches, decode_chunk  # noqa: E402
 from utils.data.sources import resolve_source  # noqa: E402
 from utils.engine.predict_io import encode_jpegs  # noqa: E402
-from utils.engine.predict_pipeline import Outputs, host_encoders, predict_images  # noqa: E402
+from utils.engine.predict_pipeline import Outputs, predict_images  # noqa: E402
 from utils.ops.boxes import NMS_METHODS, non_max_suppression  # noqa: E402
 from utils.ops.draw_tensors import draw_on_tensors  # noqa: E402
 from yolo import YOLO  # noqa: E402
@@ -297,23 +295,8 @@ def ablation(yolo: YOLO, folder: Path, out: Path, batch: int, rounds: int) -> di
         for variant, stand_ins in ABLATIONS.items():
             stand_ins = {name: first_plan if isinstance(stand_in, str) else stand_in
                          for name, stand_in in stand_ins.items()}
-            with replaced({(pipeline, name): stand_in for name, stand_in in {"HOST_ENCODERS": 0, **stand_ins}.items()}):
+            with replaced({(pipeline, name): stand_in for name, stand_in in stand_ins.items()}):
                 rates[variant].append(files / folder_run(yolo, folder, out, "device", batch, True))
-    return rates
-
-
-def host_encoder_passes(yolo: YOLO, folder: Path, out: Path, batch: int, counts: list[int],
-                        rounds: int) -> dict[int, list[float]]:
-    """Images/s of saving passes of the device folder loop with each count of OpenCV encoding threads beside
-    nvJPEG, the counts alternating within each round."""
-    import utils.engine.predict_pipeline as pipeline  # noqa: PLC0415
-
-    files = sum(1 for _ in folder.iterdir())
-    rates: dict[int, list[float]] = {count: [] for count in counts}
-    for _ in range(rounds):
-        for count in counts:
-            with replaced({(pipeline, "HOST_ENCODERS"): count}):
-                rates[count].append(files / folder_run(yolo, folder, out, "device", batch, True))
     return rates
 
 
@@ -332,8 +315,6 @@ def main() -> None:
                    help="also time each thread's stages over one saving pass of the device path (what bounds it)")
     p.add_argument("--ablate", type=int, default=0, metavar="ROUNDS",
                    help="also ROUNDS rounds of device-path saving passes with one stage at a time replaced")
-    p.add_argument("--host-encoders", default="", metavar="N,M,...",
-                   help="also saving passes of the device path with N, M, ... OpenCV encoding threads beside nvJPEG")
     args = p.parse_args()
     yolo = YOLO(args.weights, device=args.device)
     device = yolo.device
@@ -369,9 +350,6 @@ def main() -> None:
             wall = time.perf_counter() - start
         if args.ablate:
             ablated = ablation(yolo, folder, Path(tmp) / "out", args.batch, args.ablate)
-        if args.host_encoders:
-            counts = [int(n) for n in args.host_encoders.split(",")]
-            by_encoders = host_encoder_passes(yolo, folder, Path(tmp) / "out", args.batch, counts, args.passes)
     width = max(len(label) for label, _ in rows + passes)
     print("end to end, each pass: img/s (CPU cores kept busy: user + kernel)")
     for label, timed in passes:
@@ -393,11 +371,6 @@ def main() -> None:
         width = max(len(variant) for variant in ablated)
         for variant, rates in ablated.items():
             print(f"  {variant.ljust(width)}  {', '.join(f'{rate:,.0f}' for rate in rates)}")
-    if args.host_encoders:
-        print(f"saving passes of the device path by OpenCV encoding threads beside nvJPEG, {args.passes} rounds"
-              f" (img/s, in order; the default here is {host_encoders()}):")
-        for count, rates in by_encoders.items():
-            print(f"  {count:2d} threads  {', '.join(f'{rate:,.0f}' for rate in rates)}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import cv2
@@ -18,7 +17,6 @@ import predict
 import train
 from utils.data.image_batches import ImageBatches, decode_chunk, file_bytes
 from utils.data.sample_data import make_sample_dataset
-from utils.engine import predict_pipeline
 from utils.ops.capture_guard import CaptureGuard
 from utils.ops.images import letterbox
 from utils.ops.plots import draw_detections
@@ -228,50 +226,11 @@ def test_predict_cli_device_decode_matches_opencv(weights, folder, tmp_path, cap
         assert matched(np.array(boxes), np.array(by_image["device"][name])) >= 0.8, name
 
 
-def test_device_path_encodes_on_host_threads_beside_the_device_encoder(weights, folder, tmp_path, monkeypatch,
-                                                                      capsys):
-    """Encoding jobs the device's encoder (nvJPEG on CUDA; libjpeg here) is too busy for go to OpenCV on host
-    threads: every image is saved once, by one of the two; the host's files are the drawn images."""
-    stems = {"device": [], "host": []}
-    device_encode, host_encode = predict_pipeline.Outputs._encode_on_device, predict_pipeline.Outputs._encode_on_host
-
-    def slow_device_encode(self, chunk_stems, drawn, done):
-        stems["device"] += chunk_stems
-        time.sleep(0.2)                    # busy long enough for the host threads to take the next chunks
-        device_encode(self, chunk_stems, drawn, done)
-
-    def counted_host_encode(self, chunk_stems, drawn, done):
-        stems["host"] += chunk_stems
-        host_encode(self, chunk_stems, drawn, done)
-
-    monkeypatch.setattr(predict_pipeline.Outputs, "_encode_on_device", slow_device_encode)
-    monkeypatch.setattr(predict_pipeline.Outputs, "_encode_on_host", counted_host_encode)
-    monkeypatch.setattr(predict_pipeline, "ENCODE_CHUNK", 1)
-    monkeypatch.setattr(predict_pipeline, "HOST_ENCODERS", 2)
-    out = tmp_path / "out"
-    predict.main(["--weights", str(weights), "--source", str(folder), "--device", "cpu", "--conf", "0.0001",
-                  "--decode", "device", "--save-json", "--batch", "4", "--out", str(out)])
-    capsys.readouterr()
-    assert stems["device"] and stems["host"], stems
-    assert sorted(stems["device"] + stems["host"]) == sorted(p.stem for p in out.glob("*.jpg"))
-    assert len(stems["device"]) + len(stems["host"]) == 9
-    names = YOLO(weights, device="cpu").class_names
-    entries = json.loads((out / "predictions.json").read_text())
-    sources = {p.stem: p for p in folder.iterdir()}
-    for stem in stems["host"]:
-        source = decode_chunk([sources[stem]], torch.device("cpu"), host_copies=True).host[0]
-        boxes = [[*e["box"], e["score"], e["class"]] for e in entries if Path(e["image"]).stem == stem]
-        drawn = cv2.imdecode(cv2.imencode(".jpg", draw_detections(source, np.array(boxes).reshape(-1, 6), names))[1],
-                             cv2.IMREAD_COLOR).astype(int)
-        saved = cv2.imread(str(out / f"{stem}.jpg")).astype(int)
-        # OpenCV encoded both: the same file (channels swapped would be ~50 levels apart)
-        assert saved.shape == source.shape and np.abs(saved - drawn).mean() < 0.5, stem
-
-
 def test_auto_decode_takes_the_device_path_for_more_than_one_batch_on_cuda(monkeypatch):
     """A single batch stays on the host: it would gain nothing and pay for importing torchvision."""
     from types import SimpleNamespace
 
+    from utils.engine import predict_pipeline
     asked = []
     monkeypatch.setattr(predict_pipeline, "device_decode_available", lambda: asked.append(1) or True)
     on = lambda kind: SimpleNamespace(device=torch.device(kind))        # noqa: E731

@@ -3,7 +3,6 @@ image's files written by background threads (Outputs), annotated videos; predict
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 import time
@@ -23,8 +22,7 @@ from utils.data.prefetch import prefetched
 from utils.data.sources import Source, display_available
 from utils.engine.folders import OutputError, inside, make_dir, safe_component, write_text
 from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, encode_jpegs, json_objects,
-                                     keep_classes, save_crops, write_files, write_image, write_images,
-                                     yolo_label_text)
+                                     keep_classes, save_crops, write_files, write_image, yolo_label_text)
 from utils.log import get_logger
 from utils.ops.capture_guard import CaptureGuard
 from utils.ops.draw_tensors import paint, plan_drawing
@@ -35,17 +33,6 @@ from yolo import YOLO
 log = get_logger(__name__)
 
 BATCHES_PENDING = 8    # device-encoded batches whose JPEG bytes may wait for the writers (memory stays bounded)
-ENCODE_CHUNK = 8       # painted images an encoding job takes (nvJPEG or OpenCV: whichever is free)
-ENCODE_WINDOW = 16     # encoding jobs that may wait (two batches of 64)
-HOST_ENCODERS: int | None = None     # OpenCV encoding threads beside nvJPEG; None: host_encoders() chooses
-
-
-def host_encoders() -> int:
-    """OpenCV JPEG-encoding threads beside the device's encoder: HOST_ENCODERS, else the host's cores left over
-    by the loop's other threads (main, reader, painting, nvJPEG, writers), at most 6."""
-    if HOST_ENCODERS is not None:
-        return HOST_ENCODERS
-    return max(0, min(6, (os.cpu_count() or 1) - 6))
 
 
 class Outputs:
@@ -57,15 +44,14 @@ class Outputs:
     (`images`). With --show everything runs on the main thread, which owns the window.
 
     device_images: the images come as tensors on the model's device (--decode device). They are then drawn and
-    JPEG-encoded (`drawn_on_device`) by two more stages, so that the main loop goes on with the next batch
-    meanwhile: painting, one thread (the drawing planned on the host, painted on the device, a batch a job), and
-    encoding, ENCODE_CHUNK images a job (`_encode`). An encoding job uses torchvision's nvJPEG encoder when no
-    other job is using it, else OpenCV's on the host (`host_encoders` threads beside the device's encoder). Both
-    use CUDA inside `cuda_guard.using()`; a caller about to capture a CUDA graph enters `cuda_guard.capturing()`.
-    Painting has a CUDA stream of its own; nvJPEG jobs stay on the legacy default stream, where torchvision's
-    encoder copies each image's bytes out, so that the copy back is ordered after those copies (the model runs on
-    a stream of its own, `_device_batches`); host jobs copy their pixels back on a stream of their thread's.
-    Pixels are copied back to the host only for --crop and --show, and for host encoding.
+    JPEG-encoded there (`drawn_on_device`), a batch at a time, by two more stages of one thread each, so that
+    the main loop goes on with the next batch meanwhile: painting (the drawing planned on the host, painted on
+    the device) and encoding (torchvision's nvJPEG encoder, which waits for each image on the calling thread;
+    the bytes copied back and handed to a pool of batch writers, a batch's files a job). Both use CUDA inside
+    `cuda_guard.using()`; a caller about to capture a CUDA graph enters `cuda_guard.capturing()`. Painting has a
+    CUDA stream of its own; encoding stays on the legacy default stream, where torchvision's encoder copies each
+    image's bytes out, so that the copy back is ordered after those copies (the model runs on a stream of its own,
+    `_device_batches`). Pixels are copied back to the host only for --crop and --show.
     """
 
     def __init__(self, args: argparse.Namespace, yolo: YOLO, out: Path, wanted: set[int] | None,
@@ -81,14 +67,10 @@ class Outputs:
         self.draws_on_device = device_images and args.save_images and not self.show
         self.needs_pixels = (args.save_images and not self.draws_on_device) or args.crop or self.show
         self.drawing = BackgroundWrites(threads=0 if self.show else 1, window=16, name="drawing")
-        # two batches of device images at most wait for painting, and ENCODE_WINDOW chunks for encoding (the GPU
-        # memory they hold stays bounded)
+        # two batches of device images at most wait for each stage (the GPU memory they hold stays bounded)
         on_device = 1 if self.draws_on_device else 0
         self.painting = BackgroundWrites(threads=on_device, window=2, name="painting")
-        encoders = 1 + host_encoders() if self.draws_on_device else 0
-        self.encoding = BackgroundWrites(threads=encoders, window=ENCODE_WINDOW, name="encoding")
-        self.device_encoder = threading.Lock()      # held by the encoding job using nvJPEG
-        self.host_streams = threading.local()       # a host encoding thread's CUDA stream for its copies back
+        self.encoding = BackgroundWrites(threads=on_device, window=2, name="encoding")
         self.paint_stream = side_stream(yolo.device) if self.draws_on_device else None
         self.cuda_guard = CaptureGuard()
         self.writes = BackgroundWrites(threads=0 if self.show else None)   # fed by the stages above and `images`
@@ -139,25 +121,11 @@ class Outputs:
             adopt(images, made)
             drawn = paint(images, plan)
             done = made_event(drawn[0].device)
-        for start in range(0, len(drawn), ENCODE_CHUNK):
-            end = start + ENCODE_CHUNK
-            self.encoding.submit(self._encode, stems[start:end], drawn[start:end], done)
+        self.encoding.submit(self._encode, stems, drawn, done)
 
     def _encode(self, stems: list[str], drawn: list[torch.Tensor], done: torch.cuda.Event | None) -> None:
-        """Encoding stage, a chunk of painted images a job: JPEG-encoded by nvJPEG on the device, the bytes copied
-        back and handed to the writers, when no other job is using nvJPEG; else copied back and encoded and
-        written by OpenCV on this thread. The device's encoder is the faster, but it waits for each image and
-        slows the model's kernels beside it; free host cores take the chunks it has no time for."""
-        if not self.device_encoder.acquire(blocking=False):
-            self._encode_on_host(stems, drawn, done)
-            return
-        try:
-            self._encode_on_device(stems, drawn, done)
-        finally:
-            self.device_encoder.release()
-
-    def _encode_on_device(self, stems: list[str], drawn: list[torch.Tensor], done: torch.cuda.Event | None) -> None:
-        """A chunk of painted images JPEG-encoded where they are (nvJPEG on CUDA), the bytes handed to the writers."""
+        """Encoding stage: the painted images JPEG-encoded on the device, the bytes copied back and handed to the
+        writers."""
         with self.cuda_guard.using():
             if done is not None:
                 # torchvision encodes on a stream of its own that does not wait for the painting's
@@ -167,17 +135,6 @@ class Outputs:
             encoded = encode_jpegs(drawn)
         self.batch_writes.submit(write_files, inside(self.out),
                                  [(f"{stem}.jpg", data) for stem, data in zip(stems, encoded)])
-
-    def _encode_on_host(self, stems: list[str], drawn: list[torch.Tensor], done: torch.cuda.Event | None) -> None:
-        """A chunk of painted images (RGB [3,H,W]) copied back as BGR [H,W,3] arrays on this thread's stream,
-        then encoded and written by OpenCV (which releases the GIL while it encodes)."""
-        stream = getattr(self.host_streams, "stream", None)
-        if stream is None:
-            stream = self.host_streams.stream = side_stream(drawn[0].device)
-        with self.cuda_guard.using(), on_stream(stream):
-            adopt(drawn, done)
-            pixels = [image.permute(1, 2, 0).flip(2).contiguous().cpu().numpy() for image in drawn]
-        write_images(inside(self.out), [(f"{stem}.jpg", image) for stem, image in zip(stems, pixels)])
 
     def _draw(self, stem: str, image: np.ndarray, size: tuple[int, int], detections: np.ndarray,
               wait_ms: int) -> None:
