@@ -7,9 +7,9 @@ A video is made from the JPEGs of --images (resized to --size, in order, repeate
 a warm-up pass of each batch size; the batch sizes alternate within each of --passes rounds, so a host that slows
 as it writes slows them alike. Reports frames a second of each pass (frames / the loop's seconds). With
 --stage-times, one more pass of the largest batch size with each stage timed in wall and CPU seconds of its thread:
-reading frames (OpenCV's decoder, the reading thread), the model (letterbox, model, NMS: the main loop), and on the
-drawing thread the drawing, the rate overlay and OpenCV's mp4 encoder; the stage whose seconds are nearest the
-pass's bounds it.
+reading frames (OpenCV's decoder, the reading thread), the model (letterbox, model, NMS: the main loop), on the
+drawing thread the drawing and the rate overlay, and OpenCV's mp4 encoder on the writing thread; the thread whose
+seconds are nearest the pass's bounds it.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def stage_times(yolo: YOLO, video: Path, out: Path, batch: int) -> tuple[float, 
     class TimedWriter:
         """OpenCV's writer with its `write` timed."""
         def __init__(self, writer):
-            self.writer, self.write = writer, timed("drawing thread: mp4 encode (VideoWriter.write)", writer.write)
+            self.writer, self.write = writer, timed("writing thread: mp4 encode (VideoWriter.write)", writer.write)
 
         def __getattr__(self, name):
             return getattr(self.writer, name)

@@ -268,13 +268,14 @@ def open_writer(path: Path, fps: float, size: tuple[int, int]) -> cv2.VideoWrite
     return writer
 
 
-VIDEO_BATCHES_AHEAD = 1        # batches of frames read ahead of the model, and waiting to be drawn
+VIDEO_BATCHES_AHEAD = 1        # batches of frames read ahead of the model, waiting to be drawn, to be written
 VIDEO_BATCH_BYTES = 128 * 2 ** 20   # a batch of frames holds at most this much (4K frames: 5 a batch)
 
 
 def video_batch(batch: int, size: tuple[int, int]) -> int:
     """--batch for frames of size (w, h), made smaller where a batch of them would pass VIDEO_BATCH_BYTES: about
-    five batches are held at once (read ahead, being read, in the model, being drawn, waiting to be drawn)."""
+    seven batches are held at once (read ahead, being read, in the model, being drawn and waiting to be, being
+    written and waiting to be)."""
     return max(1, min(batch, VIDEO_BATCH_BYTES // max(1, 3 * size[0] * size[1])))
 
 
@@ -298,10 +299,10 @@ def predict_video(yolo: YOLO, source: Source, cap: cv2.VideoCapture, outputs: Ou
     (frames a second through the whole loop, smoothed over about ten frames).
 
     A video file goes through in batches of `batch` frames (fewer for large frames, `video_batch`): a thread
-    reads (OpenCV decodes without the interpreter lock) the next batch while the model runs on this one, and
-    another draws and writes the frames in order. A last, shorter batch is padded with its last frame when its
-    size would capture a CUDA graph of its own. A webcam, and any stream with --show, goes frame by frame on this
-    thread, which owns the window: live, without waiting for a batch to fill."""
+    reads (OpenCV decodes without the interpreter lock) the next batch while the model runs on this one, another
+    draws the frames and a third encodes them into the mp4 in order. A last, shorter batch is padded with its last
+    frame when its size would capture a CUDA graph of its own. A webcam, and any stream with --show, goes frame
+    by frame on this thread, which owns the window: live, without waiting for a batch to fill."""
     fps_in = cap.get(cv2.CAP_PROP_FPS) or 30.0
     size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
     name = f"webcam{source.webcam}" if source.kind == "webcam" else safe_component(source.paths[0].stem)
@@ -318,17 +319,28 @@ def predict_video(yolo: YOLO, source: Source, cap: cv2.VideoCapture, outputs: Ou
         raise
 
     def draw(batch_frames: list[np.ndarray], detections: list[np.ndarray], rate: float) -> None:
-        """A batch's frames drawn and written, in order (on the drawing thread, or this one when live)."""
+        """A batch's frames drawn, in order, and handed to the writing thread (on the drawing thread, or all on
+        this one when live)."""
+        drawn_frames = []
         for frame, dets in zip(batch_frames, detections):
-            drawn = yolo.detect_image(frame, dets)
-            writer.write(draw_fps(drawn, rate, avoid=detection_rects(dets, yolo.class_names, frame.shape)))
+            drawn = draw_fps(yolo.detect_image(frame, dets), rate,
+                             avoid=detection_rects(dets, yolo.class_names, frame.shape))
+            drawn_frames.append(drawn)
             if outputs.show:
                 cv2.imshow("predict", drawn)
                 if cv2.waitKey(1) & 0xFF == ord("q"):
                     quit_early.set()
-                    return
+                    break
+        writing.submit(write_frames, drawn_frames)
+
+    def write_frames(drawn_frames: list[np.ndarray]) -> None:
+        """Frames encoded into the mp4, in order: OpenCV's encoder, ~4 ms a 640x480 frame on an H200's host, is the
+        loop's bound, so it has a thread of its own (bench/RESULTS.md, fourteenth session)."""
+        for drawn in drawn_frames:
+            writer.write(drawn)
 
     drawing = BackgroundWrites(threads=0 if live else 1, window=VIDEO_BATCHES_AHEAD, name="video-drawing")
+    writing = BackgroundWrites(threads=0 if live else 1, window=VIDEO_BATCHES_AHEAD, name="video-writing")
     batches = frame_batches(cap, batch) if live else prefetched(frame_batches(cap, batch), VIDEO_BATCHES_AHEAD,
                                                                 name="video-reading")
     bar = tqdm(total=total, desc=name, file=sys.stdout)
@@ -350,9 +362,11 @@ def predict_video(yolo: YOLO, source: Source, cap: cv2.VideoCapture, outputs: Ou
             if quit_early.is_set():
                 break
         drawing.finish()
+        writing.finish()
     finally:
         try:
             drawing.close()
+            writing.close()
             bar.close()
         finally:
             try:
