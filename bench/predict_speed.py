@@ -84,6 +84,7 @@ def cpu_seconds() -> np.ndarray:
 
 
 SAVING_LABELS = ["--no-save-images", "--save-txt", "--save-json"]      # what folder_run's save="labels" passes
+SAVES = {"nothing": False, "images": True, "labels": "labels"}          # --saves: folder_run's save for each row
 
 
 def folder_run(yolo: YOLO, folder: Path, out: Path, decode: str, batch: int, save: bool | str) -> float:
@@ -309,6 +310,8 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--tmp", default=None, help="where the temporary folder goes (default the system's)")
     p.add_argument("--decodes", default="opencv,device", help="the paths timed end to end, comma-separated")
+    p.add_argument("--saves", default="nothing,images,labels",
+                   help="the end-to-end rows, comma-separated: saving nothing, drawn images, labels + JSON")
     p.add_argument("--passes", type=int, default=1,
                    help="timed passes of each end-to-end row (a host's rate drifts from pass to pass as it writes)")
     p.add_argument("--stage-times", action="store_true",
@@ -329,7 +332,7 @@ def main() -> None:
         warm = warm_up_folder(paths, args.batch, Path(tmp) / "warm")
         rows, passes = [], []
         for decode in args.decodes.split(","):
-            for save in (False, True, "labels"):
+            for save in [SAVES[name] for name in args.saves.split(",")]:
                 folder_run(yolo, warm, Path(tmp) / "out", decode, args.batch, save)          # warm-up
                 timed = []
                 for _ in range(args.passes):

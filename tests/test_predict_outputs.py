@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 import predict
-from utils.engine.predict_io import json_objects, yolo_label_text
+from utils.engine import predict_io
+from utils.engine.predict_io import json_objects, json_text, yolo_label_files, yolo_label_text
+from utils.ops import fixed_text
 from utils.engine.predict_pipeline import Outputs
 
 CLASSES = ["RBC", 'say "hi"\\', "Platelets"]
@@ -43,6 +45,80 @@ def test_json_objects_parse_to_the_rounded_detections():
     assert json_objects("x", np.zeros((0, 6)), CLASSES) == []
     unknown = np.array([[0, 0, 1, 1, 0.5, 7], [0, 0, 1, 1, np.nan, -1]])              # malformed detections
     assert [json.loads(text)["class_name"] for text in json_objects("x", unknown, CLASSES)] == ["7", "-1"]
+
+
+def batch_of(seed: int, dtype=np.float32) -> list[tuple[np.ndarray, int, int]]:
+    """A batch's (detections, width, height): images without detections among them, boxes inside the images, and
+    coordinates on eighths of a pixel, whose 2-decimal forms are ties that round half to even (0.125 -> 0.12)."""
+    rng = np.random.default_rng(seed)
+    batch = []
+    for i in range(9):
+        w, h = int(rng.integers(1, 4000)), int(rng.integers(1, 4000))
+        n = 0 if i % 4 == 1 else int(rng.integers(1, 40))
+        corners = np.sort(rng.uniform(0, 1, (n, 2, 2)), axis=1) * [w, h]
+        boxes = np.round(corners.transpose(0, 2, 1).reshape(n, 4)[:, [0, 2, 1, 3]] * 8) / 8
+        d = np.concatenate([boxes, rng.uniform(0, 1, (n, 1)), rng.integers(0, 3, (n, 1))], 1).astype(dtype)
+        batch.append((d, w, h))
+    batch[0][0][:1, :5] = 0                                                  # zeros
+    return batch
+
+
+def expected_labels(batch, score):
+    return [yolo_label_text(d, w, h, score).encode() for d, w, h in batch]
+
+
+def expected_json(records):
+    return ",\n".join(text for name, d in records for text in json_objects(name, d, CLASSES))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batch_label_files_and_json_are_the_image_by_image_texts(seed):
+    """The NumPy way (whole batches) writes exactly what formatting box by box writes."""
+    batch = batch_of(seed)
+    for score in (False, True):
+        assert yolo_label_files(batch, score) == expected_labels(batch, score)
+        assert predict_io._label_lines(np.concatenate([d for d, _, _ in batch]), batch,
+                                       np.array([len(d) for d, _, _ in batch]), score) is not None   # taken
+    records = [(f"im{i} \"é\".jpg", d) for i, (d, _, _) in enumerate(batch)]
+    assert json_text(records, CLASSES) == expected_json(records)
+    assert predict_io._json_lines(np.concatenate([d for _, d in records]), [r for r in records if len(r[1])],
+                                  CLASSES) is not None
+    assert json_text([("a", np.zeros((0, 6), np.float32))], CLASSES) == ""
+    assert yolo_label_files([(np.zeros((0, 6), np.float32), 10, 10)] * 2) == [b"", b""]
+
+
+@pytest.mark.parametrize("change", ["float64", "negative", "minus zero", "nan", "unknown class", "huge"])
+def test_batch_texts_fall_back_to_box_by_box_where_numpy_cannot_be_exact(change):
+    batch = batch_of(7)
+    d = batch[2][0]
+    if change == "float64":
+        batch = [(det.astype(np.float64), w, h) for det, w, h in batch]
+    elif change == "negative":
+        d[0, 0] = -3.5
+    elif change == "minus zero":
+        d[0, 1] = -0.0
+    elif change == "nan":
+        d[0, 4] = np.nan
+    elif change == "unknown class":
+        d[0, 5] = 7
+    else:
+        d[0, 2] = 3e12
+    for score in (False, True):
+        assert yolo_label_files(batch, score) == expected_labels(batch, score)
+    records = [(f"im{i}", det) for i, (det, _, _) in enumerate(batch)]
+    assert json_text(records, CLASSES) == expected_json(records)
+
+
+def test_fixed_text_fields_match_python_formatting():
+    values = np.array([0, 0.125, 0.375, 1 / 3, 9.9999995, 123456.78, 2.5, 1e-7, 99999.99], np.float32)
+    for decimals in range(1, 7):
+        chars, keep = fixed_text.fixed(values, decimals)
+        assert [bytes(c[k]).decode() for c, k in zip(chars, keep)] == [f"{v:.{decimals}f}" for v in values.tolist()]
+    assert fixed_text.fixed(values.astype(np.float64), 2) is None and fixed_text.fixed(-values[1:], 2) is None
+    ints = np.array([0, 7, 10, 99, 100, 12345, 10 ** 11 + 3])
+    chars, keep = fixed_text.integers(ints)
+    assert [bytes(c[k]).decode() for c, k in zip(chars, keep)] == [str(i) for i in ints.tolist()]
+    assert fixed_text.integers(np.array([-1])) is None
 
 
 class FakeYolo:

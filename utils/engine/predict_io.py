@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from utils.engine.folders import OutputError, inside, make_dir, safe_component
+from utils.ops import fixed_text
 from utils.ops.plots import Rect, free_corner
 
 
@@ -77,6 +78,71 @@ def json_objects(name: str, detections: np.ndarray, class_names: list[str]) -> l
             objects.append(json.dumps({"image": name, "class": c, "class_name": class_names[c] if known else str(c),
                                        "score": round(score, 5), "box": [round(v, 2) for v in (x1, y1, x2, y2)]}))
     return objects
+
+
+def yolo_label_files(labels: list[tuple[np.ndarray, int, int]], score: bool = False) -> list[bytes]:
+    """yolo_label_text of a batch's images ((detections, width, height) each), as bytes: the whole batch's lines
+    made at once by NumPy (utils.ops.fixed_text) when they can be made exactly so (float32 detections, finite,
+    not negative: what the model gives), else image by image."""
+    dets = [np.asarray(d) for d, _, _ in labels]
+    rows = np.array([len(d) for d in dets], np.int64)
+    files = _label_lines(np.concatenate(dets), labels, rows, score) if rows.sum() else [b""] * len(labels)
+    if files is None:
+        files = [yolo_label_text(d, w, h, score).encode() for d, w, h in labels]
+    return files
+
+
+def _label_lines(d: np.ndarray, labels: list[tuple[np.ndarray, int, int]], rows: np.ndarray,
+                 score: bool) -> list[bytes] | None:
+    """yolo_label_files' NumPy way (None where it cannot be exact): the arithmetic of yolo_label_text, row by
+    row the same float32 operations."""
+    if d.dtype != np.float32 or not np.isfinite(d).all():
+        return None
+    width = np.repeat(np.array([w for _, w, _ in labels], np.float32), rows)
+    height = np.repeat(np.array([h for _, _, h in labels], np.float32), rows)
+    columns = [(d[:, 0] + d[:, 2]) / 2 / width, (d[:, 1] + d[:, 3]) / 2 / height, (d[:, 2] - d[:, 0]) / width,
+               (d[:, 3] - d[:, 1]) / height]
+    fields = [fixed_text.integers(d[:, 5].astype(np.int64))]
+    for column, decimals in zip(columns + ([d[:, 4]] if score else []), [6, 6, 6, 6, 5]):
+        fields += [fixed_text.text(" ", len(d)), fixed_text.fixed(column, decimals)]
+    if any(field is None for field in fields):
+        return None
+    data, lengths = fixed_text.join(fields + [fixed_text.text("\n", len(d))])
+    row_starts = np.concatenate([[0], np.cumsum(lengths)])              # [rows + 1] bytes before each row, then all
+    bounds = row_starts[np.concatenate([[0], np.cumsum(rows)])].tolist()   # [images + 1] the same for each image
+    return [data[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+def json_text(records: list[tuple[str, np.ndarray]], class_names: list[str]) -> str:
+    """The JSON objects (json_objects) of a batch's images ((name, detections) each), one a line, joined by
+    ",\n": made at once by NumPy (utils.ops.fixed_text) when they can be made exactly so (float32 detections,
+    finite, not negative, classes the names cover), else image by image."""
+    records = [(name, np.asarray(d)) for name, d in records if len(d)]
+    if not records:
+        return ""
+    d = np.concatenate([det for _, det in records])
+    made = _json_lines(d, records, class_names) if d.dtype == np.float32 and np.isfinite(d).all() else None
+    return made if made is not None else ",\n".join(text for name, det in records
+                                                     for text in json_objects(name, det, class_names))
+
+
+def _json_lines(d: np.ndarray, records: list[tuple[str, np.ndarray]], class_names: list[str]) -> str | None:
+    """json_text's NumPy way (None where it cannot be exact)."""
+    classes = d[:, 5].astype(np.int64)
+    if classes.min() < 0 or classes.max() >= len(class_names):
+        return None
+    n = len(d)
+    image = np.repeat(np.arange(len(records)), [len(det) for _, det in records])
+    t = fixed_text.text
+    fields = [t('{"image": ', n), fixed_text.strings([json.dumps(name) for name, _ in records], image),
+              t(', "class": ', n), fixed_text.integers(classes),
+              t(', "class_name": ', n), fixed_text.strings([json.dumps(c) for c in class_names], classes),
+              t(', "score": ', n), fixed_text.fixed(d[:, 4], 5),
+              t(', "box": [', n), fixed_text.fixed(d[:, 0], 2), t(", ", n), fixed_text.fixed(d[:, 1], 2),
+              t(", ", n), fixed_text.fixed(d[:, 2], 2), t(", ", n), fixed_text.fixed(d[:, 3], 2), t("]},\n", n)]
+    if any(field is None for field in fields):
+        return None
+    return fixed_text.join(fields)[0][:-2].decode("ascii")
 
 
 JPEG_QUALITY = 95                         # OpenCV's default, so both ways of saving give files alike

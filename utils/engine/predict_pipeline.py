@@ -21,8 +21,8 @@ from utils.data.image_batches import DecodedBatch, ImageBatches, device_decode_a
 from utils.data.prefetch import prefetched
 from utils.data.sources import Source, display_available
 from utils.engine.folders import OutputError, inside, make_dir, safe_component, write_text
-from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, encode_jpegs, json_objects,
-                                     keep_classes, save_crops, write_files, write_image, yolo_label_text)
+from utils.engine.predict_io import (BackgroundWrites, UniqueStems, class_counts, draw_fps, encode_jpegs, json_text,
+                                     keep_classes, save_crops, write_files, write_image, yolo_label_files)
 from utils.log import get_logger
 from utils.ops.capture_guard import CaptureGuard
 from utils.ops.draw_tensors import paint, plan_drawing
@@ -154,13 +154,12 @@ class Outputs:
         """A batch's label files (a writer job), in labels/ (made by the first job)."""
         if self.labels_folder is None:
             self.labels_folder = make_dir(inside(self.out, "labels"))
-        write_files(self.labels_folder, [(f"{stem}.txt", yolo_label_text(det, w, h, self.args.save_conf).encode())
-                                         for stem, (h, w), det in labels])
+        texts = yolo_label_files([(det, w, h) for _, (h, w), det in labels], self.args.save_conf)
+        write_files(self.labels_folder, [(f"{stem}.txt", text) for (stem, _, _), text in zip(labels, texts)])
 
     def _json_part(self, number: int, records: list[tuple[str, np.ndarray]]) -> None:
         """A batch's piece of predictions.json (a writer job)."""
-        self.json_parts[number] = ",\n".join(text for name, det in records
-                                             for text in json_objects(name, det, self.yolo.class_names))
+        self.json_parts[number] = json_text(records, self.yolo.class_names)
 
     def finish(self) -> None:
         """Wait for the drawing, then the writes (raising the first failure), then write predictions.json."""
