@@ -49,7 +49,8 @@ def keep_classes(detections: np.ndarray, wanted: set[int] | None) -> np.ndarray:
 
 def yolo_label_text(detections: np.ndarray, width: int, height: int, score: bool = False) -> str:
     """A YOLO label file's text: a line per box, class cx cy w h normalised to the image, then the score when
-    `score`. The arithmetic is in the detections' own dtype, as box by box."""
+    `score`. The arithmetic is in the detections' own dtype, as box by box. The rule yolo_label_files follows
+    for a whole batch."""
     d = np.asarray(detections)
     if not len(d):
         return ""
@@ -64,7 +65,7 @@ def json_objects(name: str, detections: np.ndarray, class_names: list[str]) -> l
     x2, y2] (2 decimals). Formatted directly: json.dumps an object costs several times more, and predict.py makes
     one per detection. A detection with a number that is not finite goes through json.dumps (NaN, Infinity),
     its finite numbers rounded alike. A class id the names do not cover is named by its number (as class_counts
-    counts it)."""
+    counts it). The rule json_text follows for a whole batch."""
     image, names = json.dumps(name), [json.dumps(n) for n in class_names]
     objects = []
     for x1, y1, x2, y2, score, c in np.asarray(detections, np.float64).tolist():
