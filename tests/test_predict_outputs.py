@@ -87,12 +87,15 @@ def test_batch_label_files_and_json_are_the_image_by_image_texts(seed):
     assert yolo_label_files([(np.zeros((0, 6), np.float32), 10, 10)] * 2) == [b"", b""]
 
 
-@pytest.mark.parametrize("change", ["float64", "negative", "minus zero", "nan", "unknown class", "huge"])
+@pytest.mark.parametrize("change", ["float64", "one float16", "negative", "minus zero", "nan", "unknown class",
+                                    "huge"])
 def test_batch_texts_fall_back_to_box_by_box_where_numpy_cannot_be_exact(change):
     batch = batch_of(7)
     d = batch[2][0]
     if change == "float64":
         batch = [(det.astype(np.float64), w, h) for det, w, h in batch]
+    elif change == "one float16":
+        batch[2] = (d.astype(np.float16), *batch[2][1:])
     elif change == "negative":
         d[0, 0] = -3.5
     elif change == "minus zero":

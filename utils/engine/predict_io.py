@@ -87,7 +87,11 @@ def yolo_label_files(labels: list[tuple[np.ndarray, int, int]], score: bool = Fa
     not negative: what the model gives), else image by image."""
     dets = [np.asarray(d) for d, _, _ in labels]
     rows = np.array([len(d) for d in dets], np.int64)
-    files = _label_lines(np.concatenate(dets), labels, rows, score) if rows.sum() else [b""] * len(labels)
+    if not rows.sum():
+        return [b""] * len(labels)
+    # every image's own arithmetic in float32 (a float16 image among float32 ones would be concatenated to float32)
+    same = all(d.dtype == np.float32 for d in dets)
+    files = _label_lines(np.concatenate(dets), labels, rows, score) if same else None
     if files is None:
         files = [yolo_label_text(d, w, h, score).encode() for d, w, h in labels]
     return files
