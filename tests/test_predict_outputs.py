@@ -87,8 +87,8 @@ def test_batch_label_files_and_json_are_the_image_by_image_texts(seed):
     assert yolo_label_files([(np.zeros((0, 6), np.float32), 10, 10)] * 2) == [b"", b""]
 
 
-@pytest.mark.parametrize("change", ["float64", "one float16", "negative", "minus zero", "nan", "unknown class",
-                                    "huge"])
+@pytest.mark.parametrize("change", ["float64", "one float16", "NumPy sizes", "7 columns", "negative", "minus zero",
+                                    "nan", "unknown class", "huge"])
 def test_batch_texts_fall_back_to_box_by_box_where_numpy_cannot_be_exact(change):
     batch = batch_of(7)
     d = batch[2][0]
@@ -96,6 +96,10 @@ def test_batch_texts_fall_back_to_box_by_box_where_numpy_cannot_be_exact(change)
         batch = [(det.astype(np.float64), w, h) for det, w, h in batch]
     elif change == "one float16":
         batch[2] = (d.astype(np.float16), *batch[2][1:])
+    elif change == "NumPy sizes":                      # the reference's arithmetic is then float64
+        batch = [(det, np.int64(w), np.int64(h)) for det, w, h in batch]
+    elif change == "7 columns":                        # the reference formats the first 6 (labels) or refuses (JSON)
+        batch[2] = (np.concatenate([d, d[:, :1]], 1), *batch[2][1:])
     elif change == "negative":
         d[0, 0] = -3.5
     elif change == "minus zero":
@@ -109,7 +113,13 @@ def test_batch_texts_fall_back_to_box_by_box_where_numpy_cannot_be_exact(change)
     for score in (False, True):
         assert yolo_label_files(batch, score) == expected_labels(batch, score)
     records = [(f"im{i}", det) for i, (det, _, _) in enumerate(batch)]
-    assert json_text(records, CLASSES) == expected_json(records)
+    if change == "7 columns":
+        with pytest.raises(ValueError):
+            expected_json(records)
+        with pytest.raises(ValueError):
+            json_text(records, CLASSES)
+    else:
+        assert json_text(records, CLASSES) == expected_json(records)
 
 
 def test_fixed_text_fields_match_python_formatting():

@@ -89,12 +89,18 @@ def yolo_label_files(labels: list[tuple[np.ndarray, int, int]], score: bool = Fa
     rows = np.array([len(d) for d in dets], np.int64)
     if not rows.sum():
         return [b""] * len(labels)
-    # every image's own arithmetic in float32 (a float16 image among float32 ones would be concatenated to float32)
-    same = all(d.dtype == np.float32 for d in dets)
+    # every image's own arithmetic in float32: its detections float32 (a float16 image among float32 ones would be
+    # concatenated to float32) and its size Python numbers (a NumPy int64 width would make it float64)
+    same = all(_detection_rows(d) for d in dets) and all(type(n) in (int, float) for _, w, h in labels for n in (w, h))
     files = _label_lines(np.concatenate(dets), labels, rows, score) if same else None
     if files is None:
         files = [yolo_label_text(d, w, h, score).encode() for d, w, h in labels]
     return files
+
+
+def _detection_rows(d: np.ndarray) -> bool:
+    """Whether `d` is float32 detection rows [N, 6], which the NumPy way takes."""
+    return d.dtype == np.float32 and d.ndim == 2 and d.shape[1] == 6
 
 
 def _label_lines(d: np.ndarray, labels: list[tuple[np.ndarray, int, int]], rows: np.ndarray,
@@ -125,8 +131,9 @@ def json_text(records: list[tuple[str, np.ndarray]], class_names: list[str]) -> 
     records = [(name, np.asarray(d)) for name, d in records if len(d)]
     if not records:
         return ""
-    d = np.concatenate([det for _, det in records])
-    made = _json_lines(d, records, class_names) if d.dtype == np.float32 and np.isfinite(d).all() else None
+    rows = all(_detection_rows(det) for _, det in records)
+    d = np.concatenate([det for _, det in records]) if rows else None
+    made = _json_lines(d, records, class_names) if rows and np.isfinite(d).all() else None
     return made if made is not None else ",\n".join(text for name, det in records
                                                      for text in json_objects(name, det, class_names))
 
