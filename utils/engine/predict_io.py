@@ -107,7 +107,7 @@ def _label_lines(d: np.ndarray, labels: list[tuple[np.ndarray, int, int]], rows:
                  score: bool) -> list[bytes] | None:
     """yolo_label_files' NumPy way (None where it cannot be exact): the arithmetic of yolo_label_text, row by
     row the same float32 operations."""
-    if d.dtype != np.float32 or not np.isfinite(d).all():
+    if not np.isfinite(d).all():
         return None
     width = np.repeat(np.array([w for _, w, _ in labels], np.float32), rows)
     height = np.repeat(np.array([h for _, _, h in labels], np.float32), rows)
@@ -132,14 +132,15 @@ def json_text(records: list[tuple[str, np.ndarray]], class_names: list[str]) -> 
     if not records:
         return ""
     rows = all(_detection_rows(det) for _, det in records)
-    d = np.concatenate([det for _, det in records]) if rows else None
-    made = _json_lines(d, records, class_names) if rows and np.isfinite(d).all() else None
+    made = _json_lines(np.concatenate([det for _, det in records]), records, class_names) if rows else None
     return made if made is not None else ",\n".join(text for name, det in records
                                                      for text in json_objects(name, det, class_names))
 
 
 def _json_lines(d: np.ndarray, records: list[tuple[str, np.ndarray]], class_names: list[str]) -> str | None:
     """json_text's NumPy way (None where it cannot be exact)."""
+    if not np.isfinite(d).all():
+        return None
     classes = d[:, 5].astype(np.int64)
     if classes.min() < 0 or classes.max() >= len(class_names):
         return None
